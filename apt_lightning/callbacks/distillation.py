@@ -1,0 +1,165 @@
+"""`SelfDistillation`: when to snapshot the teacher and how much the distillation loss weighs.
+
+mu (the weight of L_distill) rises linearly from 0 at `start_step` to 1 at `end_step` (by default the
+pruning phase of `AdaptivePruning`). The teacher is refreshed at pruning events by a swappable
+`SnapshotPolicy`. After `distill_epochs` epochs, mu drops to 0 and training continues on the task loss
+at `post_lr_scale` times the learning rate (the paper's recipe).
+"""
+
+from __future__ import annotations
+
+from lightning import Callback, LightningModule, Trainer
+
+from apt_lightning.callbacks.events import PruningEvent, find_callback
+from apt_lightning.callbacks.pruning import AdaptivePruning
+from apt_lightning.distill import Distiller, TeacherView
+from apt_lightning.pruning.schedule import resolve_step
+
+
+class SnapshotPolicy:
+    """Decides at each pruning event whether the teacher takes a new snapshot of the student."""
+
+    def should_snapshot(self, trainer: Trainer, event: PruningEvent | None) -> bool:
+        return True
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class EveryEvent(SnapshotPolicy):
+    """Refresh the teacher at every pruning event (the paper)."""
+
+
+class OnImprovement(SnapshotPolicy):
+    """Refresh only when the monitored validation metric improved since the last snapshot (the authors'
+    code). Before any validation has run, the first snapshot is always taken."""
+
+    def __init__(self, monitor: str = "val/accuracy", mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.monitor, self.mode = monitor, mode
+        self.best: float | None = None
+
+    def should_snapshot(self, trainer: Trainer, event: PruningEvent | None) -> bool:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return self.best is None
+        value = float(value)
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best = value
+        return better
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state.get("best")
+
+
+class SelfDistillation(Callback):
+    """Args:
+        tau: softmax temperature of L_pred (> 0).
+        pred_weight / layer_weight: L_distill = pred_weight * L_pred + layer_weight * L_layer, each in [0, 1].
+        layer_blocks: teacher layers sampled per step (one per block of consecutive layers).
+        start_step / end_step: the mu ramp (steps or fractions of the run); default: the pruning phase.
+        snapshot: a `SnapshotPolicy` (EveryEvent, OnImprovement).
+        distill_epochs: epochs with distillation; afterwards task loss only at `post_lr_scale` x LR.
+        transform_rank: rank of the adapter on the layer transformation Tr.
+    """
+
+    def __init__(
+        self,
+        tau: float = 4.0,
+        pred_weight: float = 1.0,
+        layer_weight: float = 0.9,
+        layer_blocks: int = 4,
+        start_step: int | float | None = None,
+        end_step: int | float | None = None,
+        snapshot: SnapshotPolicy | None = None,
+        distill_epochs: int | None = None,
+        post_lr_scale: float = 0.1,
+        transform_rank: int = 8,
+    ) -> None:
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        for name, w in (("pred_weight", pred_weight), ("layer_weight", layer_weight)):
+            if not 0.0 <= w <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {w}")
+        if not 0.0 < post_lr_scale <= 1.0:
+            raise ValueError(f"post_lr_scale must be in (0, 1], got {post_lr_scale}")
+        if distill_epochs is not None and distill_epochs < 1:
+            raise ValueError(f"distill_epochs must be >= 1 or None, got {distill_epochs}")
+        self.tau, self.pred_weight, self.layer_weight = tau, pred_weight, layer_weight
+        self.layer_blocks, self.transform_rank = layer_blocks, transform_rank
+        self.start_step, self.end_step = start_step, end_step
+        self.policy = snapshot or EveryEvent()
+        self.distill_epochs, self.post_lr_scale = distill_epochs, post_lr_scale
+        self.start = self.end = 0
+        self.finished = False
+        self.history: list[dict] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.adapters():
+            raise ValueError(
+                "SelfDistillation has no teacher source: the teacher shares the student's frozen weights, but "
+                "this model is fully fine-tuned (adapters: null). Use adapters or drop the callback."
+            )
+        pruning = find_callback(trainer, AdaptivePruning)
+        total = int(trainer.estimated_stepping_batches)
+        start = self.start_step if self.start_step is not None else (pruning.start_step if pruning else None)
+        end = self.end_step if self.end_step is not None else (pruning.end_step if pruning else None)
+        if start is None or end is None:
+            raise ValueError(
+                "SelfDistillation has no teacher source: give start_step/end_step or add AdaptivePruning, whose "
+                "events refresh the teacher"
+            )
+        self.start, self.end = resolve_step(start, total, "start_step"), resolve_step(end, total, "end_step")
+        if self.start >= self.end:
+            raise ValueError(f"distillation start step ({self.start}) must come before the end step ({self.end})")
+        hidden = pl_module.student.config.hidden_size
+        if pl_module.distiller is None:
+            pl_module.distiller = Distiller(hidden, self.tau, self.pred_weight, self.layer_weight,
+                                            self.layer_blocks, self.transform_rank)
+        if pl_module.teacher is None:
+            pl_module.teacher = TeacherView()
+
+    def mu_at(self, step: int) -> float:
+        if self.finished or step < self.start:
+            return 0.0
+        return min(1.0, (step - self.start) / (self.end - self.start))
+
+    def _snapshot(self, trainer: Trainer, pl_module: LightningModule, reason: str) -> None:
+        pl_module.teacher.snapshot(pl_module.student)
+        self.history.append({"step": trainer.global_step, "reason": reason})
+        pl_module.log("distill/snapshots", float(pl_module.teacher.snapshots))
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not pl_module.teacher.ready and step >= self.start and not self.finished:
+            self._snapshot(trainer, pl_module, "start")
+        pl_module.distill_weight = self.mu_at(step) if pl_module.teacher.ready else 0.0
+
+    def on_pruning_event(self, trainer: Trainer, pl_module: LightningModule, event: PruningEvent) -> None:
+        if self.policy.should_snapshot(trainer, event):
+            self._snapshot(trainer, pl_module, f"event {event.index}")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.distill_epochs is not None and not self.finished and trainer.current_epoch + 1 >= self.distill_epochs:
+            self.finished = True
+            pl_module.distill_weight = 0.0
+            pl_module.lr_scale = self.post_lr_scale
+            pl_module.rebuild_optimizer()
+
+    def state_dict(self) -> dict:
+        return {"finished": self.finished, "history": self.history, "policy": self.policy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.finished = state["finished"]
+        self.history = state["history"]
+        self.policy.load_state_dict(state["policy"])

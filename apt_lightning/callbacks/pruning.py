@@ -1,0 +1,264 @@
+"""`AdaptivePruning`: the decisions of APT's structured pruning (APT_METHOD.md sections 4-5).
+
+When, what and how much: salience collection during the pruning phase, the cubic schedule of events,
+the block search, mask-decay windows, compaction. The mechanics (masks, slicing) live in
+`apt_lightning.structure`; this callback only calls them.
+
+Two ways to change how blocks are scored: pass another `scorer` (any `Scorer` subclass, also by
+`class_path` in YAML), or subclass this callback and override `compute_scores`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+
+from apt_lightning.callbacks.events import PruningEvent, broadcast
+from apt_lightning.pruning import BlockTensors, CubicSchedule, Scorer, build_scorer, kept_param_count, select_blocks
+from apt_lightning.pruning.schedule import resolve_step
+from apt_lightning.structure import apt_param_count
+
+_COMPACT_AT = ("event", "end", "never")
+
+
+class AdaptivePruning(Callback):
+    """Prune heads, FFN neurons and hidden dims of the student to `target_sparsity` of its APT parameter
+    count (see `apt_lightning.structure.apt_param_count`).
+
+    Args:
+        target_sparsity: final fraction of counted parameters removed, in [0, 1).
+        start_step / end_step: the pruning phase, as optimizer steps (int) or fractions of the run (float).
+        num_events: pruning events, evenly spaced, the last at `end_step`.
+        decay_steps / decay_alpha: after each event's search, masks move by `decay_alpha` per step for
+            `decay_steps` steps towards their new 0/1 values, then are set hard.
+        scorer: a `Scorer` or a registered name (salience, random, uniform, magnitude).
+        multiple_of: round kept hidden size and per-layer FFN widths to a multiple (hardware alignment).
+        compact_at: remove pruned blocks physically after every event ("event"), once at the end, or never.
+        plot: write a PNG of kept heads / neurons per layer at the end of training.
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float = 0.6,
+        start_step: int | float = 200,
+        end_step: int | float = 0.5,
+        num_events: int = 10,
+        decay_steps: int = 10,
+        decay_alpha: float = 0.01,
+        scorer: Scorer | str = "salience",
+        multiple_of: int = 1,
+        compact_at: str = "event",
+        plot: bool = True,
+    ) -> None:
+        if not 0.0 <= target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
+        if compact_at not in _COMPACT_AT:
+            raise ValueError(f"compact_at must be one of {_COMPACT_AT}, got {compact_at!r}")
+        if multiple_of < 1:
+            raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+        if not 0.0 < decay_alpha <= 1.0:
+            raise ValueError(f"decay_alpha must be in (0, 1], got {decay_alpha}")
+        self.target_sparsity = target_sparsity
+        self.start_step, self.end_step = start_step, end_step
+        self.num_events, self.decay_steps, self.decay_alpha = num_events, decay_steps, decay_alpha
+        self.scorer = build_scorer(scorer)
+        self.multiple_of = multiple_of
+        self.compact_at = compact_at
+        self.plot = plot
+        self.schedule: CubicSchedule | None = None
+        self.next_event = 0
+        self.targets: BlockTensors | None = None  # where masks are heading during a decay window
+        self.window_end: int | None = None
+        self.full_count = 0
+        self.history: list[dict] = []
+        self.timing = {"score_s": 0.0, "search_s": 0.0, "compact_s": 0.0, "collect_steps": 0}
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        total = int(trainer.estimated_stepping_batches)
+        start = resolve_step(self.start_step, total, "start_step")
+        end = resolve_step(self.end_step, total, "end_step")
+        self.schedule = CubicSchedule(self.target_sparsity, start, end, self.num_events, self.decay_steps)
+        if self.schedule.last_step > total:
+            raise ValueError(
+                f"pruning ends at step {self.schedule.last_step} (end_step {end} + {self.decay_steps} decay steps) "
+                f"but training has only {total} optimizer steps; lower end_step or train longer"
+            )
+        structure = pl_module.structure
+        structure.install_masks()
+        self.scorer.attach(structure)
+        full = structure.shapes()
+        self.full_count = apt_param_count(full.full_heads, full.full_neurons, full.full_hidden, full.head_dim)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        masks = pl_module.structure.masks
+        if masks is not None:
+            masks.observer = None
+
+    # ------------------------------------------------------------------ per step
+    def _collecting(self, step: int) -> bool:
+        s = self.schedule
+        return self.scorer.observes_batches and s.start_step <= step < s.end_step
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        pl_module.structure.masks.observer = self.scorer if self._collecting(trainer.global_step) else None
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if pl_module.structure.masks.observer is not None:
+            t0 = time.perf_counter()
+            self.scorer.step()
+            self.timing["score_s"] += time.perf_counter() - t0
+            self.timing["collect_steps"] += 1
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step  # optimizer steps completed
+        if self.targets is not None:
+            self._decay(trainer, pl_module, step)
+        events = self.schedule.event_steps()
+        if self.next_event < len(events) and step >= events[self.next_event]:
+            self._event(trainer, pl_module, step)
+
+    # ------------------------------------------------------------------ events
+    def compute_scores(self, trainer: Trainer, pl_module: LightningModule) -> BlockTensors:
+        """Block scores for this event. Override to score differently (the second extension path)."""
+        return self.scorer.scores(pl_module.structure)
+
+    def _event(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        sparsity = self.schedule.sparsity_at(step)
+        event = PruningEvent(self.next_event, self.num_events, step, sparsity)
+        broadcast(trainer, pl_module, event)
+        structure = pl_module.structure
+        t0 = time.perf_counter()
+        scores = self.compute_scores(trainer, pl_module)
+        t1 = time.perf_counter()
+        budget = int((1.0 - sparsity) * self.full_count)
+        keep = select_blocks(scores, structure.shapes(), budget, self.multiple_of)
+        t2 = time.perf_counter()
+        self.timing["score_s"] += t1 - t0
+        self.timing["search_s"] += t2 - t1
+        self.next_event += 1
+        self.targets = keep
+        self.window_end = step + self.decay_steps
+        record = {"event": event.index, "step": step, "target_sparsity": sparsity, "score_s": t1 - t0,
+                  "search_s": t2 - t1}
+        self.history.append(record)
+        self._log_scores(trainer, scores, step)
+        self._decay(trainer, pl_module, step)
+
+    @torch.no_grad()
+    def _decay(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        """Move masks one `decay_alpha` towards the targets, or set them hard when the window ends."""
+        masks, keep = pl_module.structure.masks, self.targets
+        hard = step >= self.window_end
+
+        def move(current: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            target = target.to(current.device)
+            if hard:
+                return target
+            return torch.where(target > 0, (current + self.decay_alpha).clamp(max=1), (current - self.decay_alpha).clamp(min=0))
+
+        for i in range(masks.num_layers):
+            masks.set("head", move(masks.head(i), keep.heads[i]), i)
+            masks.set("neuron", move(masks.neuron(i), keep.neurons[i]), i)
+        masks.set("hidden", move(masks.hidden, keep.hidden))
+        if hard:
+            self.targets = None
+            self._finish_event(trainer, pl_module, keep)
+
+    def _finish_event(self, trainer: Trainer, pl_module: LightningModule, keep: BlockTensors) -> None:
+        structure = pl_module.structure
+        last = self.next_event >= self.num_events
+        if self.compact_at == "event" or (self.compact_at == "end" and last):
+            masks = structure.masks
+            kept = BlockTensors(
+                [masks.kept("head", i).cpu() for i in range(masks.num_layers)],
+                [masks.kept("neuron", i).cpu() for i in range(masks.num_layers)],
+                masks.kept("hidden").cpu(),
+            )
+            t0 = time.perf_counter()
+            pl_module.compact()
+            self.scorer.compact(kept)
+            pl_module.rebuild_optimizer()
+            self.timing["compact_s"] += time.perf_counter() - t0
+        heads, neurons, hidden = keep.counts()
+        kept_count = kept_param_count(keep, structure.shapes().head_dim)
+        record = self.history[-1]
+        record.update({
+            "achieved_sparsity": 1.0 - kept_count / self.full_count, "params_kept": kept_count,
+            "heads_per_layer": heads, "neurons_per_layer": neurons, "hidden_kept": hidden,
+        })
+        pl_module.log_dict({
+            "prune/target_sparsity": record["target_sparsity"], "prune/achieved_sparsity": record["achieved_sparsity"],
+            "prune/params_kept": float(kept_count), "prune/hidden_kept": float(hidden),
+            "prune/heads_kept": float(sum(heads)), "prune/neurons_kept": float(sum(neurons)),
+            "prune/score_s": self.timing["score_s"], "prune/search_s": self.timing["search_s"],
+        })
+        self._log_tables(trainer, record)
+
+    # ------------------------------------------------------------------ reporting
+    def _wandb(self, trainer: Trainer):
+        from lightning.pytorch.loggers import WandbLogger
+
+        return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+    def _log_scores(self, trainer: Trainer, scores: BlockTensors, step: int) -> None:
+        wb = self._wandb(trainer)
+        if wb is not None:
+            import wandb
+
+            wb.experiment.log({
+                "prune/head_scores": wandb.Histogram(torch.cat(scores.heads).numpy()),
+                "prune/neuron_scores": wandb.Histogram(torch.cat(scores.neurons).numpy()),
+                "prune/hidden_scores": wandb.Histogram(scores.hidden.numpy()),
+                "trainer/global_step": step,
+            })
+
+    def _log_tables(self, trainer: Trainer, record: dict) -> None:
+        wb = self._wandb(trainer)
+        if wb is not None:
+            rows = [[record["event"], layer, h, f] for layer, (h, f) in
+                    enumerate(zip(record["heads_per_layer"], record["neurons_per_layer"], strict=True))]
+            wb.log_table("prune/kept_per_layer", columns=["event", "layer", "heads", "neurons"], data=rows)
+
+    def summary(self) -> dict:
+        return {"events": self.history, "timing": dict(self.timing), "full_param_count": self.full_count}
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = trainer.log_dir
+        if not trainer.is_global_zero or log_dir is None:
+            return
+        out = Path(log_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "pruning.json.tmp"
+        tmp.write_text(json.dumps(self.summary(), indent=1))
+        tmp.replace(out / "pruning.json")
+        if self.plot and self.history:
+            from apt_lightning.plots import plot_kept_per_layer
+
+            shapes = pl_module.structure.shapes()
+            plot_kept_per_layer(self.history[-1], shapes, out / "kept_per_layer.png")
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {
+            "next_event": self.next_event, "window_end": self.window_end, "full_count": self.full_count,
+            "targets": None if self.targets is None else {
+                "heads": self.targets.heads, "neurons": self.targets.neurons, "hidden": self.targets.hidden},
+            "scorer": self.scorer.state_dict(), "history": self.history, "timing": self.timing,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_event = state["next_event"]
+        self.window_end = state["window_end"]
+        self.full_count = state["full_count"]
+        t = state["targets"]
+        self.targets = None if t is None else BlockTensors(t["heads"], t["neurons"], t["hidden"])
+        self.scorer.load_state_dict(state["scorer"])
+        self.history = state["history"]
+        self.timing = state["timing"]

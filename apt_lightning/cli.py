@@ -1,0 +1,33 @@
+"""`apt-fit`: a thin LightningCLI. Model and data are in subclass mode, so any `class_path` can be swapped;
+the task and the tokenizer follow the model's settings; the config is saved next to the run."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from apt_lightning.data import GLUEDataModule
+from apt_lightning.module import APTModule
+
+
+class APTCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.init_args.task", "data.init_args.task")
+        parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
+
+
+def main(args: list[str] | None = None) -> APTCLI:
+    return APTCLI(
+        APTModule,
+        GLUEDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                     "init_args": {"save_dir": "runs", "name": "apt"}}},
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""GLUE as a LightningDataModule, from the hub or from a local folder of GLUE-style files.
+
+Users bring GLUE in several layouts (the original GLUE TSVs, exports in the hub's column names as
+JSONL/CSV/Parquet, or no files at all and a network), so every layout is normalised to the hub's columns
+before tokenising. Bad data fails in ``prepare_data``/``setup`` with a message that names the file, the
+column or the label, rather than as a shape error in the middle of the first epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+from datasets import Dataset, load_dataset
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from apt_lightning.backbone import load_tokenizer, resolve_backbone
+from apt_lightning.data.tasks import GlueTask, get_task
+
+GLUE_HUB_PATH = "nyu-mll/glue"
+EXTENSIONS = ("tsv", "jsonl", "json", "csv", "parquet")
+
+
+class GLUEDataModule(L.LightningDataModule):
+    """Tokenised GLUE train/validation splits with dynamic padding.
+
+    Args:
+        task: GLUE task name (see ``GLUE_TASKS``).
+        tokenizer: backbone name for the tokenizer: ``minilm-l6``, a local folder or a hub id.
+        data_dir: ``None`` downloads ``nyu-mll/glue``; otherwise a folder with ``train.<ext>`` and a
+            validation file (``dev``, ``validation``, or the task's validation split name, e.g.
+            ``validation_matched``/``dev_matched`` for MNLI), ext one of tsv, jsonl, json, csv, parquet.
+        max_length: truncate tokenised inputs to this many tokens.
+        batch_size: training batch size.
+        eval_batch_size: validation batch size.
+        num_workers: DataLoader worker processes.
+        train_limit: keep only the first N training examples (quick runs).
+        eval_limit: keep only the first N validation examples.
+    """
+
+    def __init__(
+        self,
+        task: str = "sst2",
+        tokenizer: str = "minilm-l6",
+        data_dir: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        num_workers: int = 0,
+        train_limit: int | None = None,
+        eval_limit: int | None = None,
+    ) -> None:
+        super().__init__()
+        self._task = get_task(task)
+        for arg, value in (("max_length", max_length), ("batch_size", batch_size),
+                           ("eval_batch_size", eval_batch_size)):
+            if value <= 0:
+                raise ValueError(f"{arg} must be a positive integer, got {value}")
+        for arg, value in (("train_limit", train_limit), ("eval_limit", eval_limit)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{arg} must be a positive integer or None (all rows), got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}")
+        resolve_backbone(tokenizer)  # fail now, not after the data is read, on a tokenizer we can't load
+        self.save_hyperparameters()
+        self._data_dir = None if data_dir is None else Path(os.path.expandvars(data_dir)).expanduser()
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._datasets: dict[str, Dataset] = {}
+
+    @property
+    def task_spec(self) -> GlueTask:
+        return self._task
+
+    @property
+    def num_labels(self) -> int:
+        return self._task.num_labels
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        """Download the hub dataset once (rank 0), or check that the local folder has the files."""
+        if self._data_dir is None:
+            self._load_hub()
+        else:
+            self._local_files()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and tokenise the splits ``stage`` needs; splits already built are kept."""
+        needed = ("train", "validation") if stage in (None, "fit") else ("validation",)
+        todo = [split for split in needed if split not in self._datasets]
+        if not todo:
+            return
+        raw = self._load_hub() if self._data_dir is None else self._load_local(todo)
+        for split in todo:
+            limit = self.hparams.train_limit if split == "train" else self.hparams.eval_limit
+            data = raw[split]
+            if limit is not None and limit < len(data):
+                data = data.select(range(limit))
+            self._datasets[split] = self._tokenize(data, split)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", self.hparams.eval_batch_size, shuffle=False)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if split not in self._datasets:
+            raise RuntimeError(f"the {split} split is not built yet: call setup() first")
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self._datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=DataCollatorWithPadding(self.tokenizer),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+
+    def _tokenize(self, data: Dataset, split: str) -> Dataset:
+        # Only plain locals in the closure, so datasets can fingerprint it and reuse its cache of hub data.
+        tokenizer, max_length = self.tokenizer, self.hparams.max_length
+        columns = self._task.text_columns
+        label_type = float if self._task.is_regression else int
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            out = tokenizer(*(batch[c] for c in columns), truncation=True, max_length=max_length)
+            out["labels"] = [label_type(label) for label in batch["label"]]
+            return out
+
+        return data.map(encode, batched=True, remove_columns=data.column_names, desc=f"Tokenizing {split}")
+
+    def _load_hub(self) -> dict[str, Dataset]:
+        try:
+            splits = load_dataset(GLUE_HUB_PATH, self._task.name)
+        except ConnectionError as err:
+            hint = "to train offline pass data_dir=<folder with train and dev files>"
+            raise ConnectionError(f"{err}; {hint}") from err
+        return {"train": splits["train"], "validation": splits[self._task.validation_split]}
+
+    def _local_files(self) -> dict[str, Path]:
+        folder = self._data_dir
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data_dir {str(folder)!r} is not a folder; pass a folder with GLUE "
+                                    f"files or data_dir=None to download {GLUE_HUB_PATH}")
+        valid = self._task.validation_split
+        valid_stems = dict.fromkeys(("dev", "validation", valid, valid.replace("validation", "dev")))
+        stems = {"train": ("train",), "validation": tuple(valid_stems)}
+        files = {}
+        for split, names in stems.items():
+            expected = [f"{stem}.{ext}" for stem in names for ext in EXTENSIONS]
+            matches = [folder / name for name in expected if (folder / name).is_file()]
+            if not matches:
+                found = sorted(p.name for p in folder.iterdir()) or "nothing"
+                raise FileNotFoundError(f"data_dir {str(folder)!r} has no {split} file; expected one of "
+                                        f"{', '.join(expected)}; found: {found}")
+            if len(matches) > 1:
+                raise ValueError(f"data_dir {str(folder)!r} has several {split} files "
+                                 f"({', '.join(p.name for p in matches)}); keep one")
+            files[split] = matches[0]
+        return files
+
+    def _load_local(self, splits: list[str]) -> dict[str, Dataset]:
+        files = self._local_files()
+        loaded = {}
+        for split in splits:
+            where = f"{split} file {files[split]}"
+            frame = _normalise(_read_table(files[split], self._task), self._task, where)
+            loaded[split] = Dataset.from_pandas(frame, preserve_index=False)
+        return loaded
+
+def _read_table(path: Path, task: GlueTask) -> pd.DataFrame:
+    """Read one data file as strings (CSV/TSV) or native JSON/Parquet types, without pandas' NA guessing."""
+    ext = path.suffix[1:]
+    if ext == "tsv":
+        # GLUE TSVs contain unbalanced quotes, so quoting must be off; MRPC's start with a BOM.
+        with path.open(encoding="utf-8-sig") as f:
+            header = f.readline().rstrip("\r\n").split("\t")
+        headerless = bool(task.tsv_columns) and not set(task.text_columns) <= set(header)
+        return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
+                           encoding="utf-8-sig", header=None if headerless else 0,
+                           names=task.tsv_columns if headerless else None)
+    if ext == "csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    if ext in ("json", "jsonl"):
+        with path.open(encoding="utf-8-sig") as f:
+            records_array = f.read(4096).lstrip().startswith("[")  # .json: a JSON array or JSON lines
+        return pd.read_json(path, lines=not records_array, dtype=False, convert_dates=False,
+                            encoding="utf-8-sig")
+    return pd.read_parquet(path)
+
+
+def _normalise(frame: pd.DataFrame, task: GlueTask, where: str) -> pd.DataFrame:
+    """Rename GLUE-TSV columns to the hub's, check the columns, and turn labels into ids (or floats)."""
+    frame = frame.rename(columns={old: new for old, new in task.tsv_aliases.items()
+                                  if old in frame.columns and new not in frame.columns})
+    required = [*task.text_columns, "label"]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing} for task {task.name!r}; "
+                         f"found columns {list(frame.columns)}")
+    frame = frame[required].copy()
+    for column in task.text_columns:
+        empty = frame[column].isna()
+        if empty.any():
+            raise ValueError(f"{where}: column {column!r} has no text in {empty.sum()} of {len(frame)} rows")
+    frame["label"] = _label_ids(frame["label"], task, where)
+    return frame
+
+
+def _label_ids(labels: pd.Series, task: GlueTask, where: str) -> pd.Series:
+    """Map labels (ids, numeric strings or names) to ints in [0, num_labels), or floats for regression."""
+    if task.is_regression:
+        values = pd.to_numeric(labels, errors="coerce")
+        bad = values.isna()
+        allowed = "numbers"
+    else:
+        by_name = {name: i for i, name in enumerate(task.label_names)}
+        names_as_ids = labels.astype(str).str.strip().map(lambda v: by_name.get(v, v))
+        values = pd.to_numeric(names_as_ids, errors="coerce")
+        bad = values.isna() | (values % 1 != 0) | (values < 0) | (values >= task.num_labels)
+        allowed = f"integers in [0, {task.num_labels})" + (f" or names {list(task.label_names)}"
+                                                           if task.label_names else "")
+    if bad.any():
+        raise ValueError(f"{where}: label {labels[bad].iloc[0]!r} is not valid for task {task.name!r} "
+                         f"({bad.sum()} of {len(labels)} rows); allowed: {allowed}")
+    return values.astype(float if task.is_regression else int)

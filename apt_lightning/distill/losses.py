@@ -1,0 +1,112 @@
+"""Self-distillation losses (APT_METHOD.md section 7).
+
+L_distill = w_pred * L_pred + w_layer * L_layer, with
+- L_pred: tau^2 * KL(softmax(t / tau) || softmax(s / tau)) (MSE for regression);
+- L_layer: sum over sampled teacher layers i of MSE(Tr(H_s^{phi(i)}), H_t^i) over kept hidden dims, one
+  teacher layer drawn per block of consecutive layers each step; phi(i) = i if student layer i is alive,
+  else the nearest alive layer (the one with the lower MSE when two are equally near); Tr is a
+  hidden x hidden map initialised to the identity, frozen, plus a trainable LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apt_lightning.adapters import APTLinear
+from apt_lightning.structure.slicing import slice_linear
+
+
+def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    if student_logits.shape[-1] == 1:
+        return F.mse_loss(student_logits, teacher_logits)
+    log_p = F.log_softmax(student_logits / tau, -1)
+    log_q = F.log_softmax(teacher_logits / tau, -1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * tau**2
+
+
+def sample_teacher_layers(num_layers: int, blocks: int, generator: torch.Generator | None = None) -> list[int]:
+    """One layer index drawn uniformly from each of `blocks` consecutive blocks of layers."""
+    bounds = torch.linspace(0, num_layers, min(blocks, num_layers) + 1).round().long().tolist()
+    return [int(torch.randint(lo, hi, (1,), generator=generator)) for lo, hi in zip(bounds, bounds[1:], strict=False)
+            if hi > lo]
+
+
+def nearest_alive(layer: int, alive: list[bool]) -> list[int]:
+    """phi candidates for teacher layer `layer`: itself if alive, else the nearest alive layers."""
+    if alive[layer]:
+        return [layer]
+    for d in range(1, len(alive)):
+        found = [j for j in (layer - d, layer + d) if 0 <= j < len(alive) and alive[j]]
+        if found:
+            return found
+    return []
+
+
+class HiddenTransform(nn.Module):
+    """Tr: identity-initialised hidden x hidden map with a trainable rank-r adapter."""
+
+    def __init__(self, hidden: int, rank: int = 8) -> None:
+        super().__init__()
+        base = nn.Linear(hidden, hidden, bias=False)
+        with torch.no_grad():
+            base.weight.copy_(torch.eye(hidden))
+        self.proj = APTLinear.from_linear(base, rank=rank, alpha=2.0 * rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class Distiller(nn.Module):
+    """Computes L_distill for `APTModule.training_step` from the student's output and a teacher forward."""
+
+    def __init__(self, hidden: int, tau: float = 4.0, pred_weight: float = 1.0, layer_weight: float = 0.9,
+                 layer_blocks: int = 4, transform_rank: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        self.tau, self.pred_weight, self.layer_weight, self.layer_blocks = tau, pred_weight, layer_weight, layer_blocks
+        self.transform = HiddenTransform(hidden, transform_rank)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def needs_hidden(self) -> bool:
+        return self.layer_weight > 0
+
+    def follow_hidden(self, kept: torch.Tensor) -> None:
+        slice_linear(self.transform.proj, out_index=kept, in_index=kept)
+
+    def resize_hidden(self, hidden: int) -> None:
+        if self.transform.proj.in_features != hidden:
+            self.follow_hidden(torch.arange(hidden))
+
+    def loss(self, pl_module, inputs: dict, student_out) -> dict[str, torch.Tensor]:
+        teacher_out = pl_module.teacher(pl_module.student, inputs, output_hidden_states=self.needs_hidden)
+        parts = {"pred_loss": prediction_loss(student_out.logits, teacher_out.logits, self.tau)}
+        total = self.pred_weight * parts["pred_loss"]
+        if self.needs_hidden:
+            parts["layer_loss"] = self.layer_loss(pl_module, student_out.hidden_states, teacher_out.hidden_states)
+            total = total + self.layer_weight * parts["layer_loss"]
+        parts["distill"] = total
+        return parts
+
+    def layer_loss(self, pl_module, student_hidden, teacher_hidden) -> torch.Tensor:
+        """hidden_states[i + 1] is the output of layer i."""
+        n = len(student_hidden) - 1
+        masks = getattr(pl_module.student, "apt_masks", None)
+        alive = [True] * n if masks is None else [not (masks.head_zero[i] and masks.neuron_zero[i]) for i in range(n)]
+        weight = None if masks is None or masks.hidden_full else masks.hidden
+        total = student_hidden[-1].new_zeros(())
+        for i in sample_teacher_layers(n, self.layer_blocks, self.generator):
+            target = teacher_hidden[i + 1]
+            losses = [self._mse(self.transform(student_hidden[j + 1]), target, weight)
+                      for j in nearest_alive(i, alive)]
+            if losses:
+                total = total + torch.stack(losses).min()
+        return total
+
+    @staticmethod
+    def _mse(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        diff = (x - y).pow(2)
+        if weight is None:
+            return diff.mean()
+        return (diff * weight).sum() / (weight.sum() * diff[..., 0].numel())

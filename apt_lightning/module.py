@@ -1,0 +1,196 @@
+"""`APTModule`: the LightningModule that owns the student, its adapters, the teacher view and the losses.
+
+Callbacks make the decisions (when to prune, what to grow, when to snapshot the teacher); this module
+offers the mechanics they call: `compact()`, `grow_adapters()`, `rebuild_optimizer()`, `teacher`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from apt_lightning.adapters import AdapterConfig, adapter_modules, inject_adapters
+from apt_lightning.backbone import resolve_backbone
+from apt_lightning.data.tasks import build_metrics, get_task
+from apt_lightning.optim import WarmupLinearLR
+from apt_lightning.structure import ModelShapes, SliceLog, get_structure
+from apt_lightning.structure.slicing import slice_linear
+
+_DEFAULT_ADAPTERS = AdapterConfig()
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.1)
+
+
+def _default_scheduler(optimizer, **kw) -> WarmupLinearLR:
+    return WarmupLinearLR(optimizer, warmup_ratio=0.06, **kw)
+
+
+class APTModule(LightningModule):
+    """Sequence classification with APT adapters (or full fine-tuning when `adapters` is None).
+
+    Args:
+        backbone: hub name, local folder, or the alias `minilm-l6` (the packaged MiniLM).
+        task: GLUE task name; sets the number of labels, the loss and the metrics.
+        adapters: where and how to put adapters; None fine-tunes every weight.
+        optimizer: factory called with the trainable parameters (rebuilt whenever shapes change).
+        lr_scheduler: factory called with the optimizer and `total_steps`, `start_step`, `scale`.
+        head_modules: module names trained in full next to the adapters (the new task head).
+        pretrained: False builds the backbone's architecture with random weights (shape studies).
+        attn_implementation: passed to transformers ("sdpa", "eager").
+    """
+
+    def __init__(
+        self,
+        backbone: str = "minilm-l6",
+        task: str = "sst2",
+        adapters: AdapterConfig | None = _DEFAULT_ADAPTERS,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable = _default_scheduler,
+        head_modules: list[str] | None = None,
+        pretrained: bool = True,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.task = get_task(task)
+        path = resolve_backbone(backbone)
+        kw = {"num_labels": self.task.num_labels, "attn_implementation": attn_implementation}
+        if self.task.is_regression:
+            kw["problem_type"] = "regression"
+        if pretrained:
+            self.student = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **kw)
+        else:
+            self.student = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, **kw))
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.lr_scale = 1.0
+        self.adapters_config = adapters
+        if adapters is not None:
+            self.student.requires_grad_(False)
+            inject_adapters(self.student, adapters)
+            for name in head_modules if head_modules is not None else ["classifier", "pooler"]:
+                head = getattr(self.student, name, None) or getattr(self.student.base_model, name, None)
+                if head is None and head_modules is not None:
+                    raise ValueError(f"head module {name!r} not found in {type(self.student).__name__}")
+                if head is not None:
+                    head.requires_grad_(True)
+        self.student.train()  # from_pretrained returns eval mode; Lightning keeps module modes as given
+        self.val_metrics = build_metrics(self.task, prefix="val/")
+        self.teacher = None  # a TeacherView, set by the SelfDistillation callback
+        self.distiller = None  # computes the distillation loss, set by the SelfDistillation callback
+        self.distill_weight = 0.0  # mu in L = mu * L_distill + (1 - mu) * L_task
+
+    # ------------------------------------------------------------------ model-side mechanics
+    @property
+    def structure(self):
+        return get_structure(self.student)
+
+    def adapters(self):
+        return adapter_modules(self.student)
+
+    def compact(self) -> SliceLog:
+        """Remove pruned blocks physically; the teacher snapshot and distillation map follow; the
+        optimizer is rebuilt over the remaining steps."""
+        masks = self.structure.masks
+        hidden = None if masks is None or masks.hidden_full else masks.kept("hidden")
+        log = self.structure.compact()
+        if self.teacher is not None:
+            self.teacher.follow(log, self.student)
+        if self.distiller is not None and hidden is not None:
+            self.distiller.follow_hidden(hidden)
+        return log
+
+    def grow_adapters(self, ranks: dict[str, int]) -> None:
+        modules = self.adapters()
+        for name, rank in ranks.items():
+            modules[name].grow_rank(rank)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def rebuild_optimizer(self) -> None:
+        """Re-create optimizer and LR scheduler after a shape change; the schedule continues from the
+        current global step (see `WarmupLinearLR`). Adam moments restart for the new tensors."""
+        if self._trainer is None or self.trainer.strategy is None or not self.trainer.optimizers:
+            return
+        self.trainer.strategy.setup_optimizers(self.trainer)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=max(1, int(total)), start_step=self.global_step if self._trainer else 0,
+            scale=self.lr_scale,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def forward(self, **inputs):
+        return self.student(**inputs)
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.task.is_regression:
+            return F.mse_loss(logits.squeeze(-1), labels.float())
+        return F.cross_entropy(logits, labels)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        labels = batch.pop("labels")
+        distill = self.distiller is not None and self.distill_weight > 0
+        out = self.student(**batch, output_hidden_states=distill and self.distiller.needs_hidden)
+        task = self.task_loss(out.logits, labels)
+        loss = task
+        logs = {"train/task_loss": task}
+        if distill:
+            parts = self.distiller.loss(self, batch, out)
+            mu = self.distill_weight
+            loss = mu * parts["distill"] + (1 - mu) * task
+            logs.update({f"train/{k}": v for k, v in parts.items()})
+            logs["train/mu"] = mu
+        logs["train/loss"] = loss
+        self.log_dict(logs, prog_bar=False, batch_size=labels.shape[0])
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=labels.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        labels = batch.pop("labels")
+        logits = self.student(**batch).logits
+        self.log("val/loss", self.task_loss(logits, labels), batch_size=labels.shape[0])
+        preds = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
+        self.val_metrics.update(preds, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the shapes a fresh model must be cut / grown to before this state dict fits."""
+        state = {"ranks": {n: m.rank for n, m in self.adapters().items()}, "lr_scale": self.lr_scale}
+        if self.structure.masks is not None or self.structure.shapes() != self.structure._full:
+            state["shapes"] = self.structure.shapes().to_dict()
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
+        checkpoint["apt"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("apt", {})
+        if "shapes" in state:
+            shapes = ModelShapes.from_dict(state["shapes"])
+            if shapes.heads != self.structure.shapes().heads or shapes.neurons != self.structure.shapes().neurons \
+                    or shapes.hidden != self.structure.shapes().hidden:
+                had_masks = self.structure.masks is not None
+                self.structure.reshape(shapes)
+                if had_masks:
+                    self.structure.install_masks()
+                if self.distiller is not None:
+                    self.distiller.resize_hidden(shapes.hidden)
+        grow = {n: r for n, r in state.get("ranks", {}).items() if r != self.adapters()[n].rank}
+        self.grow_adapters(grow)
+        self.lr_scale = state.get("lr_scale", 1.0)
+        if self.teacher is not None and "teacher" in state:
+            self.teacher.load_state_dict(state["teacher"])

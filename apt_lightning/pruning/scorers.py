@@ -1,0 +1,237 @@
+"""Block scorers: how important each head, FFN neuron and hidden dimension is (higher = keep).
+
+A scorer observes training through the structure's mask sites (`observe`), folds each optimizer step
+into its statistics (`step`), and returns `BlockTensors` of scores at a pruning event (`scores`). Add
+your own by subclassing `Scorer`; register it with `@register_scorer("name")` to use it by name, or
+point a config's `class_path` at it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from apt_lightning.pruning.blocks import BlockTensors, block_costs
+from apt_lightning.structure import ModelShapes, PrunableStructure
+
+_SCORERS: dict[str, type[Scorer]] = {}
+
+
+def register_scorer(name: str):
+    def deco(cls: type[Scorer]) -> type[Scorer]:
+        _SCORERS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def build_scorer(scorer: Scorer | str) -> Scorer:
+    if isinstance(scorer, Scorer):
+        return scorer
+    if scorer not in _SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; built in: {sorted(_SCORERS)} (or give a Scorer subclass)")
+    return _SCORERS[scorer]()
+
+
+class Scorer:
+    """Base class. Stateless scorers only implement `compute`; batch-driven ones also `observe`/`step`."""
+
+    name = "custom"
+    observes_batches = False
+
+    def attach(self, structure: PrunableStructure) -> None:
+        self.structure = structure
+
+    def observe(self, kind: str, index: int, tensor: torch.Tensor) -> None:
+        """Called with the masked tensor at every mask site during a training forward."""
+
+    def step(self) -> None:
+        """Called once per optimizer step while observing (after backward)."""
+
+    def compute(self, structure: PrunableStructure) -> BlockTensors:
+        raise NotImplementedError
+
+    def scores(self, structure: PrunableStructure) -> BlockTensors:
+        """Scores at a pruning event; blocks whose mask is 0 score 0."""
+        scores = self.compute(structure)
+        masks = structure.masks
+        return BlockTensors(
+            [s.float().cpu() * (masks.head(i).cpu() > 0) for i, s in enumerate(scores.heads)],
+            [s.float().cpu() * (masks.neuron(i).cpu() > 0) for i, s in enumerate(scores.neurons)],
+            scores.hidden.float().cpu() * (masks.hidden.cpu() > 0),
+        )
+
+    def compact(self, kept: BlockTensors) -> None:
+        """Follow a compaction: `kept` holds the surviving indices per layer (for stateful scorers)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _fisher_kurtosis(x: torch.Tensor) -> torch.Tensor:
+    """Excess kurtosis over the last dimension."""
+    centred = x - x.mean(-1, keepdim=True)
+    var = centred.pow(2).mean(-1)
+    return centred.pow(4).mean(-1) / var.pow(2).clamp_min(1e-12) - 3.0
+
+
+@register_scorer("salience")
+class OutlierAwareSalience(Scorer):
+    """APT's salience (APT_METHOD.md section 4): per channel, (sum_{b,t} |x|) * (sum_{b,t} |dL/dx|)
+    from the live batch, summed over a head's channels; a hidden dim sums over every mask site.
+    Reduction happens before the product so only O(width) vectors are kept. EMA over steps.
+    With `kurtosis`, sqrt(max(0, Kurt(O))) is added per block, O being the block's weight columns
+    scaled by the EMA'd mean input activation (the block's output contributions)."""
+
+    observes_batches = True
+
+    def __init__(self, ema: float = 0.85, kurtosis: bool = True) -> None:
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {ema}")
+        self.ema = ema
+        self.kurtosis = kurtosis
+        self._act: dict[tuple[str, int], torch.Tensor] = {}
+        self._grad: dict[tuple[str, int], torch.Tensor] = {}
+        self._tokens: dict[tuple[str, int], int] = {}
+        self.salience: dict[tuple[str, int], torch.Tensor] = {}
+        self.mean_act: dict[tuple[str, int], torch.Tensor] = {}
+
+    def observe(self, kind: str, index: int, tensor: torch.Tensor) -> None:
+        if not tensor.requires_grad:
+            return
+        key = (kind, index)
+        flat = tensor.detach().reshape(-1, tensor.shape[-1])
+        self._act[key] = self._act.get(key, 0) + flat.abs().float().sum(0)
+        self._tokens[key] = self._tokens.get(key, 0) + flat.shape[0]
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            g = grad.reshape(-1, grad.shape[-1]).abs().float().sum(0)
+            self._grad[key] = self._grad.get(key, 0) + g
+
+        tensor.register_hook(grad_hook)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for key, act in self._act.items():
+            grad = self._grad.get(key)
+            if grad is None:
+                continue
+            s = act * grad
+            mean = act / self._tokens[key]
+            prev = self.salience.get(key)
+            ok = prev is not None and prev.shape == s.shape
+            self.salience[key] = self.ema * prev + (1 - self.ema) * s if ok else s
+            prev_m = self.mean_act.get(key)
+            ok = prev_m is not None and prev_m.shape == mean.shape
+            self.mean_act[key] = self.ema * prev_m + (1 - self.ema) * mean if ok else mean
+        self._act.clear()
+        self._grad.clear()
+        self._tokens.clear()
+
+    def _channel(self, kind: str, index: int, width: int, device) -> torch.Tensor:
+        return self.salience.get((kind, index), torch.zeros(width, device=device))
+
+    @torch.no_grad()
+    def compute(self, structure: PrunableStructure) -> BlockTensors:
+        shapes: ModelShapes = structure.shapes()
+        dh = shapes.head_dim
+        device = structure.masks.hidden.device
+        heads = [self._channel("head", i, h * dh, device).reshape(h, dh).sum(1) for i, h in enumerate(shapes.heads)]
+        neurons = [self._channel("neuron", i, f, device) for i, f in enumerate(shapes.neurons)]
+        hidden = sum(v for (k, _), v in self.salience.items() if k == "hidden")
+        hidden = hidden if torch.is_tensor(hidden) else torch.zeros(shapes.hidden, device=device)
+        if self.kurtosis:
+            heads, neurons, hidden = self._add_kurtosis(structure, shapes, heads, neurons, hidden)
+        return BlockTensors(heads, neurons, hidden)
+
+    def _add_kurtosis(self, structure, shapes, heads, neurons, hidden):
+        dh = shapes.head_dim
+        for i, h in enumerate(shapes.heads):
+            w, act = structure.head_output_weight(i), self.mean_act.get(("head", i))
+            if w is not None and act is not None and h:
+                o = (w.float() * act).reshape(w.shape[0], h, dh).permute(1, 0, 2).reshape(h, -1)
+                heads[i] = heads[i] + _fisher_kurtosis(o).clamp_min(0).sqrt()
+        for i, f in enumerate(shapes.neurons):
+            w, act = structure.ffn_output_weight(i), self.mean_act.get(("neuron", i))
+            if w is not None and act is not None and f:
+                neurons[i] = neurons[i] + _fisher_kurtosis((w.float() * act).t()).clamp_min(0).sqrt()
+        cols = [w.float() * self.mean_act[("hidden", site)] for site, w in structure.hidden_input_weights()
+                if ("hidden", site) in self.mean_act]
+        if cols:
+            hidden = hidden + _fisher_kurtosis(torch.cat(cols, 0).t()).clamp_min(0).sqrt()
+        return heads, neurons, hidden
+
+    def compact(self, kept: BlockTensors) -> None:
+        """Slice the EMA statistics to the surviving blocks (heads expand to their channels)."""
+        dh = self.structure.head_dim
+        for store in (self.salience, self.mean_act):
+            for (kind, index), t in list(store.items()):
+                if kind == "head":
+                    idx = kept.heads[index]
+                    idx = (idx[:, None] * dh + torch.arange(dh)).flatten()
+                elif kind == "neuron":
+                    idx = kept.neurons[index]
+                else:
+                    idx = kept.hidden
+                store[(kind, index)] = t.index_select(0, idx.to(t.device))
+
+    def state_dict(self) -> dict:
+        return {"salience": dict(self.salience), "mean_act": dict(self.mean_act)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.salience = dict(state.get("salience", {}))
+        self.mean_act = dict(state.get("mean_act", {}))
+
+
+@register_scorer("random")
+class RandomScorer(Scorer):
+    """Uniform random scores, redrawn at every event (the 'salience replaced by random' ablation)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def compute(self, structure: PrunableStructure) -> BlockTensors:
+        return BlockTensors.full(structure.shapes()).map(lambda t: torch.rand(t.shape, generator=self.generator))
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+
+@register_scorer("uniform")
+class UniformScorer(Scorer):
+    """Every block equally important: scores proportional to cost, so all densities tie across groups and
+    the search keeps the same fraction of every group (the heads of each layer, the neurons of each
+    layer, the hidden dims). Within a group, lower indices win the tie."""
+
+    def compute(self, structure: PrunableStructure) -> BlockTensors:
+        def ramp(cost: torch.Tensor) -> torch.Tensor:
+            n = cost.numel()
+            return cost * (1.0 - (torch.arange(n) + 0.5) / max(n, 1))
+
+        return block_costs(structure.shapes()).map(ramp)
+
+
+@register_scorer("magnitude")
+class MagnitudeScorer(Scorer):
+    """Mean absolute weight of each block's parameters (no data needed; a cheap baseline)."""
+
+    @torch.no_grad()
+    def compute(self, structure: PrunableStructure) -> BlockTensors:
+        shapes = structure.shapes()
+        dh = shapes.head_dim
+        heads, neurons = [], []
+        for i, (h, f) in enumerate(zip(shapes.heads, shapes.neurons, strict=True)):
+            w = structure.head_output_weight(i)
+            heads.append(w.abs().float().reshape(w.shape[0], h, dh).mean((0, 2)).cpu() if w is not None and h
+                         else torch.zeros(h))
+            w = structure.ffn_output_weight(i)
+            neurons.append(w.abs().float().mean(0).cpu() if w is not None and f else torch.zeros(f))
+        hidden = torch.cat([w.abs().float().cpu() for _, w in structure.hidden_input_weights()], 0).mean(0)
+        return BlockTensors(heads, neurons, hidden)

@@ -1,0 +1,88 @@
+"""Block search (APT_METHOD.md section 5): sort blocks by density = score / cost and keep the longest
+prefix whose APT parameter count fits the budget, optionally with hardware-friendly widths."""
+
+from __future__ import annotations
+
+import torch
+
+from apt_lightning.pruning.blocks import BlockTensors, block_costs
+from apt_lightning.structure import ModelShapes, apt_param_count
+
+_HEAD, _NEURON, _HIDDEN = 0, 1, 2
+
+
+def _flatten(shapes: ModelShapes, scores: BlockTensors):
+    """Flat vectors: density, kind, layer and position of every block."""
+    costs = block_costs(shapes)
+    kinds, layers, pos = [], [], []
+    for kind, groups in ((_HEAD, shapes.heads), (_NEURON, shapes.neurons)):
+        for layer, n in enumerate(groups):
+            kinds.append(torch.full((n,), kind))
+            layers.append(torch.full((n,), layer))
+            pos.append(torch.arange(n))
+    kinds.append(torch.full((shapes.hidden,), _HIDDEN))
+    layers.append(torch.full((shapes.hidden,), -1))
+    pos.append(torch.arange(shapes.hidden))
+    density = scores.flat().double() / costs.flat().double()
+    return density, torch.cat(kinds), torch.cat(layers), torch.cat(pos)
+
+
+def _prefix_counts(kinds: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """APT count of every prefix: C_k = D'_k * A'_k with A' = sum(4 d_h per head, 2 per neuron)."""
+    d = torch.cumsum(kinds == _HIDDEN, 0).double()
+    a = torch.cumsum((kinds == _HEAD) * 4.0 * head_dim + (kinds == _NEURON) * 2.0, 0).double()
+    return d * a
+
+
+def _to_blocks(shapes: ModelShapes, kinds, layers, pos, chosen: torch.Tensor) -> BlockTensors:
+    keep = BlockTensors.full(shapes, 0.0)
+    for kind, layer, p in zip(kinds[chosen].tolist(), layers[chosen].tolist(), pos[chosen].tolist(), strict=True):
+        if kind == _HEAD:
+            keep.heads[layer][p] = 1.0
+        elif kind == _NEURON:
+            keep.neurons[layer][p] = 1.0
+        else:
+            keep.hidden[p] = 1.0
+    return keep
+
+
+def select_blocks(scores: BlockTensors, shapes: ModelShapes, budget: int, multiple_of: int = 1) -> BlockTensors:
+    """0/1 keep decisions whose APT count is at most `budget` and maximal: the next block in density
+    order would exceed it. With `multiple_of` > 1 the hidden size is rounded to the nearest multiple
+    and each layer's neuron count down to one (head widths are multiples of d_h already); the search
+    then refills the budget around the fixed hidden size, so the count still never exceeds `budget`."""
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    density, kinds, layers, pos = _flatten(shapes, scores)
+    order = torch.sort(density, descending=True, stable=True).indices
+    counts = _prefix_counts(kinds[order], shapes.head_dim)
+    k = int(torch.searchsorted(counts, torch.tensor(float(budget), dtype=torch.float64), right=True))
+    chosen = order[:k]
+    if multiple_of == 1:
+        return _to_blocks(shapes, kinds, layers, pos, chosen)
+    return _aligned(shapes, density, kinds, layers, pos, order, chosen, budget, multiple_of)
+
+
+def _aligned(shapes, density, kinds, layers, pos, order, chosen, budget, multiple_of) -> BlockTensors:
+    n_hidden = int((kinds[chosen] == _HIDDEN).sum())
+    n_hidden = min(shapes.hidden, max(multiple_of, multiple_of * round(n_hidden / multiple_of)))
+    hidden_order = order[kinds[order] == _HIDDEN][:n_hidden]
+    rest = order[kinds[order] != _HIDDEN]
+    a_budget = budget / n_hidden
+    width = torch.cumsum((kinds[rest] == _HEAD) * 4.0 * shapes.head_dim + (kinds[rest] == _NEURON) * 2.0, 0)
+    k = int(torch.searchsorted(width.double(), torch.tensor(a_budget, dtype=torch.float64), right=True))
+    keep = _to_blocks(shapes, kinds, layers, pos, torch.cat([hidden_order, rest[:k]]))
+    offset = sum(shapes.heads)
+    for mask in keep.neurons:
+        layer_density = density[offset: offset + mask.numel()]
+        offset += mask.numel()
+        excess = int(mask.sum()) % multiple_of
+        if excess:
+            kept = torch.nonzero(mask).flatten()
+            mask[kept[torch.argsort(layer_density[kept], stable=True)[:excess]]] = 0.0
+    return keep
+
+
+def kept_param_count(keep: BlockTensors, head_dim: int) -> int:
+    heads, neurons, hidden = keep.counts()
+    return apt_param_count(heads, neurons, hidden, head_dim)

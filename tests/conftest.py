@@ -1,0 +1,52 @@
+"""Offline test environment and tiny random-weight models (fixed seeds)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    BertConfig,
+    RobertaConfig,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
+
+
+def tiny_config(family: str = "bert", **overrides):
+    common = dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, vocab_size=100, num_labels=3, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, attn_implementation="eager",
+    )
+    common.update(overrides)
+    if family == "roberta":
+        return RobertaConfig(pad_token_id=1, type_vocab_size=1, **common)
+    return BertConfig(**common)
+
+
+def tiny_model(family: str = "bert", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family, **overrides))
+    return model.eval()
+
+
+def tiny_batch(seed: int = 0, batch: int = 4, length: int = 10, vocab: int = 100):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, 7:] = 0  # some padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(params=["bert", "roberta"])
+def family(request):
+    return request.param
