@@ -50,3 +50,24 @@ def tiny_batch(seed: int = 0, batch: int = 4, length: int = 10, vocab: int = 100
 @pytest.fixture(params=["bert", "roberta"])
 def family(request):
     return request.param
+
+
+# ---------------------------------------------------------------- shared: a tiny local backbone folder
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    """The packaged MiniLM tokenizer (vocab 30522), loaded once per session."""
+    from apt_lightning.backbone import load_tokenizer
+
+    return load_tokenizer("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory, minilm_tokenizer):
+    """A local backbone folder usable as `APTModule(backbone=str(tiny_backbone_dir))`: a tiny random BERT
+    (`tiny_config`, vocab = MiniLM's, seed 0) saved with `save_pretrained`, plus the MiniLM tokenizer.
+    Session-scoped: treat it as read-only."""
+    folder = tmp_path_factory.mktemp("tiny_backbone")
+    model = tiny_model("bert", seed=0, vocab_size=len(minilm_tokenizer), num_labels=2)
+    model.save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder

@@ -67,7 +67,9 @@ class SelfDistillation(Callback):
         layer_blocks: teacher layers sampled per step (one per block of consecutive layers).
         start_step / end_step: the mu ramp (steps or fractions of the run); default: the pruning phase.
         snapshot: a `SnapshotPolicy` (EveryEvent, OnImprovement).
-        distill_epochs: epochs with distillation; afterwards task loss only at `post_lr_scale` x LR.
+        distill_epochs: epochs with distillation; afterwards task loss only at `post_lr_scale` x LR. None
+            ends distillation when mu reaches 1 (at `end_step`): after pruning, a teacher refreshed at
+            every event is the pruned student itself, so distilling further only slows recovery.
         transform_rank: rank of the adapter on the layer transformation Tr.
     """
 
@@ -141,6 +143,8 @@ class SelfDistillation(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         step = trainer.global_step
+        if self.distill_epochs is None and not self.finished and step >= self.end:
+            self._finish(pl_module)
         if not pl_module.teacher.ready and step >= self.start and not self.finished:
             self._snapshot(trainer, pl_module, "start")
         pl_module.distill_weight = self.mu_at(step) if pl_module.teacher.ready else 0.0
@@ -151,8 +155,13 @@ class SelfDistillation(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.distill_epochs is not None and not self.finished and trainer.current_epoch + 1 >= self.distill_epochs:
-            self.finished = True
-            pl_module.distill_weight = 0.0
+            self._finish(pl_module)
+
+    def _finish(self, pl_module: LightningModule) -> None:
+        """End of the distillation phase: task loss only, at `post_lr_scale` x the scheduled LR."""
+        self.finished = True
+        pl_module.distill_weight = 0.0
+        if self.post_lr_scale != 1.0:
             pl_module.lr_scale = self.post_lr_scale
             pl_module.rebuild_optimizer()
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 
 def resolve_step(value: int | float, total_steps: int, what: str) -> int:
-    """An int is a step; a float in (0, 1] is a fraction of the run's optimizer steps."""
-    if isinstance(value, float) and not value.is_integer():
+    """An int is a step; a float in (0, 1] is a fraction of the run's optimizer steps (1.0: the last step)."""
+    if isinstance(value, float) and (0.0 < value <= 1.0 or not value.is_integer()):
         if not 0.0 < value <= 1.0:
             raise ValueError(f"{what} as a fraction of training must be in (0, 1], got {value}")
         return int(round(value * total_steps))

@@ -101,7 +101,11 @@ class OutlierAwareSalience(Scorer):
 
     def observe(self, kind: str, index: int, tensor: torch.Tensor) -> None:
         if not tensor.requires_grad:
-            return
+            if tensor.grad_fn is not None or not torch.is_grad_enabled():
+                return
+            # Upstream of this site everything is frozen (e.g. the embedding output with adapters only in
+            # the layers): make the tensor a grad-requiring leaf so dL/dx is still computed here.
+            tensor.requires_grad_(True)
         key = (kind, index)
         flat = tensor.detach().reshape(-1, tensor.shape[-1])
         self._act[key] = self._act.get(key, 0) + flat.abs().float().sum(0)

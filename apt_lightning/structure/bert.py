@@ -145,6 +145,18 @@ class BertStructure:
 
         return hook
 
+    def _drop_hooks(self, *modules: nn.Module) -> None:
+        """Remove the mask hooks of modules about to be replaced: their handles would otherwise point at
+        freed hook dicts, and `copy.deepcopy` of the model (export) fails on such dead handles."""
+        dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+        keep = []
+        for handle in self._hooks:
+            if any(handle.hooks_dict_ref() is d for d in dicts):
+                handle.remove()
+            else:
+                keep.append(handle)
+        self._hooks = keep
+
     def remove_masks(self) -> None:
         """Drop hooks and masks and restore plain LayerNorms (for export)."""
         for h in self._hooks:
@@ -193,6 +205,7 @@ class BertStructure:
     def _compact_attention(self, i: int, layer: nn.Module, hid: torch.Tensor | None, cut) -> None:
         masks = self.masks
         if masks.head_zero[i]:
+            self._drop_hooks(layer.attention.output, layer.attention.output.dense)
             layer.attention = SkippedAttention()
             return
         att, out = layer.attention.self, layer.attention.output
@@ -213,6 +226,7 @@ class BertStructure:
     def _compact_ffn(self, i: int, layer: nn.Module, hid: torch.Tensor | None, cut) -> None:
         masks = self.masks
         if masks.neuron_zero[i]:
+            self._drop_hooks(layer.output, layer.output.dense)
             layer.intermediate, layer.output = nn.Identity(), SkippedFFNOutput()
             return
         neurons = None if masks.neuron_full[i] else masks.kept("neuron", i)

@@ -54,6 +54,8 @@ class PruningMasks(nn.Module):
         """Replace one mask after checking its length and range."""
         if kind not in ("head", "neuron", "hidden"):
             raise ValueError(f"unknown mask kind {kind!r}; allowed: head, neuron, hidden")
+        if kind != "hidden" and (layer is None or not 0 <= int(layer) < self.num_layers):
+            raise ValueError(f"{kind} mask needs a layer in [0, {self.num_layers}), got {layer!r}")
         current = self.get(kind, layer)
         values = torch.as_tensor(values, dtype=current.dtype, device=current.device)
         where = f"{kind} mask" + (f" of layer {layer}" if kind != "hidden" else "")
@@ -73,9 +75,11 @@ class PruningMasks(nn.Module):
         def flags(t: torch.Tensor) -> tuple[bool, bool]:
             return bool((t == 1).all()), bool((t == 0).all())
 
-        self.head_full, self.head_zero = zip(*[flags(self.head(i)) for i in range(self.num_layers)]) or ((), ())
+        self.head_full, self.head_zero = (
+            tuple(zip(*[flags(self.head(i)) for i in range(self.num_layers)], strict=True)) or ((), ())
+        )
         self.neuron_full, self.neuron_zero = (
-            zip(*[flags(self.neuron(i)) for i in range(self.num_layers)]) or ((), ())
+            tuple(zip(*[flags(self.neuron(i)) for i in range(self.num_layers)], strict=True)) or ((), ())
         )
         self.hidden_full = flags(self.hidden)[0]
 

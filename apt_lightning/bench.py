@@ -1,0 +1,475 @@
+"""`apt-bench`: inference throughput, latency and peak memory of a pruned encoder against its dense form.
+
+The pruned model comes from an exported folder (`--model-dir`), a training checkpoint (`--checkpoint`,
+adapters merged and pruned blocks removed), or an architecture pruned here to a target sparsity by the
+project's own block search (`--backbone`, `--preset`, `--config-json` with `--sparsity`): budget
+`(1 - S) * apt_param_count(full)`, scores from a data-free scorer, `select_blocks`, hard masks, compaction.
+The dense reference is the same architecture, uncompacted. Inputs are random token ids of `--seq-len`
+with a full attention mask, run under `torch.inference_mode`.
+
+How it measures (APT_METHOD.md section 9):
+- time: after `warmup` forward passes, each of `repeats` passes is timed on its own, with CUDA events on a
+  GPU and `time.perf_counter` on a CPU; latency is the median, samples/s = batch / median.
+- memory: the model's weights (parameter + buffer bytes) plus the peak working memory of the forward passes:
+  on CUDA `max_memory_allocated` minus the allocation before the first pass; on a CPU the peak resident set
+  growth (Linux `VmHWM`, reset first, minus `VmRSS`, after `malloc_trim`). CPU numbers are approximate (the
+  allocator may keep freed memory) and 'n/a' where the kernel offers no resettable peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from apt_lightning.callbacks.efficiency import current_rss_mb, peak_rss_mb, reset_peak_rss
+from apt_lightning.pruning import Scorer, build_scorer, kept_param_count, select_blocks
+from apt_lightning.structure import apt_param_count, get_structure
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+SCORERS = ("magnitude", "uniform", "random")  # data-free; salience needs training batches
+PRESETS = ("roberta-base", "bert-base", "minilm-l6")
+_CPU_DEFAULTS = (2, 5)  # warmup, repeats
+_CUDA_DEFAULTS = (10, 30)
+
+
+# ---------------------------------------------------------------------- models
+def preset_config(name: str, num_labels: int = 2):
+    """Configs of common encoders built in code, so their shapes are available offline (random weights)."""
+    from transformers import BertConfig, RobertaConfig
+
+    if name == "roberta-base":
+        return RobertaConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                             vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                             num_labels=num_labels)
+    if name == "bert-base":
+        return BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                          vocab_size=30522, max_position_embeddings=512, type_vocab_size=2, num_labels=num_labels)
+    if name == "minilm-l6":
+        return BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                          vocab_size=30522, max_position_embeddings=512, type_vocab_size=2, num_labels=num_labels)
+    raise ValueError(f"unknown preset {name!r}; built in: {', '.join(PRESETS)}")
+
+
+def config_from_json(path: str | Path, num_labels: int = 2):
+    """A transformers config from a config.json file (or a folder holding one); needs `model_type`."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    data = json.loads(path.read_text())
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{path} has no 'model_type'; it must be a transformers config.json")
+    if "num_labels" not in data and "id2label" not in data:
+        data["num_labels"] = num_labels
+    return AutoConfig.for_model(model_type, **data)
+
+
+def model_from_config(config, attn: str = "sdpa") -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn).eval()
+
+
+def dense_like(model: nn.Module, attn: str = "sdpa") -> nn.Module:
+    """The same architecture at full width with random weights (the reference a pruned model is timed against)."""
+    return model_from_config(copy.deepcopy(model.config), attn)
+
+
+# ---------------------------------------------------------------------- pruning
+def prune_to_sparsity(
+    model: nn.Module, sparsity: float, scorer: Scorer | str = "magnitude", multiple_of: int = 1
+) -> dict[str, Any]:
+    """Prune `model` in place to `sparsity` of its APT parameter count by the project's block search and
+    remove the pruned blocks physically (no masks are left). Scorers must be data-free (magnitude, uniform,
+    random, or a custom `Scorer` that does not observe batches). Returns the kept widths, the achieved
+    sparsity and the seconds spent scoring, searching and compacting."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    scorer = build_scorer(scorer)
+    if scorer.observes_batches:
+        raise ValueError(f"scorer {scorer.name!r} needs training batches; use one of {SCORERS} here")
+    structure = get_structure(model)
+    shapes = structure.shapes()
+    full = apt_param_count(shapes.full_heads, shapes.full_neurons, shapes.full_hidden, shapes.head_dim)
+    budget = int((1.0 - sparsity) * full)
+    masks = structure.install_masks()
+    try:
+        t0 = time.perf_counter()
+        scorer.attach(structure)
+        scores = scorer.scores(structure)
+        t1 = time.perf_counter()
+        keep = select_blocks(scores, shapes, budget, multiple_of)
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            for i in range(masks.num_layers):
+                masks.set("head", keep.heads[i], i)
+                masks.set("neuron", keep.neurons[i], i)
+            masks.set("hidden", keep.hidden)
+        structure.compact()
+    finally:
+        structure.remove_masks()
+    t3 = time.perf_counter()
+    heads, neurons, hidden = keep.counts()
+    kept = kept_param_count(keep, shapes.head_dim)
+    return {
+        "target_sparsity": sparsity, "achieved_sparsity": 1.0 - kept / full, "params_kept": kept,
+        "params_full": full, "budget": budget, "heads_per_layer": heads, "neurons_per_layer": neurons,
+        "hidden": hidden, "scorer": scorer.name, "multiple_of": multiple_of,
+        "score_s": t1 - t0, "search_s": t2 - t1, "compact_s": t3 - t2,
+    }
+
+
+# ---------------------------------------------------------------------- measuring
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so an RSS baseline is not inflated by earlier runs."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def max_seq_len(config) -> int:
+    """Longest input the position embeddings allow (RoBERTa-like models offset positions by pad + 1)."""
+    limit = int(getattr(config, "max_position_embeddings", 1 << 30))
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= int(config.pad_token_id or 0) + 1
+    return limit
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def benchmark(
+    model: nn.Module,
+    batch_size: int,
+    seq_len: int,
+    dtype: str = "fp32",
+    device: str | torch.device = "cpu",
+    warmup: int = 2,
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time `repeats` forward passes on random token ids after `warmup` untimed ones (module docstring).
+    Moves and casts `model` in place (like `model.to`)."""
+    if batch_size <= 0 or seq_len <= 0:
+        raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if seq_len > max_seq_len(model.config):
+        raise ValueError(f"seq_len {seq_len} exceeds the model's {max_seq_len(model.config)} positions")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    model.to(device=dev, dtype=DTYPES[dtype]).eval()
+    vocab = int(model.config.vocab_size)
+    low = 5 if vocab > 10 else 0  # stay clear of special ids (RoBERTa's padding id shifts positions)
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"input_ids": torch.randint(low, vocab, (batch_size, seq_len), generator=g).to(dev),
+              "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=dev)}
+    weights_mb = _model_bytes(model) / 2**20
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        memory_kind = "cuda_max_memory_allocated"
+    else:
+        _malloc_trim()
+        base_rss = current_rss_mb()
+        memory_kind = "cpu_peak_rss" if base_rss is not None and reset_peak_rss() else "n/a"
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(**inputs)
+        if cuda:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(repeats)]
+            for start, end in events:
+                start.record()
+                model(**inputs)
+                end.record()
+            torch.cuda.synchronize(dev)
+            times = [start.elapsed_time(end) / 1e3 for start, end in events]
+        else:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model(**inputs)
+                times.append(time.perf_counter() - t0)
+    if cuda:
+        activation_mb: float | None = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+    else:
+        activation_mb = max(0.0, peak_rss_mb() - base_rss) if memory_kind != "n/a" else None
+    del inputs
+    median = statistics.median(times)
+    return {
+        "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype, "device": str(dev),
+        "samples_per_s": batch_size / median, "latency_ms": median * 1e3, "latency_ms_min": min(times) * 1e3,
+        "latency_ms_all": [t * 1e3 for t in times], "warmup": warmup, "repeats": repeats,
+        "weights_mb": weights_mb, "activation_mb": activation_mb,
+        "peak_mb": weights_mb + activation_mb if activation_mb is not None else None, "memory_kind": memory_kind,
+    }
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """Parameter counts and widths of a (possibly compacted) model."""
+    info: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
+    try:
+        s = get_structure(model).shapes()
+    except ValueError:
+        return info
+    kept = apt_param_count(s.heads, s.neurons, s.hidden, s.head_dim)
+    full = apt_param_count(s.full_heads, s.full_neurons, s.full_hidden, s.head_dim)
+    info.update({"apt_params": kept, "apt_params_full": full, "sparsity": 1.0 - kept / full,
+                 "heads_per_layer": s.heads, "neurons_per_layer": s.neurons, "hidden": s.hidden})
+    return info
+
+
+# ---------------------------------------------------------------------- reporting
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def markdown_table(report: dict) -> str:
+    env = report["env"]
+    lines = [
+        f"apt-bench: {env['device_name']}, {env['dtype']}, seq {env['seq_len']}, "
+        f"{env['warmup']} warm-up + {env['repeats']} timed passes (median)",
+        "",
+        "| model | params (M) | batch | samples/s | speedup vs dense | latency ms | peak MB | memory vs dense |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        params = report["models"][r["model"]]["params"] / 1e6
+        lines.append(
+            f"| {r['model']} | {params:.1f} | {r['batch_size']} | {r['samples_per_s']:.1f} | "
+            f"{_fmt(r['speedup_vs_dense'], '.2f')}x | {r['latency_ms']:.1f} | {_fmt(r['peak_mb'], '.0f')} | "
+            f"{_fmt(r['memory_vs_dense'], '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run(models: dict[str, nn.Module], batch_sizes: list[int], seq_len: int, dtype: str, device: str,
+        warmup: int, repeats: int) -> list[dict]:
+    """Benchmark every model (the first is the dense reference) at every batch size, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    results: list[dict] = []
+    dense_name = next(iter(models))
+    with tqdm(total=len(models) * len(batch_sizes), desc="apt-bench", unit="run") as bar:
+        for name, model in models.items():
+            for bs in batch_sizes:
+                bar.set_postfix_str(f"{name}, batch {bs}")
+                r = {"model": name, **benchmark(model, bs, seq_len, dtype, device, warmup, repeats)}
+                if name != dense_name:
+                    ref = next(x for x in results if x["model"] == dense_name and x["batch_size"] == bs)
+                    r["speedup_vs_dense"] = _ratio(r["samples_per_s"], ref["samples_per_s"])
+                    r["memory_vs_dense"] = _ratio(r["peak_mb"], ref["peak_mb"])
+                else:
+                    r["speedup_vs_dense"], r["memory_vs_dense"] = 1.0, 1.0 if r["peak_mb"] is not None else None
+                results.append(r)
+                bar.update()
+            if torch.device(device).type == "cuda":
+                model.to("cpu")  # free the device for the next model
+                torch.cuda.empty_cache()
+    return results
+
+
+# ---------------------------------------------------------------------- command line
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (> 0), got {value}")
+    return value
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1) (fraction of parameters removed), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apt-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_argument_group("model (choose one)").add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-dir", help="folder written by apt-export / export_pruned")
+    src.add_argument("--checkpoint", help="Lightning checkpoint written by apt-fit (merged and compacted here)")
+    src.add_argument("--backbone", help="hub id, local folder or 'minilm-l6', pruned here to --sparsity")
+    src.add_argument("--preset", choices=PRESETS, help="built-in config (random weights), pruned here")
+    src.add_argument("--config-json", help="a transformers config.json (random weights), pruned here")
+    prune = p.add_argument_group("pruning (with --backbone / --preset / --config-json)")
+    prune.add_argument("--sparsity", type=_sparsity, nargs="+", help="fractions of the APT count to remove")
+    prune.add_argument("--scorer", choices=SCORERS, default="magnitude", help="data-free block scorer")
+    prune.add_argument("--multiple-of", type=_positive_int, default=1, help="round kept widths to a multiple")
+    prune.add_argument("--random-weights", action="store_true", help="--backbone: its architecture, random weights")
+    m = p.add_argument_group("measurement")
+    m.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[128])
+    m.add_argument("--seq-len", type=_positive_int, default=128)
+    m.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp16/bf16 need CUDA")
+    m.add_argument("--device", choices=DEVICES, default="auto")
+    m.add_argument("--warmup", type=int, default=None, help=f"untimed passes (default {_CPU_DEFAULTS[0]} on CPU, "
+                   f"{_CUDA_DEFAULTS[0]} on CUDA)")
+    m.add_argument("--repeats", type=_positive_int, default=None, help=f"timed passes (default {_CPU_DEFAULTS[1]} "
+                   f"on CPU, {_CUDA_DEFAULTS[1]} on CUDA)")
+    m.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
+    m.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--out", help="write results as JSON here, and a Markdown table next to it (.md)")
+    return p
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Everything that can be wrong with the arguments, before any model is built. Returns the device."""
+    prunes_here = args.backbone or args.preset or args.config_json
+    if prunes_here and not args.sparsity:
+        parser.error("--sparsity is required with --backbone / --preset / --config-json (e.g. --sparsity 0.6)")
+    if not prunes_here and (args.sparsity or args.random_weights or args.multiple_of != 1):
+        parser.error("--sparsity / --multiple-of / --random-weights apply to --backbone, --preset or --config-json; "
+                     "a --model-dir or --checkpoint model is already pruned")
+    if args.random_weights and not args.backbone:
+        parser.error("--random-weights goes with --backbone (--preset and --config-json are random already)")
+    for flag, path, want in (("--model-dir", args.model_dir, "dir"), ("--checkpoint", args.checkpoint, "file"),
+                             ("--config-json", args.config_json, "any")):
+        if path is None:
+            continue
+        p = Path(path)
+        ok = p.is_dir() if want == "dir" else p.is_file() if want == "file" else p.exists()
+        if not ok:
+            parser.error(f"{flag} {path}: {'folder' if want == 'dir' else 'file'} not found")
+    if args.out and Path(args.out).suffix == ".md":
+        parser.error(f"--out {args.out}: give the JSON path; the Markdown table is written next to it as .md")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    has_cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not has_cuda:
+        parser.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                     "use --device cpu or auto")
+    device = args.device if args.device != "auto" else ("cuda" if has_cuda else "cpu")
+    if args.dtype != "fp32" and device == "cpu":
+        why = "this machine has no CUDA device" if not has_cuda else "the chosen device is the CPU"
+        parser.error(f"--dtype {args.dtype} needs a CUDA device ({why}); allowed on CPU: fp32")
+    return device
+
+
+def _load_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict]:
+    """The dense reference first, then the pruned model(s); plus pruning records per pruned model."""
+    from apt_lightning.backbone import BackboneNotFoundError, resolve_backbone
+
+    records: dict[str, dict] = {}
+    if args.model_dir or args.checkpoint:
+        if args.model_dir:
+            from apt_lightning.export import load_pruned
+
+            pruned, name = load_pruned(args.model_dir), Path(args.model_dir).name
+        else:
+            from apt_lightning.export import compact_for_inference, module_from_checkpoint
+
+            pruned, name = compact_for_inference(module_from_checkpoint(args.checkpoint).student), \
+                Path(args.checkpoint).stem
+        pruned.set_attn_implementation(args.attn)
+        return {"dense": dense_like(pruned, args.attn), name: pruned.eval()}, records
+    if args.backbone:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        try:
+            path = resolve_backbone(args.backbone)
+        except BackboneNotFoundError as err:
+            hint = f"; for its shapes offline use --preset {args.backbone}" if args.backbone in PRESETS else ""
+            parser.error(f"{err}{hint}")
+        if args.random_weights:
+            dense = model_from_config(AutoConfig.from_pretrained(path, num_labels=2), args.attn)
+        else:
+            dense = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=2, attn_implementation=args.attn, dtype=torch.float32).eval()
+    else:
+        config = preset_config(args.preset) if args.preset else config_from_json(args.config_json)
+        dense = model_from_config(config, args.attn)
+    models = {"dense": dense}
+    for s in args.sparsity:
+        model = copy.deepcopy(dense)
+        record = prune_to_sparsity(model, s, args.scorer, args.multiple_of)
+        name = f"pruned {s:g}" + (f" (x{args.multiple_of})" if args.multiple_of > 1 else "")
+        models[name], records[name] = model.eval(), record
+    return models, records
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = _check_args(parser, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warmup_d, repeats_d = _CUDA_DEFAULTS if device == "cuda" else _CPU_DEFAULTS
+    warmup = warmup_d if args.warmup is None else args.warmup
+    repeats = repeats_d if args.repeats is None else args.repeats
+    models, records = _load_models(parser, args)
+    limit = min(max_seq_len(m.config) for m in models.values())
+    if args.seq_len > limit:
+        parser.error(f"--seq-len {args.seq_len} exceeds the model's {limit} position embeddings")
+    infos = {name: {**describe(model), "pruning": records.get(name)} for name, model in models.items()}
+    results = run(models, args.batch_sizes, args.seq_len, args.dtype, device, warmup, repeats)
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device == "cuda" else \
+        f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    report = {
+        "tool": "apt-bench",
+        "command": "apt-bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "env": {"device": device, "device_name": name, "dtype": args.dtype, "seq_len": args.seq_len,
+                "warmup": warmup, "repeats": repeats, "attn": args.attn, "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "transformers": transformers.__version__},
+        "source": {k: getattr(args, k) for k in ("model_dir", "checkpoint", "backbone", "preset", "config_json",
+                                                  "scorer", "multiple_of", "random_weights")},
+        "models": infos,
+        "results": results,
+    }
+    table = markdown_table(report)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        _write_atomic(out, json.dumps(report, indent=1))
+        _write_atomic(out.with_suffix(".md"), table)
+    return report
+
+
+if __name__ == "__main__":
+    main()

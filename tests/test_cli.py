@@ -1,0 +1,83 @@
+"""`apt-fit` end to end on a tiny backbone, and the errors users get before training starts."""
+
+import csv
+
+import pytest
+from conftest import GLUE_DIR, REPO
+
+from apt_lightning.backbone import BackboneNotFoundError
+from apt_lightning.cli import main
+from apt_lightning.module import APTModule
+
+pytestmark = pytest.mark.skipif(not GLUE_DIR.exists(), reason="shared GLUE data not present")
+
+
+def _args(backbone, tmp_path, *extra):
+    return [
+        "fit", "--config", str(REPO / "configs" / "quickstart_cpu.yaml"),
+        f"--model.init_args.backbone={backbone}",
+        f"--data.init_args.data_dir={GLUE_DIR / 'sst2'}",
+        "--data.init_args.train_limit=160", "--data.init_args.eval_limit=32", "--data.init_args.batch_size=8",
+        "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+def test_fit_end_to_end_with_apt_callbacks(tiny_backbone_dir, tmp_path):
+    """The quickstart's APT callbacks on a tiny model: prunes to target, grows ranks, logs metrics."""
+    cli = main(_args(tiny_backbone_dir, tmp_path))
+    module = cli.model
+    pruning = next(c for c in cli.trainer.callbacks if type(c).__name__ == "AdaptivePruning")
+    assert pruning.history and pruning.history[-1]["achieved_sparsity"] == pytest.approx(0.4, abs=0.05)
+    assert module.structure.masks is not None and module.structure.masks.is_hard()
+    assert max(a.rank for a in module.adapters().values()) > 8  # adaptive tuning grew ranks
+    log_dir = cli.trainer.log_dir
+    rows = list(csv.DictReader(open(f"{log_dir}/metrics.csv")))
+    assert any(r.get("val/accuracy") for r in rows)
+    assert (tmp_path / "apt").exists()
+    assert any(p.name == "config.yaml" for p in (tmp_path / "apt").rglob("config.yaml"))  # saved with the run
+
+
+def test_unknown_task_fails_before_training(tiny_backbone_dir, tmp_path):
+    with pytest.raises((ValueError, SystemExit)) as err:
+        main(_args(tiny_backbone_dir, tmp_path, "--model.init_args.task=sst3"))
+    assert err.type is SystemExit or "sst3" in str(err.value)
+
+
+def test_unknown_task_message():
+    with pytest.raises(ValueError, match="unknown task 'sst3'.*sst2"):
+        APTModule(backbone="minilm-l6", task="sst3")
+
+
+def test_adapter_target_matching_nothing(tiny_backbone_dir):
+    from apt_lightning.adapters import AdapterConfig
+
+    with pytest.raises(ValueError, match="'qkv_proj' matches no Linear"):
+        APTModule(backbone=str(tiny_backbone_dir), adapters=AdapterConfig(targets=["qkv_proj"]))
+
+
+def test_backbone_missing_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneNotFoundError, match="not-a-real-org/no-model"):
+        APTModule(backbone="not-a-real-org/no-model")
+
+
+def test_data_folder_without_files(tiny_backbone_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="has no train file; expected one of train.tsv"):
+        main(_args(tiny_backbone_dir, tmp_path, f"--data.init_args.data_dir={empty}"))
+
+
+def test_full_finetuning_trains_every_weight(tiny_backbone_dir):
+    module = APTModule(backbone=str(tiny_backbone_dir), adapters=None)
+    assert not module.adapters()
+    assert all(p.requires_grad for p in module.student.parameters())
+
+
+def test_lora_trains_adapters_and_head_only(tiny_backbone_dir):
+    module = APTModule(backbone=str(tiny_backbone_dir))
+    trainable = {n for n, p in module.student.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith(("classifier", "bert.pooler")) for n in trainable)
+    assert any("lora_A" in n for n in trainable) and any(n.startswith("classifier") for n in trainable)
