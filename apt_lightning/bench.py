@@ -8,12 +8,16 @@ The dense reference is the same architecture, uncompacted. Inputs are random tok
 with a full attention mask, run under `torch.inference_mode`.
 
 How it measures (APT_METHOD.md section 9):
-- time: after `warmup` forward passes, each of `repeats` passes is timed on its own, with CUDA events on a
-  GPU and `time.perf_counter` on a CPU; latency is the median, samples/s = batch / median.
-- memory: the model's weights (parameter + buffer bytes) plus the peak working memory of the forward passes:
-  on CUDA `max_memory_allocated` minus the allocation before the first pass; on a CPU the peak resident set
-  growth (Linux `VmHWM`, reset first, minus `VmRSS`, after `malloc_trim`). CPU numbers are approximate (the
-  allocator may keep freed memory) and 'n/a' where the kernel offers no resettable peak.
+- time: after `warmup` untimed passes per model, each of `repeats` passes is timed on its own, with CUDA
+  events on a GPU and `time.perf_counter` on a CPU; latency is the median, samples/s = batch / median. By
+  default the models take turns pass by pass (`--order interleaved`), so background load on a shared
+  machine slows dense and pruned alike and the speedup stays fair; `sequential` runs each model's passes
+  back to back (on CUDA without a synchronisation between them).
+- memory: the model's weights (parameter + buffer bytes) plus the peak working memory of the timed passes:
+  on CUDA `max_memory_allocated` minus the allocation just before them (other resident models excluded);
+  on a CPU the growth of the peak resident set (Linux `VmHWM`, reset through `/proc/self/clear_refs`,
+  minus `VmRSS` after `malloc_trim`). CPU numbers are approximate (allocator caches, oneDNN scratch
+  buffers) and 'n/a' where the kernel offers no resettable peak.
 """
 
 from __future__ import annotations
@@ -53,15 +57,39 @@ def preset_config(name: str, num_labels: int = 2):
     from transformers import BertConfig, RobertaConfig
 
     if name == "roberta-base":
-        return RobertaConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                             vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
-                             num_labels=num_labels)
+        return RobertaConfig(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            vocab_size=50265,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            pad_token_id=1,
+            num_labels=num_labels,
+        )
     if name == "bert-base":
-        return BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                          vocab_size=30522, max_position_embeddings=512, type_vocab_size=2, num_labels=num_labels)
+        return BertConfig(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            vocab_size=30522,
+            max_position_embeddings=512,
+            type_vocab_size=2,
+            num_labels=num_labels,
+        )
     if name == "minilm-l6":
-        return BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-                          vocab_size=30522, max_position_embeddings=512, type_vocab_size=2, num_labels=num_labels)
+        return BertConfig(
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            intermediate_size=1536,
+            vocab_size=30522,
+            max_position_embeddings=512,
+            type_vocab_size=2,
+            num_labels=num_labels,
+        )
     raise ValueError(f"unknown preset {name!r}; built in: {', '.join(PRESETS)}")
 
 
@@ -88,7 +116,7 @@ def model_from_config(config, attn: str = "sdpa") -> nn.Module:
 
 
 def dense_like(model: nn.Module, attn: str = "sdpa") -> nn.Module:
-    """The same architecture at full width with random weights (the reference a pruned model is timed against)."""
+    """The same architecture at full width, random weights: the reference a pruned model is timed against."""
     return model_from_config(copy.deepcopy(model.config), attn)
 
 
@@ -131,10 +159,19 @@ def prune_to_sparsity(
     heads, neurons, hidden = keep.counts()
     kept = kept_param_count(keep, shapes.head_dim)
     return {
-        "target_sparsity": sparsity, "achieved_sparsity": 1.0 - kept / full, "params_kept": kept,
-        "params_full": full, "budget": budget, "heads_per_layer": heads, "neurons_per_layer": neurons,
-        "hidden": hidden, "scorer": scorer.name, "multiple_of": multiple_of,
-        "score_s": t1 - t0, "search_s": t2 - t1, "compact_s": t3 - t2,
+        "target_sparsity": sparsity,
+        "achieved_sparsity": 1.0 - kept / full,
+        "params_kept": kept,
+        "params_full": full,
+        "budget": budget,
+        "heads_per_layer": heads,
+        "neurons_per_layer": neurons,
+        "hidden": hidden,
+        "scorer": scorer.name,
+        "multiple_of": multiple_of,
+        "score_s": t1 - t0,
+        "search_s": t2 - t1,
+        "compact_s": t3 - t2,
     }
 
 
@@ -159,6 +196,105 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
+class Runner:
+    """One model at one input shape: `warm` runs untimed passes, `timed` timed ones (tracking the peak
+    working memory over them), `result` summarises. Separate calls let several models take turns
+    (`measure_all`), so on a shared machine each sees the same background load. Moves and casts `model`
+    in place."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int,
+        seq_len: int,
+        dtype: str = "fp32",
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
+        if batch_size <= 0 or seq_len <= 0:
+            raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        if seq_len > max_seq_len(model.config):
+            raise ValueError(f"seq_len {seq_len} exceeds the model's {max_seq_len(model.config)} positions")
+        self.model, self.batch_size, self.seq_len, self.dtype = model, batch_size, seq_len, dtype
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        model.to(device=self.device, dtype=DTYPES[dtype]).eval()
+        vocab = int(model.config.vocab_size)
+        low = 5 if vocab > 10 else 0  # stay clear of special ids (RoBERTa's padding id shifts positions)
+        g = torch.Generator().manual_seed(seed)
+        self.inputs = {
+            "input_ids": torch.randint(low, vocab, (batch_size, seq_len), generator=g).to(self.device),
+            "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=self.device),
+        }
+        self.weights_mb = _model_bytes(model) / 2**20
+        self.times: list[float] = []
+        self.warmup = 0
+        self.activation_mb: float | None = None
+        self.memory_kind = "cuda_max_memory_allocated" if self.cuda else "cpu_peak_rss"
+
+    @torch.inference_mode()
+    def warm(self, n: int) -> None:
+        for _ in range(n):
+            self.model(**self.inputs)
+        self.warmup += n
+
+    @torch.inference_mode()
+    def timed(self, n: int = 1) -> None:
+        model, inputs, dev = self.model, self.inputs, self.device
+        gc.collect(1)  # recent garbage only: a full collection costs ~0.2 s with transformers loaded
+        if self.cuda:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)
+            ]
+            for start, end in events:
+                start.record()
+                model(**inputs)
+                end.record()
+            torch.cuda.synchronize(dev)
+            self.times += [start.elapsed_time(end) / 1e3 for start, end in events]
+            peak: float | None = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+        else:
+            _malloc_trim()
+            base = current_rss_mb()
+            tracked = base is not None and reset_peak_rss()
+            for _ in range(n):
+                t0 = time.perf_counter()
+                model(**inputs)
+                self.times.append(time.perf_counter() - t0)
+            peak = max(0.0, peak_rss_mb() - base) if tracked else None
+            if not tracked:
+                self.memory_kind = "n/a"
+        if peak is not None and self.memory_kind != "n/a":
+            self.activation_mb = max(self.activation_mb or 0.0, peak)
+
+    def result(self) -> dict[str, Any]:
+        if not self.times:
+            raise RuntimeError("no timed passes yet")
+        median = statistics.median(self.times)
+        act = self.activation_mb if self.memory_kind != "n/a" else None
+        return {
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "dtype": self.dtype,
+            "device": str(self.device),
+            "samples_per_s": self.batch_size / median,
+            "latency_ms": median * 1e3,
+            "latency_ms_min": min(self.times) * 1e3,
+            "latency_ms_all": [t * 1e3 for t in self.times],
+            "warmup": self.warmup,
+            "repeats": len(self.times),
+            "weights_mb": self.weights_mb,
+            "activation_mb": act,
+            "memory_kind": self.memory_kind,
+            "peak_mb": None if act is None else self.weights_mb + act,
+        }
+
+
 def benchmark(
     model: nn.Module,
     batch_size: int,
@@ -169,67 +305,14 @@ def benchmark(
     repeats: int = 5,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Time `repeats` forward passes on random token ids after `warmup` untimed ones (module docstring).
-    Moves and casts `model` in place (like `model.to`)."""
-    if batch_size <= 0 or seq_len <= 0:
-        raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    """Time `repeats` back-to-back forward passes on random token ids after `warmup` untimed ones (module
+    docstring). Moves and casts `model` in place (like `model.to`)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    if seq_len > max_seq_len(model.config):
-        raise ValueError(f"seq_len {seq_len} exceeds the model's {max_seq_len(model.config)} positions")
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    model.to(device=dev, dtype=DTYPES[dtype]).eval()
-    vocab = int(model.config.vocab_size)
-    low = 5 if vocab > 10 else 0  # stay clear of special ids (RoBERTa's padding id shifts positions)
-    g = torch.Generator().manual_seed(seed)
-    inputs = {"input_ids": torch.randint(low, vocab, (batch_size, seq_len), generator=g).to(dev),
-              "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=dev)}
-    weights_mb = _model_bytes(model) / 2**20
-    gc.collect()
-    if cuda:
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        memory_kind = "cuda_max_memory_allocated"
-    else:
-        _malloc_trim()
-        base_rss = current_rss_mb()
-        memory_kind = "cpu_peak_rss" if base_rss is not None and reset_peak_rss() else "n/a"
-    times: list[float] = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(**inputs)
-        if cuda:
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(repeats)]
-            for start, end in events:
-                start.record()
-                model(**inputs)
-                end.record()
-            torch.cuda.synchronize(dev)
-            times = [start.elapsed_time(end) / 1e3 for start, end in events]
-        else:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                model(**inputs)
-                times.append(time.perf_counter() - t0)
-    if cuda:
-        activation_mb: float | None = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-    else:
-        activation_mb = max(0.0, peak_rss_mb() - base_rss) if memory_kind != "n/a" else None
-    del inputs
-    median = statistics.median(times)
-    return {
-        "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype, "device": str(dev),
-        "samples_per_s": batch_size / median, "latency_ms": median * 1e3, "latency_ms_min": min(times) * 1e3,
-        "latency_ms_all": [t * 1e3 for t in times], "warmup": warmup, "repeats": repeats,
-        "weights_mb": weights_mb, "activation_mb": activation_mb,
-        "peak_mb": weights_mb + activation_mb if activation_mb is not None else None, "memory_kind": memory_kind,
-    }
+    runner = Runner(model, batch_size, seq_len, dtype, device, seed)
+    runner.warm(warmup)
+    runner.timed(repeats)
+    return runner.result()
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -241,8 +324,16 @@ def describe(model: nn.Module) -> dict[str, Any]:
         return info
     kept = apt_param_count(s.heads, s.neurons, s.hidden, s.head_dim)
     full = apt_param_count(s.full_heads, s.full_neurons, s.full_hidden, s.head_dim)
-    info.update({"apt_params": kept, "apt_params_full": full, "sparsity": 1.0 - kept / full,
-                 "heads_per_layer": s.heads, "neurons_per_layer": s.neurons, "hidden": s.hidden})
+    info.update(
+        {
+            "apt_params": kept,
+            "apt_params_full": full,
+            "sparsity": 1.0 - kept / full,
+            "heads_per_layer": s.heads,
+            "neurons_per_layer": s.neurons,
+            "hidden": s.hidden,
+        }
+    )
     return info
 
 
@@ -259,9 +350,10 @@ def markdown_table(report: dict) -> str:
     env = report["env"]
     lines = [
         f"apt-bench: {env['device_name']}, {env['dtype']}, seq {env['seq_len']}, "
-        f"{env['warmup']} warm-up + {env['repeats']} timed passes (median)",
+        f"{env['warmup']} warm-up + {env['repeats']} timed passes ({env['order']}, median)",
         "",
-        "| model | params (M) | batch | samples/s | speedup vs dense | latency ms | peak MB | memory vs dense |",
+        "| model | params (M) | batch | samples/s | speedup vs dense | latency ms | peak MB "
+        "| memory vs dense |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
@@ -281,29 +373,52 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run(models: dict[str, nn.Module], batch_sizes: list[int], seq_len: int, dtype: str, device: str,
-        warmup: int, repeats: int) -> list[dict]:
-    """Benchmark every model (the first is the dense reference) at every batch size, with a progress bar."""
+def measure_all(
+    models: dict[str, nn.Module],
+    batch_sizes: list[int],
+    seq_len: int,
+    dtype: str,
+    device: str,
+    warmup: int,
+    repeats: int,
+    interleave: bool = True,
+) -> list[dict]:
+    """Benchmark every model (the first is the dense reference) at every batch size, with a progress bar.
+    `interleave`: per batch size, every model runs one timed pass per round, for `repeats` rounds, so load
+    from other processes hits all models alike; otherwise each model's passes run back to back."""
     from tqdm.auto import tqdm
 
+    cuda = torch.device(device).type == "cuda"
     results: list[dict] = []
-    dense_name = next(iter(models))
-    with tqdm(total=len(models) * len(batch_sizes), desc="apt-bench", unit="run") as bar:
-        for name, model in models.items():
-            for bs in batch_sizes:
-                bar.set_postfix_str(f"{name}, batch {bs}")
-                r = {"model": name, **benchmark(model, bs, seq_len, dtype, device, warmup, repeats)}
-                if name != dense_name:
-                    ref = next(x for x in results if x["model"] == dense_name and x["batch_size"] == bs)
-                    r["speedup_vs_dense"] = _ratio(r["samples_per_s"], ref["samples_per_s"])
-                    r["memory_vs_dense"] = _ratio(r["peak_mb"], ref["peak_mb"])
-                else:
-                    r["speedup_vs_dense"], r["memory_vs_dense"] = 1.0, 1.0 if r["peak_mb"] is not None else None
+    with tqdm(total=len(batch_sizes) * len(models) * repeats, desc="apt-bench", unit="pass") as bar:
+        for bs in batch_sizes:
+            runners: dict[str, Runner] = {}
+            for name, model in models.items():
+                bar.set_postfix_str(f"batch {bs}, {name}")
+                runner = runners[name] = Runner(model, bs, seq_len, dtype, device)
+                runner.warm(warmup)
+                if not interleave:
+                    runner.timed(repeats)
+                    bar.update(repeats)
+                    if cuda:
+                        model.to("cpu")  # free the device for the next model
+                        torch.cuda.empty_cache()
+            if interleave:
+                for _ in range(repeats):
+                    for runner in runners.values():
+                        runner.timed(1)
+                        bar.update()
+            dense = next(iter(runners.values())).result()
+            for name, runner in runners.items():
+                r = {"model": name, **runner.result()}
+                r["speedup_vs_dense"] = _ratio(r["samples_per_s"], dense["samples_per_s"])
+                r["memory_vs_dense"] = _ratio(r["peak_mb"], dense["peak_mb"])
                 results.append(r)
-                bar.update()
-            if torch.device(device).type == "cuda":
-                model.to("cpu")  # free the device for the next model
+            if cuda:
+                for model in models.values():
+                    model.to("cpu")
                 torch.cuda.empty_cache()
+    results.sort(key=lambda r: list(models).index(r["model"]))  # stable: model, then batch size
     return results
 
 
@@ -324,16 +439,19 @@ def _sparsity(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
     if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1) (fraction of parameters removed), got {value}")
+        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1) (the fraction removed), got {value}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="apt-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="apt-bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     src = p.add_argument_group("model (choose one)").add_mutually_exclusive_group(required=True)
     src.add_argument("--model-dir", help="folder written by apt-export / export_pruned")
-    src.add_argument("--checkpoint", help="Lightning checkpoint written by apt-fit (merged and compacted here)")
+    src.add_argument("--checkpoint", help="Lightning checkpoint of apt-fit (merged and compacted here)")
     src.add_argument("--backbone", help="hub id, local folder or 'minilm-l6', pruned here to --sparsity")
     src.add_argument("--preset", choices=PRESETS, help="built-in config (random weights), pruned here")
     src.add_argument("--config-json", help="a transformers config.json (random weights), pruned here")
@@ -341,16 +459,33 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--sparsity", type=_sparsity, nargs="+", help="fractions of the APT count to remove")
     prune.add_argument("--scorer", choices=SCORERS, default="magnitude", help="data-free block scorer")
     prune.add_argument("--multiple-of", type=_positive_int, default=1, help="round kept widths to a multiple")
-    prune.add_argument("--random-weights", action="store_true", help="--backbone: its architecture, random weights")
+    prune.add_argument(
+        "--random-weights", action="store_true", help="--backbone: its architecture with random weights"
+    )
     m = p.add_argument_group("measurement")
     m.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[128])
     m.add_argument("--seq-len", type=_positive_int, default=128)
     m.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp16/bf16 need CUDA")
     m.add_argument("--device", choices=DEVICES, default="auto")
-    m.add_argument("--warmup", type=int, default=None, help=f"untimed passes (default {_CPU_DEFAULTS[0]} on CPU, "
-                   f"{_CUDA_DEFAULTS[0]} on CUDA)")
-    m.add_argument("--repeats", type=_positive_int, default=None, help=f"timed passes (default {_CPU_DEFAULTS[1]} "
-                   f"on CPU, {_CUDA_DEFAULTS[1]} on CUDA)")
+    m.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"untimed passes (default {_CPU_DEFAULTS[0]} on CPU, {_CUDA_DEFAULTS[0]} on CUDA)",
+    )
+    m.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=None,
+        help=f"timed passes (default {_CPU_DEFAULTS[1]} on CPU, {_CUDA_DEFAULTS[1]} on CUDA)",
+    )
+    m.add_argument(
+        "--order",
+        choices=("interleaved", "sequential"),
+        default="interleaved",
+        help="interleaved: models take turns pass by pass (fair under background load); "
+        "sequential: each model's timed passes back to back",
+    )
     m.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
     m.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", help="write results as JSON here, and a Markdown table next to it (.md)")
@@ -361,14 +496,20 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
     """Everything that can be wrong with the arguments, before any model is built. Returns the device."""
     prunes_here = args.backbone or args.preset or args.config_json
     if prunes_here and not args.sparsity:
-        parser.error("--sparsity is required with --backbone / --preset / --config-json (e.g. --sparsity 0.6)")
+        parser.error("--sparsity is required with --backbone, --preset or --config-json (e.g. 0.6)")
     if not prunes_here and (args.sparsity or args.random_weights or args.multiple_of != 1):
-        parser.error("--sparsity / --multiple-of / --random-weights apply to --backbone, --preset or --config-json; "
-                     "a --model-dir or --checkpoint model is already pruned")
+        parser.error(
+            "--sparsity / --multiple-of / --random-weights apply to --backbone, --preset or "
+            "--config-json; a --model-dir or --checkpoint model is already pruned"
+        )
     if args.random_weights and not args.backbone:
         parser.error("--random-weights goes with --backbone (--preset and --config-json are random already)")
-    for flag, path, want in (("--model-dir", args.model_dir, "dir"), ("--checkpoint", args.checkpoint, "file"),
-                             ("--config-json", args.config_json, "any")):
+    paths = (
+        ("--model-dir", args.model_dir, "dir"),
+        ("--checkpoint", args.checkpoint, "file"),
+        ("--config-json", args.config_json, "any"),
+    )
+    for flag, path, want in paths:
         if path is None:
             continue
         p = Path(path)
@@ -381,8 +522,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     has_cuda = torch.cuda.is_available()
     if args.device == "cuda" and not has_cuda:
-        parser.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); "
-                     "use --device cpu or auto")
+        parser.error(
+            "--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); "
+            "use --device cpu or auto"
+        )
     device = args.device if args.device != "auto" else ("cuda" if has_cuda else "cpu")
     if args.dtype != "fp32" and device == "cpu":
         why = "this machine has no CUDA device" if not has_cuda else "the chosen device is the CPU"
@@ -390,7 +533,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
     return device
 
 
-def _load_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict]:
+def _load_models(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[dict[str, nn.Module], dict[str, dict]]:
     """The dense reference first, then the pruned model(s); plus pruning records per pruned model."""
     from apt_lightning.backbone import BackboneNotFoundError, resolve_backbone
 
@@ -403,8 +548,10 @@ def _load_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
         else:
             from apt_lightning.export import compact_for_inference, module_from_checkpoint
 
-            pruned, name = compact_for_inference(module_from_checkpoint(args.checkpoint).student), \
-                Path(args.checkpoint).stem
+            pruned, name = (
+                compact_for_inference(module_from_checkpoint(args.checkpoint).student),
+                Path(args.checkpoint).stem,
+            )
         pruned.set_attn_implementation(args.attn)
         return {"dense": dense_like(pruned, args.attn), name: pruned.eval()}, records
     if args.backbone:
@@ -413,13 +560,16 @@ def _load_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
         try:
             path = resolve_backbone(args.backbone)
         except BackboneNotFoundError as err:
-            hint = f"; for its shapes offline use --preset {args.backbone}" if args.backbone in PRESETS else ""
+            hint = (
+                f"; for its shapes offline use --preset {args.backbone}" if args.backbone in PRESETS else ""
+            )
             parser.error(f"{err}{hint}")
         if args.random_weights:
             dense = model_from_config(AutoConfig.from_pretrained(path, num_labels=2), args.attn)
         else:
             dense = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=2, attn_implementation=args.attn, dtype=torch.float32).eval()
+                path, num_labels=2, attn_implementation=args.attn, dtype=torch.float32
+            ).eval()
     else:
         config = preset_config(args.preset) if args.preset else config_from_json(args.config_json)
         dense = model_from_config(config, args.attn)
@@ -432,12 +582,23 @@ def _load_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
     return models, records
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run_cli(argv: list[str] | None = None) -> dict:
+    """`apt-bench` as a function: parse `argv`, measure, print, write; returns the report (the JSON)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     device = _check_args(parser, args)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _main(parser, args, device, argv)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests, the ablation report)
+
+
+def _main(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, device: str, argv: list[str] | None
+) -> dict:
     warmup_d, repeats_d = _CUDA_DEFAULTS if device == "cuda" else _CPU_DEFAULTS
     warmup = warmup_d if args.warmup is None else args.warmup
     repeats = repeats_d if args.repeats is None else args.repeats
@@ -446,19 +607,52 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seq_len > limit:
         parser.error(f"--seq-len {args.seq_len} exceeds the model's {limit} position embeddings")
     infos = {name: {**describe(model), "pruning": records.get(name)} for name, model in models.items()}
-    results = run(models, args.batch_sizes, args.seq_len, args.dtype, device, warmup, repeats)
+    results = measure_all(
+        models,
+        args.batch_sizes,
+        args.seq_len,
+        args.dtype,
+        device,
+        warmup,
+        repeats,
+        interleave=args.order == "interleaved",
+    )
     import transformers
 
-    name = torch.cuda.get_device_name(device) if device == "cuda" else \
-        f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device == "cuda"
+        else f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    )
     report = {
         "tool": "apt-bench",
         "command": "apt-bench " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "env": {"device": device, "device_name": name, "dtype": args.dtype, "seq_len": args.seq_len,
-                "warmup": warmup, "repeats": repeats, "attn": args.attn, "threads": torch.get_num_threads(),
-                "torch": torch.__version__, "transformers": transformers.__version__},
-        "source": {k: getattr(args, k) for k in ("model_dir", "checkpoint", "backbone", "preset", "config_json",
-                                                  "scorer", "multiple_of", "random_weights")},
+        "env": {
+            "device": device,
+            "device_name": name,
+            "dtype": args.dtype,
+            "seq_len": args.seq_len,
+            "warmup": warmup,
+            "repeats": repeats,
+            "order": args.order,
+            "attn": args.attn,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "source": {
+            k: getattr(args, k)
+            for k in (
+                "model_dir",
+                "checkpoint",
+                "backbone",
+                "preset",
+                "config_json",
+                "scorer",
+                "multiple_of",
+                "random_weights",
+            )
+        },
         "models": infos,
         "results": results,
     }
@@ -469,6 +663,11 @@ def main(argv: list[str] | None = None) -> dict:
         _write_atomic(out, json.dumps(report, indent=1))
         _write_atomic(out.with_suffix(".md"), table)
     return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (returns None: a returned value would become the exit status)."""
+    run_cli(argv)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,12 @@ def main(args: list[str] | None = None) -> APTCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                     "init_args": {"save_dir": "runs", "name": "apt"}}},
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "runs", "name": "apt"},
+            }
+        },
         args=args,
         auto_configure_optimizers=False,
     )

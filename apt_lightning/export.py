@@ -35,7 +35,9 @@ def compact_for_inference(model: nn.Module) -> nn.Module:
     structure = get_structure(model)
     if structure.masks is not None:
         if not structure.masks.is_hard():
-            raise ValueError("the model's pruning masks are fractional (mid decay window); export after they are hard")
+            raise ValueError(
+                "the model's pruning masks are fractional (mid decay window); export after they are hard"
+            )
         structure.compact()
         structure.remove_masks()
     return model
@@ -45,7 +47,9 @@ def export_pruned(model: nn.Module, folder: str | Path, tokenizer=None, overwrit
     """Write `folder` atomically (a temporary folder renamed into place). `model` is left untouched."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
-        raise FileExistsError(f"export folder {folder} exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(
+            f"export folder {folder} exists; pass overwrite=True (--overwrite) to replace it"
+        )
     model = compact_for_inference(copy.deepcopy(model)).eval()
     shapes = get_structure(model).shapes()
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -59,10 +63,12 @@ def export_pruned(model: nn.Module, folder: str | Path, tokenizer=None, overwrit
             "model_class": type(model).__name__,
             "shapes": shapes.to_dict(),
             "apt_param_count": apt_param_count(shapes.heads, shapes.neurons, shapes.hidden, shapes.head_dim),
-            "full_apt_param_count": apt_param_count(shapes.full_heads, shapes.full_neurons, shapes.full_hidden,
-                                                    shapes.head_dim),
-            "encoder_param_count": exact_encoder_param_count(shapes.heads, shapes.neurons, shapes.hidden,
-                                                             shapes.head_dim),
+            "full_apt_param_count": apt_param_count(
+                shapes.full_heads, shapes.full_neurons, shapes.full_hidden, shapes.head_dim
+            ),
+            "encoder_param_count": exact_encoder_param_count(
+                shapes.heads, shapes.neurons, shapes.hidden, shapes.head_dim
+            ),
         }
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
         if folder.exists():
@@ -79,7 +85,9 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     folder = Path(folder)
     sidecar_path = folder / SIDECAR
     if not sidecar_path.is_file():
-        raise FileNotFoundError(f"{folder} has no {SIDECAR}: not a folder written by apt-export / export_pruned")
+        raise FileNotFoundError(
+            f"{folder} has no {SIDECAR}: not a folder written by apt-export / export_pruned"
+        )
     sidecar = json.loads(sidecar_path.read_text())
     cls = getattr(transformers, sidecar["model_class"], None)
     if cls is None:
@@ -88,13 +96,19 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     get_structure(model).reshape(ModelShapes.from_dict(sidecar["shapes"]))
     state = load_file(str(folder / "model.safetensors"))
     expected = model.state_dict()
-    bad = [f"{k}: sidecar shape {tuple(expected[k].shape)}, weights {tuple(v.shape)}"
-           for k, v in state.items() if k in expected and expected[k].shape != v.shape]
+    bad = [
+        f"{k}: sidecar shape {tuple(expected[k].shape)}, weights {tuple(v.shape)}"
+        for k, v in state.items()
+        if k in expected and expected[k].shape != v.shape
+    ]
     missing = sorted(set(expected) - set(state) - _non_persistent(model))
-    if bad or missing:
+    unexpected = sorted(set(state) - set(expected))  # e.g. weights of a sublayer the sidecar says is skipped
+    if bad or missing or unexpected:
         raise ValueError(
             f"{folder}: {SIDECAR} disagrees with model.safetensors: "
-            + "; ".join(bad[:5] + [f"missing {k}" for k in missing[:5]])
+            + "; ".join(
+                bad[:5] + [f"missing {k}" for k in missing[:5]] + [f"unexpected {k}" for k in unexpected[:5]]
+            )
         )
     model.load_state_dict(state, strict=False)
     return model.to(dtype).eval()
@@ -109,8 +123,11 @@ def module_from_checkpoint(path: str | Path):
     from apt_lightning.module import APTModule
 
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    module = APTModule(**ckpt["hyper_parameters"])
-    state = {k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    hparams = {
+        k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")
+    }  # LightningCLI adds _class_path
+    module = APTModule(**hparams)
+    state = {k[len("student.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
     if any(k.startswith("apt_masks.") for k in state):
         module.structure.install_masks()
     module.on_load_checkpoint({"apt": {k: v for k, v in ckpt.get("apt", {}).items() if k != "teacher"}})

@@ -18,9 +18,10 @@ from apt_lightning.backbone import resolve_backbone
 from apt_lightning.data.tasks import build_metrics, get_task
 from apt_lightning.optim import WarmupLinearLR
 from apt_lightning.structure import ModelShapes, SliceLog, get_structure
-from apt_lightning.structure.slicing import slice_linear
 
 _DEFAULT_ADAPTERS = AdapterConfig()
+# Checkpoints store AdapterConfig in the hyperparameters; torch >= 2.6 loads with weights_only=True.
+torch.serialization.add_safe_globals([AdapterConfig])
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -57,6 +58,8 @@ class APTModule(LightningModule):
         attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
+        if isinstance(adapters, dict):  # LightningCLI stores the dataclass as a mapping in checkpoints
+            adapters = AdapterConfig(**adapters)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.task = get_task(task)
         path = resolve_backbone(backbone)
@@ -66,7 +69,9 @@ class APTModule(LightningModule):
         if pretrained:
             self.student = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **kw)
         else:
-            self.student = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, **kw))
+            self.student = AutoModelForSequenceClassification.from_config(
+                AutoConfig.from_pretrained(path, **kw)
+            )
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.lr_scale = 1.0
@@ -126,7 +131,9 @@ class APTModule(LightningModule):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         scheduler = self.scheduler_factory(
-            optimizer, total_steps=max(1, int(total)), start_step=self.global_step if self._trainer else 0,
+            optimizer,
+            total_steps=max(1, int(total)),
+            start_step=self.global_step if self._trainer else 0,
             scale=self.lr_scale,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -181,8 +188,11 @@ class APTModule(LightningModule):
         state = checkpoint.get("apt", {})
         if "shapes" in state:
             shapes = ModelShapes.from_dict(state["shapes"])
-            if shapes.heads != self.structure.shapes().heads or shapes.neurons != self.structure.shapes().neurons \
-                    or shapes.hidden != self.structure.shapes().hidden:
+            if (
+                shapes.heads != self.structure.shapes().heads
+                or shapes.neurons != self.structure.shapes().neurons
+                or shapes.hidden != self.structure.shapes().hidden
+            ):
                 had_masks = self.structure.masks is not None
                 self.structure.reshape(shapes)
                 if had_masks:

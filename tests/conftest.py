@@ -23,9 +23,16 @@ GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 
 def tiny_config(family: str = "bert", **overrides):
     common = dict(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=64, vocab_size=100, num_labels=3, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, attn_implementation="eager",
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        vocab_size=100,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
     )
     common.update(overrides)
     if family == "roberta":

@@ -1,7 +1,6 @@
 """Helpers shared by test_pruning.py, test_tuning.py and test_distillation.py.
 
-- `build_tiny_backbone`: a local BERT folder (hidden 32, 4 heads, FFN 48) with the MiniLM tokenizer, so
-  `APTModule(backbone=str(folder))` and `GLUEDataModule(tokenizer=str(folder))` work offline.
+- `check_backbone`: the dimensions these tests assume of conftest's `tiny_backbone_dir`.
 - `repeated_batch_loader`: a DataLoader whose batches are all identical, so a resumed run sees the same
   data as an uninterrupted one whatever Lightning does with a mid-epoch restart.
 - `CountingScorer`: a custom `Scorer` subclass that a YAML config selects by `class_path`.
@@ -9,37 +8,33 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning import Callback
 from torch.utils.data import DataLoader
-from transformers import BertConfig, BertForSequenceClassification
 
 from apt_lightning.pruning import BlockTensors, Scorer
 
 
-def build_tiny_backbone(folder: Path, layers: int = 3, seed: int = 0) -> Path:
-    from apt_lightning.backbone import load_tokenizer
-
-    tok = load_tokenizer("minilm-l6")
-    config = BertConfig(
-        hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=64, vocab_size=tok.vocab_size, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(seed)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+def check_backbone(folder: Path) -> Path:
+    """The tests count heads / neurons / hidden dims of conftest's `tiny_backbone_dir`: fail clearly if it
+    changes."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    dims = tuple(cfg[k] for k in keys)
+    assert dims == (32, 3, 4, 48), f"tiny_backbone_dir changed: (hidden, layers, heads, ffn) = {dims}"
+    assert cfg.get("hidden_dropout_prob") == 0.0 and cfg.get("attention_probs_dropout_prob") == 0.0
+    return Path(folder)
 
 
 def synthetic_batch(batch: int = 8, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 3000, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
-    mask[0, length - 3:] = 0  # some padding
+    mask[0, length - 3 :] = 0  # some padding
     labels = torch.arange(batch) % 2
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -51,8 +46,16 @@ def repeated_batch_loader(num_batches: int, batch: int = 8, length: int = 12, se
 
 
 def quiet_trainer(**kw) -> L.Trainer:
-    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     args.update(kw)
     return L.Trainer(**args)
 

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 from torch import nn
 
-from apt_lightning.adapters import APTLinear, AdapterConfig, adapter_modules, inject_adapters, merge_adapters
+from apt_lightning.adapters import AdapterConfig, APTLinear, adapter_modules, inject_adapters, merge_adapters
 from apt_lightning.structure.slicing import slice_linear
 
 ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -93,11 +93,14 @@ def test_grow_rank_to_same_rank_is_a_no_op_and_smaller_raises():
         ad.grow_rank(3)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(rank=0), "rank must be >= 1"),
-    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
-    (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(rank=0), "rank must be >= 1"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
+    ],
+)
 def test_aptlinear_rejects_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         APTLinear(4, 4, **kw)
@@ -133,8 +136,13 @@ def test_slice_ops_keep_rows_and_columns_of_w_and_the_factors():
     x_masked[:, in_idx] = x[:, in_idx]
     expected = ad(x_masked).detach()[:, out_idx]
     ops = slice_linear(ad, out_index=out_idx, in_index=in_idx)
-    assert {(op.param, op.dim) for op in ops} == {("weight", 0), ("weight", 1), ("bias", 0), ("lora_B", 0),
-                                                  ("lora_A", 1)}
+    assert {(op.param, op.dim) for op in ops} == {
+        ("weight", 0),
+        ("weight", 1),
+        ("bias", 0),
+        ("lora_B", 0),
+        ("lora_A", 1),
+    }
     assert (ad.in_features, ad.out_features) == (5, 4) and ad.rank == 4
     assert ad.lora_A.shape == (4, 5) and ad.lora_B.shape == (4, 4)
     assert ad.lora_A.requires_grad and not ad.weight.requires_grad
@@ -169,12 +177,17 @@ def test_inject_matches_at_dot_boundaries_only(family):
 
 
 def test_inject_target_matching_nothing_raises_with_examples():
-    with pytest.raises(ValueError, match=r"adapter target 'q_proj' matches no Linear module in "
-                                         r"BertForSequenceClassification; names end like: .*query"):
+    with pytest.raises(
+        ValueError,
+        match=r"adapter target 'q_proj' matches no Linear module in "
+        r"BertForSequenceClassification; names end like: .*query",
+    ):
         inject_adapters(tiny_model("bert"), AdapterConfig(targets=["query", "q_proj"]))
 
 
-@pytest.mark.parametrize("kw, match", [(dict(targets=[]), "at least one module"), (dict(rank=0), "rank must be")])
+@pytest.mark.parametrize(
+    "kw, match", [(dict(targets=[]), "at least one module"), (dict(rank=0), "rank must be")]
+)
 def test_adapter_config_rejects_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):
         AdapterConfig(**kw)

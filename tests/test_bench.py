@@ -7,12 +7,46 @@ import torch
 from conftest import tiny_batch, tiny_config, tiny_model
 
 from apt_lightning import bench
-from apt_lightning.bench import benchmark, main, prune_to_sparsity
+from apt_lightning.bench import benchmark, prune_to_sparsity, run_cli
 from apt_lightning.structure import get_structure
 
-FAST = ["--batch-sizes", "2", "3", "--seq-len", "8", "--warmup", "1", "--repeats", "2", "--device", "cpu"]
-RESULT_KEYS = {"model", "batch_size", "samples_per_s", "speedup_vs_dense", "latency_ms", "peak_mb", "memory_vs_dense",
-               "weights_mb", "activation_mb", "memory_kind", "latency_ms_all"}
+FAST = [
+    "--batch-sizes",
+    "2",
+    "3",
+    "--seq-len",
+    "8",
+    "--warmup",
+    "1",
+    "--repeats",
+    "2",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
+RESULT_KEYS = {
+    "model",
+    "batch_size",
+    "samples_per_s",
+    "speedup_vs_dense",
+    "latency_ms",
+    "peak_mb",
+    "memory_vs_dense",
+    "weights_mb",
+    "activation_mb",
+    "memory_kind",
+    "latency_ms_all",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """OpenMP threads crawl when other processes share this CPU; one thread keeps these tests fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------- pruning
@@ -25,7 +59,8 @@ def test_prune_to_sparsity_meets_budget(family, scorer):
     structure = get_structure(model)
     assert structure.masks is None  # physically compacted, no masks left
     s = structure.shapes()
-    assert (s.heads, s.neurons, s.hidden) == (record["heads_per_layer"], record["neurons_per_layer"], record["hidden"])
+    assert s.heads == record["heads_per_layer"] and s.neurons == record["neurons_per_layer"]
+    assert s.hidden == record["hidden"]
     with torch.no_grad():
         assert model(**tiny_batch()).logits.shape == (4, 3)
 
@@ -44,9 +79,15 @@ def test_prune_to_sparsity_zero_keeps_everything():
     assert record["achieved_sparsity"] == 0.0 and record["params_kept"] == record["params_full"]
 
 
-@pytest.mark.parametrize("kw, match", [({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"),
-                                       ({"sparsity": 0.5, "scorer": "salience"}, "training batches"),
-                                       ({"sparsity": 0.5, "multiple_of": 0}, "multiple_of")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"sparsity": -0.1}, "sparsity"),
+        ({"sparsity": 0.5, "scorer": "salience"}, "training batches"),
+        ({"sparsity": 0.5, "multiple_of": 0}, "multiple_of"),
+    ],
+)
 def test_prune_to_sparsity_rejects(kw, match):
     with pytest.raises(ValueError, match=match):
         prune_to_sparsity(tiny_model("bert"), **kw)
@@ -54,7 +95,9 @@ def test_prune_to_sparsity_rejects(kw, match):
 
 # ---------------------------------------------------------------------- measuring
 def test_benchmark_returns_numbers():
-    r = benchmark(tiny_model("roberta"), batch_size=2, seq_len=8, dtype="fp32", device="cpu", warmup=1, repeats=3)
+    r = benchmark(
+        tiny_model("roberta"), batch_size=2, seq_len=8, dtype="fp32", device="cpu", warmup=1, repeats=3
+    )
     assert r["samples_per_s"] == pytest.approx(2 / (r["latency_ms"] / 1e3))
     assert len(r["latency_ms_all"]) == 3 and r["latency_ms_min"] <= r["latency_ms"]
     assert r["weights_mb"] > 0
@@ -97,19 +140,37 @@ def test_cli_model_dir(tmp_path, capsys):
     prune_to_sparsity(model, 0.5, scorer="uniform")
     folder = export_pruned(model, tmp_path / "pruned")
     out = tmp_path / "res" / "bench.json"
-    report = main(["--model-dir", str(folder), *FAST, "--out", str(out)])
+    report = run_cli(["--model-dir", str(folder), *FAST, "--out", str(out)])
     saved = _check_report(report, out)
     assert list(saved["models"]) == ["dense", "pruned"]
     assert saved["models"]["pruned"]["sparsity"] == pytest.approx(0.5, abs=0.1)
     assert "| pruned |" in capsys.readouterr().out
+    assert saved["env"]["order"] == "interleaved"
+    seq = run_cli(["--model-dir", str(folder), *FAST, "--order", "sequential", "--out", str(out)])
+    _check_report(seq, out)
+    assert all(r["repeats"] == 2 and r["warmup"] == 1 for r in seq["results"])
 
 
 def test_cli_config_json_several_sparsities(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(tiny_config("roberta", attn_implementation=None).to_dict()))
     out = tmp_path / "bench.json"
-    report = main(["--config-json", str(cfg), "--sparsity", "0.3", "0.6", "--multiple-of", "4", "--scorer", "random",
-                   *FAST, "--out", str(out)])
+    report = run_cli(
+        [
+            "--config-json",
+            str(cfg),
+            "--sparsity",
+            "0.3",
+            "0.6",
+            "--multiple-of",
+            "4",
+            "--scorer",
+            "random",
+            *FAST,
+            "--out",
+            str(out),
+        ]
+    )
     saved = _check_report(report, out)
     assert list(saved["models"]) == ["dense", "pruned 0.3 (x4)", "pruned 0.6 (x4)"]
     rec = saved["models"]["pruned 0.6 (x4)"]["pruning"]
@@ -124,16 +185,47 @@ def test_cli_checkpoint(tmp_path, tiny_backbone_dir):
 
     from apt_lightning import APTModule
 
-    data = [{"input_ids": torch.randint(5, 1000, (8,)), "attention_mask": torch.ones(8, dtype=torch.long),
-             "labels": torch.tensor(i % 2)} for i in range(8)]
-    trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    data = [
+        {
+            "input_ids": torch.randint(5, 1000, (8,)),
+            "attention_mask": torch.ones(8, dtype=torch.long),
+            "labels": torch.tensor(i % 2),
+        }
+        for i in range(8)
+    ]
+    trainer = Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(APTModule(backbone=str(tiny_backbone_dir), task="sst2"), DataLoader(data, batch_size=4))
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     out = tmp_path / "b.json"
-    report = main(["--checkpoint", str(ckpt), "--batch-sizes", "2", "--seq-len", "8", "--warmup", "0",
-                   "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    report = run_cli(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--batch-sizes",
+            "2",
+            "--seq-len",
+            "8",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert list(report["models"]) == ["dense", "last"]
     assert json.loads(out.read_text())["results"][1]["model"] == "last"
 
@@ -144,35 +236,41 @@ def no_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--preset", "minilm-l6", "--sparsity", "0.5", "--dtype", "fp8"], "invalid choice: 'fp8'"),
-    (["--preset", "minilm-l6", "--sparsity", "0.5", "--batch-sizes", "32", "0"], "positive integer (> 0), got 0"),
-    (["--preset", "minilm-l6", "--sparsity", "0.5", "--seq-len", "-4"], "got -4"),
-    (["--preset", "minilm-l6", "--sparsity", "1.0"], "[0, 1)"),
-    (["--preset", "minilm-l6", "--sparsity", "-0.2"], "got -0.2"),
-    (["--preset", "minilm-l6", "--sparsity", "abc"], "'abc'"),
-    (["--preset", "minilm-l6", "--sparsity", "0.5", "--dtype", "bf16"], "--dtype bf16 needs a CUDA device"),
-    (["--preset", "minilm-l6", "--sparsity", "0.5", "--dtype", "fp16", "--device", "cpu"], "allowed on CPU: fp32"),
-    (["--preset", "minilm-l6", "--sparsity", "0.5", "--device", "cuda"], "--device cuda"),
-    (["--preset", "minilm-l6", "--sparsity", "0.5", "--device", "tpu"], "invalid choice: 'tpu'"),
-    (["--preset", "gpt-9"], "invalid choice: 'gpt-9'"),
-    (["--preset", "minilm-l6"], "--sparsity is required"),
-    (["--model-dir", "/nonexistent/folder"], "folder not found"),
-    (["--checkpoint", "/nonexistent.ckpt"], "file not found"),
-    (["--model-dir", ".", "--sparsity", "0.5"], "already pruned"),
-    (["--preset", "minilm-l6", "--sparsity", "0.5", "--random-weights"], "--random-weights goes with --backbone"),
-    (["--preset", "minilm-l6", "--sparsity", "0.5", "--scorer", "salience"], "invalid choice: 'salience'"),
-    (["--preset", "minilm-l6", "--sparsity", "0.5", "--out", "x.md"], "give the JSON path"),
-    (["--sparsity", "0.5"], "one of the arguments"),
-    (["--preset", "minilm-l6", "--backbone", "minilm-l6", "--sparsity", "0.5"], "not allowed with"),
-])
+P = ["--preset", "minilm-l6", "--sparsity", "0.5"]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        ([*P, "--dtype", "fp8"], "invalid choice: 'fp8'"),
+        ([*P, "--batch-sizes", "32", "0"], "positive integer (> 0), got 0"),
+        ([*P, "--seq-len", "-4"], "got -4"),
+        (["--preset", "minilm-l6", "--sparsity", "1.0"], "[0, 1)"),
+        (["--preset", "minilm-l6", "--sparsity", "-0.2"], "got -0.2"),
+        (["--preset", "minilm-l6", "--sparsity", "abc"], "'abc'"),
+        ([*P, "--dtype", "bf16"], "--dtype bf16 needs a CUDA device"),
+        ([*P, "--dtype", "fp16", "--device", "cpu"], "allowed on CPU: fp32"),
+        ([*P, "--device", "cuda"], "--device cuda"),
+        ([*P, "--device", "tpu"], "invalid choice: 'tpu'"),
+        (["--preset", "gpt-9"], "invalid choice: 'gpt-9'"),
+        (["--preset", "minilm-l6"], "--sparsity is required"),
+        (["--model-dir", "/nonexistent/folder"], "folder not found"),
+        (["--checkpoint", "/nonexistent.ckpt"], "file not found"),
+        (["--model-dir", ".", "--sparsity", "0.5"], "already pruned"),
+        ([*P, "--random-weights"], "--random-weights goes with --backbone"),
+        ([*P, "--scorer", "salience"], "invalid choice: 'salience'"),
+        ([*P, "--out", "x.md"], "give the JSON path"),
+        (["--sparsity", "0.5"], "one of the arguments"),
+        ([*P, "--backbone", "minilm-l6"], "not allowed with"),
+    ],
+)
 def test_cli_errors(argv, needle, capsys, no_cuda, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("work started before the arguments were checked")
 
     monkeypatch.setattr(bench, "_load_models", fail)
     with pytest.raises(SystemExit) as exc:
-        main(argv)
+        run_cli(argv)
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
 
@@ -181,22 +279,39 @@ def test_cli_seq_len_beyond_positions(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(tiny_config("bert", attn_implementation=None).to_dict()))
     with pytest.raises(SystemExit):
-        main(["--config-json", str(cfg), "--sparsity", "0.5", "--seq-len", "65", "--device", "cpu"])
+        run_cli(["--config-json", str(cfg), "--sparsity", "0.5", "--seq-len", "65", "--device", "cpu"])
     assert "--seq-len 65 exceeds the model's 64 position embeddings" in capsys.readouterr().err
 
 
 def test_cli_unknown_backbone_offline_suggests_preset(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit):
-        main(["--backbone", "roberta-base", "--sparsity", "0.5", "--device", "cpu"])
+        run_cli(["--backbone", "roberta-base", "--sparsity", "0.5", "--device", "cpu"])
     err = capsys.readouterr().err
     assert "roberta-base" in err and "--preset roberta-base" in err
 
 
+def test_console_entry_returns_none(tmp_path, capsys):
+    """The console script runs sys.exit(main()): a returned report would become exit status 1."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny_config("bert", attn_implementation=None).to_dict()))
+    assert bench.main(["--config-json", str(cfg), "--sparsity", "0.5", *FAST]) is None
+    assert "| pruned 0.5 |" in capsys.readouterr().out
+
+
 def test_presets_match_published_shapes():
     c = bench.preset_config("roberta-base")
-    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.vocab_size,
-            c.max_position_embeddings, c.type_vocab_size, c.pad_token_id) == (768, 12, 12, 3072, 50265, 514, 1, 1)
+    shape = (
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.intermediate_size,
+        c.vocab_size,
+        c.max_position_embeddings,
+        c.type_vocab_size,
+        c.pad_token_id,
+    )
+    assert shape == (768, 12, 12, 3072, 50265, 514, 1, 1)
     assert bench.max_seq_len(c) == 512
     m = bench.preset_config("minilm-l6")
     assert (m.hidden_size, m.num_hidden_layers, m.intermediate_size) == (384, 6, 1536)

@@ -4,14 +4,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import GLUE_DIR, REPO
 
 from apt_lightning.cli import APTCLI, main
 from apt_lightning.data import GLUEDataModule
 from apt_lightning.module import APTModule
 
-from conftest import GLUE_DIR, REPO
-
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "suites" not in p.parts and "ablations" not in p.parts)
+CONFIGS = sorted(
+    p for p in (REPO / "configs").rglob("*.yaml") if "suites" not in p.parts and "ablations" not in p.parts
+)
 
 
 def _local_overrides(config: Path, backbone: Path) -> list[str]:
@@ -38,8 +39,15 @@ def test_config_instantiates(config, tiny_backbone_dir, monkeypatch):
     else:
         args = ["--config", str(config)] + _local_overrides(config, tiny_backbone_dir)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cli = APTCLI(APTModule, GLUEDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                 args=args, auto_configure_optimizers=False)
+    cli = APTCLI(
+        APTModule,
+        GLUEDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=args,
+        auto_configure_optimizers=False,
+    )
     assert isinstance(cli.model, APTModule)
     assert isinstance(cli.datamodule, GLUEDataModule)
     assert cli.datamodule.hparams.task == cli.model.hparams.task  # linked
@@ -53,8 +61,14 @@ def test_print_config(config, capsys):
     spec = yaml.safe_load(config.read_text())
     args = ["fit", "--config", str(config), "--print_config"]
     if "model" not in spec:
-        args = ["fit", "--config", str(REPO / "configs" / "quickstart_cpu.yaml"), "--config", str(config),
-                "--print_config"]
+        args = [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "quickstart_cpu.yaml"),
+            "--config",
+            str(config),
+            "--print_config",
+        ]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code in (0, None)

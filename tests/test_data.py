@@ -65,9 +65,11 @@ def test_mnli_subset_jsonl_pairs():
 
 def test_mnli_glue_tsv_with_string_labels(tmp_path):
     header = "index\tpromptID\tsentence1\tsentence2\tlabel1\tgold_label\n"
-    rows = ['0\t7\tA man "plays.\tSomeone plays.\tneutral\tentailment\n',
-            "1\t8\tIt rains.\tIt is dry.\tneutral\tcontradiction\n",
-            "2\t9\tNA\tMaybe.\tneutral\tneutral\n"]
+    rows = [
+        '0\t7\tA man "plays.\tSomeone plays.\tneutral\tentailment\n',
+        "1\t8\tIt rains.\tIt is dry.\tneutral\tcontradiction\n",
+        "2\t9\tNA\tMaybe.\tneutral\tneutral\n",
+    ]
     _write(tmp_path, "train.tsv", header + "".join(rows))
     _write(tmp_path, "dev_matched.tsv", header + rows[0])
     _write(tmp_path, "dev_mismatched.tsv", header + rows[1])

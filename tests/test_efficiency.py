@@ -21,9 +21,29 @@ from apt_lightning.callbacks.efficiency import (
 )
 
 FIELDS = {
-    "device", "peak_memory_mb", "median_step_s", "samples_per_s", "steps", "train_wall_s", "tta_s", "tta_reference",
-    "best_metric", "monitor", "metric_history", "pruning_overhead", "structure",
+    "device",
+    "peak_memory_mb",
+    "median_step_s",
+    "samples_per_s",
+    "steps",
+    "train_wall_s",
+    "tta_s",
+    "tta_reference",
+    "best_metric",
+    "monitor",
+    "metric_history",
+    "pruning_overhead",
+    "structure",
 }
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """OpenMP threads crawl when other processes share this CPU; one thread keeps these tests fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _hist(*pairs):
@@ -134,9 +154,15 @@ class _FakePruner(Callback):
 
 def _fit(tmp_path, monitor, extra=(), epochs=3):
     trainer = Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="run", version=0),
-        callbacks=[monitor, *extra], enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=1,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path, name="run", version=0),
+        callbacks=[monitor, *extra],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,
     )
     trainer.fit(_Toy(), _loader(), _loader(seed=1))
     return trainer
@@ -224,15 +250,30 @@ def test_monitor_with_apt_pruning(tmp_path, tiny_backbone_dir):
     torch.manual_seed(0)
     n, length = 48, 12
     ids = torch.randint(5, 1000, (n, length))
-    data = [{"input_ids": ids[i], "attention_mask": torch.ones(length, dtype=torch.long),
-             "labels": torch.tensor(int(ids[i, 0] % 2))} for i in range(n)]
+    data = [
+        {
+            "input_ids": ids[i],
+            "attention_mask": torch.ones(length, dtype=torch.long),
+            "labels": torch.tensor(int(ids[i, 0] % 2)),
+        }
+        for i in range(n)
+    ]
     module = APTModule(backbone=str(tiny_backbone_dir), task="sst2")
-    pruning = AdaptivePruning(target_sparsity=0.5, start_step=2, end_step=10, num_events=2, decay_steps=1, plot=False)
+    pruning = AdaptivePruning(
+        target_sparsity=0.5, start_step=2, end_step=10, num_events=2, decay_steps=1, plot=False
+    )
     monitor = EfficiencyMonitor(reference=0.5, output_dir=tmp_path)
-    trainer = Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      callbacks=[monitor, pruning, AdaptiveTuning(start_step=2, end_step=10, num_events=2)],
-                      num_sanity_val_steps=0)
+    trainer = Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[monitor, pruning, AdaptiveTuning(start_step=2, end_step=10, num_events=2)],
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(data[:16], batch_size=8))
     out = json.loads((tmp_path / "efficiency.json").read_text())
     assert out["steps"] == 12 and out["samples"] == 96

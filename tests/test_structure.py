@@ -42,8 +42,13 @@ def forward(model, batch=None):
         return model(**(batch or tiny_batch()), output_hidden_states=True)
 
 
-def random_hard_masks(masks: PruningMasks, seed: int, zero_heads: int | None, zero_neurons: int | None,
-                      hidden_drop: float = 0.25) -> dict:
+def random_hard_masks(
+    masks: PruningMasks,
+    seed: int,
+    zero_heads: int | None,
+    zero_neurons: int | None,
+    hidden_drop: float = 0.25,
+) -> dict:
     """Random 0/1 masks; layer `zero_heads` loses every head, `zero_neurons` every neuron. Returns the
     kept counts the masks imply."""
     g = torch.Generator().manual_seed(seed)
@@ -158,12 +163,30 @@ def test_masks_disabled_or_removed_give_the_unmasked_model(family):
     random_hard_masks(masks, 6, 0, 2)
     assert (forward(model).logits - reference).abs().max() > 1e-3
     keys = [k for k in model.state_dict() if k.startswith("apt_masks.")]
-    assert sorted(keys) == sorted([f"apt_masks.{k}_{i}" for k in ("head", "neuron") for i in range(LAYERS)]
-                                  + ["apt_masks.hidden"])
+    assert sorted(keys) == sorted(
+        [f"apt_masks.{k}_{i}" for k in ("head", "neuron") for i in range(LAYERS)] + ["apt_masks.hidden"]
+    )
     structure.remove_masks()
     assert structure.masks is None and not hasattr(model, "apt_masks")
     assert type(model.base_model.embeddings.LayerNorm) is nn.LayerNorm
     torch.testing.assert_close(forward(model).logits, reference, rtol=0, atol=0)
+
+
+def test_deep_copy_of_a_masked_model_follows_its_own_masks(family):
+    """A deep copy (export, benchmarks, snapshots) must be driven by the copy's masks, not the original's."""
+    model = adapted_model(family, seed=8)
+    masks = get_structure(model).install_masks()
+    masks.set("head", torch.tensor([1.0, 0, 1, 0]), 0)
+    clone = copy.deepcopy(model)
+    assert get_structure(clone) is not get_structure(model) and get_structure(clone).masks is clone.apt_masks
+    reference = forward(clone).logits
+    masks.set("head", torch.tensor([0.0, 1, 0, 1]), 0)  # change only the original
+    masks.set("neuron", torch.zeros(NEURONS), 1)
+    assert (forward(model).logits - reference).abs().max() > 1e-3
+    torch.testing.assert_close(forward(clone).logits, reference, rtol=0, atol=0)
+    clone.apt_masks.set("head", torch.tensor([0.0, 1, 0, 1]), 0)  # the copy's own masks do act on it
+    clone.apt_masks.set("neuron", torch.zeros(NEURONS), 1)
+    torch.testing.assert_close(forward(clone).logits, forward(model).logits, rtol=0, atol=0)
 
 
 def test_mask_state_dict_round_trip_refreshes_flags():
@@ -276,20 +299,29 @@ def encoder_counts(model) -> tuple[int, int]:
 def test_counters_on_the_full_model(family):
     model = tiny_model(family)
     s = get_structure(model).shapes()
-    assert apt_param_count(s.heads, s.neurons, s.hidden, s.head_dim) == HIDDEN * LAYERS * (
-        4 * HEADS * HEAD_DIM + 2 * NEURONS) == 21504
-    assert encoder_counts(model) == (apt_param_count(s.heads, s.neurons, s.hidden, s.head_dim),
-                                     exact_encoder_param_count(s.heads, s.neurons, s.hidden, s.head_dim))
+    assert (
+        apt_param_count(s.heads, s.neurons, s.hidden, s.head_dim)
+        == HIDDEN * LAYERS * (4 * HEADS * HEAD_DIM + 2 * NEURONS)
+        == 21504
+    )
+    assert encoder_counts(model) == (
+        apt_param_count(s.heads, s.neurons, s.hidden, s.head_dim),
+        exact_encoder_param_count(s.heads, s.neurons, s.hidden, s.head_dim),
+    )
 
 
-@pytest.mark.parametrize("seed, zero_heads, zero_neurons", [(10, 0, 2), (11, None, 1), (12, 2, None), (13, 0, 0)])
+@pytest.mark.parametrize(
+    "seed, zero_heads, zero_neurons", [(10, 0, 2), (11, None, 1), (12, 2, None), (13, 0, 0)]
+)
 def test_counters_match_compacted_models(family, seed, zero_heads, zero_neurons):
     model = adapted_model(family, seed)
     structure = get_structure(model)
     masks = structure.install_masks()
     kept = random_hard_masks(masks, seed, zero_heads, zero_neurons)
-    expected = (apt_param_count(kept["heads"], kept["neurons"], kept["hidden"], HEAD_DIM),
-                exact_encoder_param_count(kept["heads"], kept["neurons"], kept["hidden"], HEAD_DIM))
+    expected = (
+        apt_param_count(kept["heads"], kept["neurons"], kept["hidden"], HEAD_DIM),
+        exact_encoder_param_count(kept["heads"], kept["neurons"], kept["hidden"], HEAD_DIM),
+    )
     structure.compact()
     structure.remove_masks()
     merge_adapters(model)
@@ -340,22 +372,29 @@ def test_get_structure_is_cached_and_rejects_unknown_families():
     assert get_structure(model) is get_structure(model)
     unknown = nn.Linear(2, 2)
     unknown.config = SimpleNamespace(model_type="gpt2")
-    with pytest.raises(ValueError, match=r"model type 'gpt2' has no prunable-structure family; supported: .*bert"):
+    with pytest.raises(
+        ValueError,
+        match=r"model type 'gpt2' has no prunable-structure family; "
+        r"supported: .*bert",
+    ):
         get_structure(unknown)
 
 
-@pytest.mark.parametrize("kind, values, layer, match", [
-    ("head", torch.ones(5), 0, r"head mask of layer 0 must have length 4, got shape \(5,\)"),
-    ("neuron", torch.ones(4), 2, "neuron mask of layer 2 must have length 48"),
-    ("hidden", torch.ones(31), None, "hidden mask must have length 32"),
-    ("head", torch.tensor([1.0, 1.5, 0, 0]), 1, r"values must lie in \[0, 1\], got min 0, max 1.5"),
-    ("neuron", -torch.ones(48), 0, r"values must lie in \[0, 1\], got min -1"),
-    ("hidden", torch.full((32,), float("nan")), None, r"must lie in \[0, 1\]"),
-    ("hidden", torch.zeros(32), None, "cannot prune every hidden dimension"),
-    ("heads", torch.ones(4), 0, "unknown mask kind 'heads'"),
-    ("head", torch.ones(4), 3, r"head mask needs a layer in \[0, 3\), got 3"),
-    ("neuron", torch.ones(48), None, r"neuron mask needs a layer in \[0, 3\), got None"),
-])
+@pytest.mark.parametrize(
+    "kind, values, layer, match",
+    [
+        ("head", torch.ones(5), 0, r"head mask of layer 0 must have length 4, got shape \(5,\)"),
+        ("neuron", torch.ones(4), 2, "neuron mask of layer 2 must have length 48"),
+        ("hidden", torch.ones(31), None, "hidden mask must have length 32"),
+        ("head", torch.tensor([1.0, 1.5, 0, 0]), 1, r"values must lie in \[0, 1\], got min 0, max 1.5"),
+        ("neuron", -torch.ones(48), 0, r"values must lie in \[0, 1\], got min -1"),
+        ("hidden", torch.full((32,), float("nan")), None, r"must lie in \[0, 1\]"),
+        ("hidden", torch.zeros(32), None, "cannot prune every hidden dimension"),
+        ("heads", torch.ones(4), 0, "unknown mask kind 'heads'"),
+        ("head", torch.ones(4), 3, r"head mask needs a layer in \[0, 3\), got 3"),
+        ("neuron", torch.ones(48), None, r"neuron mask needs a layer in \[0, 3\), got None"),
+    ],
+)
 def test_bad_masks_raise_clear_errors(kind, values, layer, match):
     masks = get_structure(tiny_model("bert")).install_masks()
     before = {k: v.clone() for k, v in masks.state_dict().items()}
@@ -374,3 +413,78 @@ def test_compact_needs_installed_hard_masks():
     with pytest.raises(ValueError, match="compact\\(\\) needs hard 0/1 masks"):
         structure.compact()
     assert structure.shapes().hidden == HIDDEN
+
+
+# ---------------------------------------------------------------- the real packaged MiniLM
+@pytest.mark.slow
+def test_invariants_on_the_packaged_minilm():
+    from transformers import AutoModelForSequenceClassification
+
+    from apt_lightning.backbone import load_tokenizer, resolve_backbone
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_backbone("minilm-l6"), num_labels=2, attn_implementation="eager"
+    ).eval()
+    tok = load_tokenizer("minilm-l6")
+    batch = dict(
+        tok(
+            ["a gripping, beautifully shot film.", "dull and far too long", "it is fine, i guess"],
+            padding=True,
+            return_tensors="pt",
+        )
+    )
+    cfg = model.config
+    n_layers, n_heads, n_ff, hidden = (
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.intermediate_size,
+        cfg.hidden_size,
+    )
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 0.5)  # a new head: make the logits O(1) so 1e-5 is a real test
+    plain = forward(model, batch).logits
+    inject_adapters(model, AdapterConfig())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in adapter_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.02)
+    adapted = forward(model, batch)
+    assert (adapted.logits - plain).abs().max() > 1e-3
+
+    # growth leaves the outputs unchanged; merging a copy equals the unmerged model
+    for m in adapter_modules(model).values():
+        m.grow_rank(16)
+    torch.testing.assert_close(forward(model, batch).logits, adapted.logits, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        for m in adapter_modules(model).values():
+            m.lora_B[:, 8:].normal_(0, 0.02, generator=g)
+    grown = forward(model, batch).logits
+    merged = copy.deepcopy(model)
+    assert merge_adapters(merged) == 3 * n_layers
+    torch.testing.assert_close(forward(merged, batch).logits, grown, rtol=0, atol=1e-5)
+
+    # masked == compacted with a layer without heads, a layer without neurons and pruned hidden dims
+    structure = get_structure(model)
+    masks = structure.install_masks()
+    gm = torch.Generator().manual_seed(1)
+    for i in range(n_layers):
+        heads = (torch.rand(n_heads, generator=gm) > 0.4).float()
+        neurons = (torch.rand(n_ff, generator=gm) > 0.4).float()
+        masks.set("head", heads * (i != 1), i)  # layer 1 loses every head
+        masks.set("neuron", neurons * (i != 3), i)  # layer 3 loses every neuron
+    hid = (torch.rand(hidden, generator=gm) > 0.1).float()
+    masks.set("hidden", hid)
+    masked = forward(model, batch)
+    assert (masked.logits - grown).abs().max() > 1e-2
+    structure.compact()
+    compact = forward(model, batch)
+    torch.testing.assert_close(compact.logits, masked.logits, rtol=0, atol=1e-5)
+    kept = hid.nonzero().flatten()
+    for hm, hc in zip(masked.hidden_states, compact.hidden_states, strict=True):
+        torch.testing.assert_close(hc, hm[..., kept], rtol=1e-5, atol=1e-5)
+    s = structure.shapes()
+    assert s.heads[1] == 0 and s.neurons[3] == 0 and s.hidden == len(kept) < hidden
+    merge_adapters(model)
+    structure.remove_masks()
+    torch.testing.assert_close(forward(model, batch).logits, masked.logits, rtol=0, atol=1e-5)

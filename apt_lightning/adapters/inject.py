@@ -23,7 +23,9 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if not self.targets:
-            raise ValueError("adapter targets must name at least one module (use `adapters: null` for full FT)")
+            raise ValueError(
+                "adapter targets must name at least one module (use `adapters: null` for full FT)"
+            )
         if self.rank < 1:
             raise ValueError(f"adapter rank must be >= 1, got {self.rank}")
 
@@ -35,10 +37,16 @@ def _matches(name: str, target: str) -> bool:
 def inject_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, APTLinear]:
     """Replace every Linear matching a target with an `APTLinear` sharing its weights; freeze the rest
     of those layers. Raises if a target matches nothing, listing what Linear names look like."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, APTLinear)}
+    linears = {
+        n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, APTLinear)
+    }
     for target in config.targets:
         if not any(_matches(n, target) for n in linears):
-            examples = ", ".join(sorted({n.split(".")[-1] for n in linears} | {".".join(n.split(".")[-2:]) for n in linears})[:12])
+            examples = ", ".join(
+                sorted({n.split(".")[-1] for n in linears} | {".".join(n.split(".")[-2:]) for n in linears})[
+                    :12
+                ]
+            )
             raise ValueError(
                 f"adapter target {target!r} matches no Linear module in {type(model).__name__}; "
                 f"names end like: {examples}"
@@ -48,7 +56,9 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, APTLin
         if any(_matches(name, t) for t in config.targets):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            adapter = APTLinear.from_linear(linear, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
+            adapter = APTLinear.from_linear(
+                linear, rank=config.rank, alpha=config.alpha, dropout=config.dropout
+            )
             setattr(parent, child, adapter)
             added[name] = adapter
     return added

@@ -47,12 +47,20 @@ class APTLinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> APTLinear:
+    def from_linear(
+        cls, linear: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0
+    ) -> APTLinear:
         """Wrap `linear`, sharing (not copying) its weight and bias."""
         w = linear.weight
         layer = cls(
-            linear.in_features, linear.out_features, linear.bias is not None,
-            rank=rank, alpha=alpha, dropout=dropout, device=w.device, dtype=w.dtype,
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            device=w.device,
+            dtype=w.dtype,
         )
         layer.weight = nn.Parameter(w.data, requires_grad=False)
         if linear.bias is not None:
@@ -98,8 +106,11 @@ class APTLinear(nn.Linear):
     def merge(self) -> nn.Linear:
         """A plain Linear with W + s B A: same outputs, no adapter cost at inference."""
         merged = nn.Linear(
-            self.in_features, self.out_features, self.bias is not None,
-            device=self.weight.device, dtype=self.weight.dtype,
+            self.in_features,
+            self.out_features,
+            self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
         )
         merged.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
         if self.bias is not None:

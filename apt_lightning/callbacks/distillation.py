@@ -62,15 +62,15 @@ class OnImprovement(SnapshotPolicy):
 
 class SelfDistillation(Callback):
     """Args:
-        tau: softmax temperature of L_pred (> 0).
-        pred_weight / layer_weight: L_distill = pred_weight * L_pred + layer_weight * L_layer, each in [0, 1].
-        layer_blocks: teacher layers sampled per step (one per block of consecutive layers).
-        start_step / end_step: the mu ramp (steps or fractions of the run); default: the pruning phase.
-        snapshot: a `SnapshotPolicy` (EveryEvent, OnImprovement).
-        distill_epochs: epochs with distillation; afterwards task loss only at `post_lr_scale` x LR. None
-            ends distillation when mu reaches 1 (at `end_step`): after pruning, a teacher refreshed at
-            every event is the pruned student itself, so distilling further only slows recovery.
-        transform_rank: rank of the adapter on the layer transformation Tr.
+    tau: softmax temperature of L_pred (> 0).
+    pred_weight / layer_weight: L_distill = pred_weight * L_pred + layer_weight * L_layer, each in [0, 1].
+    layer_blocks: teacher layers sampled per step (one per block of consecutive layers).
+    start_step / end_step: the mu ramp (steps or fractions of the run); default: the pruning phase.
+    snapshot: a `SnapshotPolicy` (EveryEvent, OnImprovement).
+    distill_epochs: epochs with distillation; afterwards task loss only at `post_lr_scale` x LR. None
+        ends distillation when mu reaches 1 (at `end_step`): after pruning, a teacher refreshed at
+        every event is the pruned student itself, so distilling further only slows recovery.
+    transform_rank: rank of the adapter on the layer transformation Tr.
     """
 
     def __init__(
@@ -109,8 +109,8 @@ class SelfDistillation(Callback):
             return
         if not pl_module.adapters():
             raise ValueError(
-                "SelfDistillation has no teacher source: the teacher shares the student's frozen weights, but "
-                "this model is fully fine-tuned (adapters: null). Use adapters or drop the callback."
+                "SelfDistillation has no teacher source: the teacher shares the student's frozen weights, "
+                "but this model is fully fine-tuned (adapters: null). Use adapters or drop the callback."
             )
         pruning = find_callback(trainer, AdaptivePruning)
         total = int(trainer.estimated_stepping_batches)
@@ -118,16 +118,19 @@ class SelfDistillation(Callback):
         end = self.end_step if self.end_step is not None else (pruning.end_step if pruning else None)
         if start is None or end is None:
             raise ValueError(
-                "SelfDistillation has no teacher source: give start_step/end_step or add AdaptivePruning, whose "
-                "events refresh the teacher"
+                "SelfDistillation has no teacher source: give start_step/end_step or add AdaptivePruning, "
+                "whose events refresh the teacher"
             )
         self.start, self.end = resolve_step(start, total, "start_step"), resolve_step(end, total, "end_step")
         if self.start >= self.end:
-            raise ValueError(f"distillation start step ({self.start}) must come before the end step ({self.end})")
+            raise ValueError(
+                f"distillation start step ({self.start}) must come before the end step ({self.end})"
+            )
         hidden = pl_module.student.config.hidden_size
         if pl_module.distiller is None:
-            pl_module.distiller = Distiller(hidden, self.tau, self.pred_weight, self.layer_weight,
-                                            self.layer_blocks, self.transform_rank)
+            pl_module.distiller = Distiller(
+                hidden, self.tau, self.pred_weight, self.layer_weight, self.layer_blocks, self.transform_rank
+            )
         if pl_module.teacher is None:
             pl_module.teacher = TeacherView()
 
@@ -141,7 +144,9 @@ class SelfDistillation(Callback):
         self.history.append({"step": trainer.global_step, "reason": reason})
         pl_module.log("distill/snapshots", float(pl_module.teacher.snapshots))
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.distill_epochs is None and not self.finished and step >= self.end:
             self._finish(pl_module)
@@ -154,7 +159,11 @@ class SelfDistillation(Callback):
             self._snapshot(trainer, pl_module, f"event {event.index}")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.distill_epochs is not None and not self.finished and trainer.current_epoch + 1 >= self.distill_epochs:
+        if (
+            self.distill_epochs is not None
+            and not self.finished
+            and trainer.current_epoch + 1 >= self.distill_epochs
+        ):
             self._finish(pl_module)
 
     def _finish(self, pl_module: LightningModule) -> None:

@@ -9,7 +9,8 @@ Records, over one `fit`:
   CUDA each end of the interval calls `torch.cuda.synchronize()` (`cuda_sync`, default on) so the time is
   the GPU's, not the launch queue's. The cost is one pipeline drain per step: the host can no longer queue
   step t+1's kernels while step t's tail runs, typically well under 1 ms, i.e. <~2% of a 20+ ms step.
-  Without it, times measure Python launch speed and are meaningless for a GPU-bound step.
+  Without it, times measure Python launch speed and are meaningless for a GPU-bound step. `steps` counts
+  training batches (micro-batches under gradient accumulation); samples/s = samples / summed step time.
 - time-to-accuracy (TTA): wall seconds since `on_fit_start` at the end of the first validation whose
   `monitor` value reaches `tta_fraction` of a reference (see `tta_target`). The reference is `reference`,
   or a key of a JSON file (`reference_file`, e.g. the full fine-tuning run's `efficiency.json` and its
@@ -79,7 +80,10 @@ def read_reference(path: str | Path, key: str = "best_metric") -> float:
     """A number from a JSON results file; `key` may be a dotted path into nested objects ("a.b")."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference_file {path} not found (expected a JSON results file, e.g. efficiency.json)")
+        raise FileNotFoundError(
+            f"reference_file {path} not found (expected a JSON results file such as "
+            "an earlier run's efficiency.json)"
+        )
     node: Any = json.loads(path.read_text())
     for part in key.split("."):
         if not isinstance(node, Mapping) or part not in node:
@@ -192,6 +196,10 @@ class EfficiencyMonitor(Callback):
         self._memory_kind = "n/a"
         self._warned = False
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor)  # several monitors can share a Trainer
+
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -229,7 +237,9 @@ class EfficiencyMonitor(Callback):
         return 0.0 if self._t0 is None else time.perf_counter() - self._t0
 
     # ------------------------------------------------------------------ per step
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch_n = _batch_size(batch)  # before training_step, which may pop entries (labels)
         self._sync()
         self._batch_t0 = time.perf_counter()
@@ -251,12 +261,19 @@ class EfficiencyMonitor(Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
             if not self._warned:
-                rank_zero_warn(f"EfficiencyMonitor: metric {self.monitor!r} not logged; available: "
-                               f"{sorted(trainer.callback_metrics)}. TTA will be None.")
+                rank_zero_warn(
+                    f"EfficiencyMonitor: metric {self.monitor!r} not logged; available: "
+                    f"{sorted(trainer.callback_metrics)}. TTA will be None."
+                )
                 self._warned = True
             return
         wall = self.wall_s()
-        entry = {"step": trainer.global_step, "epoch": trainer.current_epoch, "wall_s": wall, "metric": float(value)}
+        entry = {
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "wall_s": wall,
+            "metric": float(value),
+        }
         self.history.append(entry)
         new_tta = self.reference is not None and self.tta_s is None
         if new_tta:
@@ -310,22 +327,33 @@ class EfficiencyMonitor(Callback):
             hidden = int((masks.hidden > 0).sum())
         kept = apt_param_count(heads, neurons, hidden, s.head_dim)
         full = apt_param_count(s.full_heads, s.full_neurons, s.full_hidden, s.head_dim)
-        return {"params_kept": kept, "params_full": full, "sparsity": 1.0 - kept / full if full else 0.0,
-                "heads_per_layer": heads, "neurons_per_layer": neurons, "hidden": hidden}
+        return {
+            "params_kept": kept,
+            "params_full": full,
+            "sparsity": 1.0 - kept / full if full else 0.0,
+            "heads_per_layer": heads,
+            "neurons_per_layer": neurons,
+            "hidden": hidden,
+        }
 
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         """Everything efficiency.json holds (see the module docstring for how each number is measured)."""
         steps = len(self.step_times)
         step_total = sum(self.step_times)
         best = best_metric(self.history, self.mode)
-        reference, source = self.reference, "value" if self.reference_file is None else str(self.reference_file)
+        reference = self.reference
+        source = "value" if self.reference_file is None else str(self.reference_file)
         if reference is None and best is not None:
             reference, source = best, "own_best"
         tta = self.tta_s
         if tta is None and reference is not None:
             tta = time_to_accuracy(self.history, reference, self.tta_fraction, self.mode)
         device = self._device or pl_module.device
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+        name = (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"cpu ({torch.get_num_threads()} threads)"
+        )
         return {
             "device": str(device),
             "device_name": name,
@@ -343,7 +371,7 @@ class EfficiencyMonitor(Callback):
             "tta_fraction": self.tta_fraction,
             "tta_reference": reference,
             "tta_reference_source": source if reference is not None else None,
-            "tta_target": tta_target(reference, self.tta_fraction, self.mode) if reference is not None else None,
+            "tta_target": None if reference is None else tta_target(reference, self.tta_fraction, self.mode),
             "tta_s": tta,
             "best_metric": best,
             "metric_history": self.history,
@@ -366,10 +394,14 @@ class EfficiencyMonitor(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         summary = self.summary(trainer, pl_module)
         if self.log:
-            scalars = {f"efficiency/{k}": float(v) for k, v in summary.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            scalars.update({f"efficiency/{k}": float(v) for k, v in summary["pruning_overhead"].items()
-                            if v is not None})
+            scalars = {
+                f"efficiency/{k}": float(v)
+                for k, v in summary.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            scalars.update(
+                {f"efficiency/{k}": float(v) for k, v in summary["pruning_overhead"].items() if v is not None}
+            )
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=trainer.global_step)
         if trainer.is_global_zero:
@@ -386,8 +418,14 @@ class EfficiencyMonitor(Callback):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        return {"step_times": self.step_times, "samples": self.samples, "history": self.history,
-                "tta_s": self.tta_s, "elapsed_s": self.wall_s(), "reference": self.reference}
+        return {
+            "step_times": self.step_times,
+            "samples": self.samples,
+            "history": self.history,
+            "tta_s": self.tta_s,
+            "elapsed_s": self.wall_s(),
+            "reference": self.reference,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step_times = list(state["step_times"])

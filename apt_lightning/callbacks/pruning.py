@@ -18,7 +18,14 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 
 from apt_lightning.callbacks.events import PruningEvent, broadcast
-from apt_lightning.pruning import BlockTensors, CubicSchedule, Scorer, build_scorer, kept_param_count, select_blocks
+from apt_lightning.pruning import (
+    BlockTensors,
+    CubicSchedule,
+    Scorer,
+    build_scorer,
+    kept_param_count,
+    select_blocks,
+)
 from apt_lightning.pruning.schedule import resolve_step
 from apt_lightning.structure import apt_param_count
 
@@ -37,7 +44,12 @@ class AdaptivePruning(Callback):
             `decay_steps` steps towards their new 0/1 values, then are set hard.
         scorer: a `Scorer` or a registered name (salience, random, uniform, magnitude).
         multiple_of: round kept hidden size and per-layer FFN widths to a multiple (hardware alignment).
-        compact_at: remove pruned blocks physically after every event ("event"), once at the end, or never.
+        compact_at: when pruned blocks are removed physically: "event" compacts the blocks masked by one
+            event at the start of the next (before listeners such as the teacher snapshot act) and after
+            the last event's window; "end" only after the last window; "never" keeps masks only. Compacting
+            at the next event rather than right after a window keeps a self-distillation teacher one event
+            wider than the student: the teacher runs with masks off at the physical width, so compacting
+            earlier would prune the teacher as far as the student and leave nothing to distil.
         plot: write a PNG of kept heads / neurons per layer at the end of training.
     """
 
@@ -87,8 +99,8 @@ class AdaptivePruning(Callback):
         self.schedule = CubicSchedule(self.target_sparsity, start, end, self.num_events, self.decay_steps)
         if self.schedule.last_step > total:
             raise ValueError(
-                f"pruning ends at step {self.schedule.last_step} (end_step {end} + {self.decay_steps} decay steps) "
-                f"but training has only {total} optimizer steps; lower end_step or train longer"
+                f"pruning ends at step {self.schedule.last_step} (end_step {end} + {self.decay_steps} "
+                f"decay steps) but training has only {total} optimizer steps; lower end_step or train longer"
             )
         structure = pl_module.structure
         structure.install_masks()
@@ -106,7 +118,9 @@ class AdaptivePruning(Callback):
         s = self.schedule
         return self.scorer.observes_batches and s.start_step <= step < s.end_step
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int
+    ) -> None:
         pl_module.structure.masks.observer = self.scorer if self._collecting(trainer.global_step) else None
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
@@ -116,7 +130,9 @@ class AdaptivePruning(Callback):
             self.timing["score_s"] += time.perf_counter() - t0
             self.timing["collect_steps"] += 1
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         step = trainer.global_step  # optimizer steps completed
         if self.targets is not None:
             self._decay(trainer, pl_module, step)
@@ -130,6 +146,8 @@ class AdaptivePruning(Callback):
         return self.scorer.scores(pl_module.structure)
 
     def _event(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        if self.compact_at == "event":
+            self._compact(pl_module)
         sparsity = self.schedule.sparsity_at(step)
         event = PruningEvent(self.next_event, self.num_events, step, sparsity)
         broadcast(trainer, pl_module, event)
@@ -145,8 +163,13 @@ class AdaptivePruning(Callback):
         self.next_event += 1
         self.targets = keep
         self.window_end = step + self.decay_steps
-        record = {"event": event.index, "step": step, "target_sparsity": sparsity, "score_s": t1 - t0,
-                  "search_s": t2 - t1}
+        record = {
+            "event": event.index,
+            "step": step,
+            "target_sparsity": sparsity,
+            "score_s": t1 - t0,
+            "search_s": t2 - t1,
+        }
         self.history.append(record)
         self._log_scores(trainer, scores, step)
         self._decay(trainer, pl_module, step)
@@ -161,7 +184,11 @@ class AdaptivePruning(Callback):
             target = target.to(current.device)
             if hard:
                 return target
-            return torch.where(target > 0, (current + self.decay_alpha).clamp(max=1), (current - self.decay_alpha).clamp(min=0))
+            return torch.where(
+                target > 0,
+                (current + self.decay_alpha).clamp(max=1),
+                (current - self.decay_alpha).clamp(min=0),
+            )
 
         for i in range(masks.num_layers):
             masks.set("head", move(masks.head(i), keep.heads[i]), i)
@@ -173,33 +200,49 @@ class AdaptivePruning(Callback):
 
     def _finish_event(self, trainer: Trainer, pl_module: LightningModule, keep: BlockTensors) -> None:
         structure = pl_module.structure
-        last = self.next_event >= self.num_events
-        if self.compact_at == "event" or (self.compact_at == "end" and last):
-            masks = structure.masks
-            kept = BlockTensors(
-                [masks.kept("head", i).cpu() for i in range(masks.num_layers)],
-                [masks.kept("neuron", i).cpu() for i in range(masks.num_layers)],
-                masks.kept("hidden").cpu(),
-            )
-            t0 = time.perf_counter()
-            pl_module.compact()
-            self.scorer.compact(kept)
-            pl_module.rebuild_optimizer()
-            self.timing["compact_s"] += time.perf_counter() - t0
+        if self.compact_at != "never" and self.next_event >= self.num_events:
+            self._compact(pl_module)
         heads, neurons, hidden = keep.counts()
         kept_count = kept_param_count(keep, structure.shapes().head_dim)
         record = self.history[-1]
-        record.update({
-            "achieved_sparsity": 1.0 - kept_count / self.full_count, "params_kept": kept_count,
-            "heads_per_layer": heads, "neurons_per_layer": neurons, "hidden_kept": hidden,
-        })
-        pl_module.log_dict({
-            "prune/target_sparsity": record["target_sparsity"], "prune/achieved_sparsity": record["achieved_sparsity"],
-            "prune/params_kept": float(kept_count), "prune/hidden_kept": float(hidden),
-            "prune/heads_kept": float(sum(heads)), "prune/neurons_kept": float(sum(neurons)),
-            "prune/score_s": self.timing["score_s"], "prune/search_s": self.timing["search_s"],
-        })
+        record.update(
+            {
+                "achieved_sparsity": 1.0 - kept_count / self.full_count,
+                "params_kept": kept_count,
+                "heads_per_layer": heads,
+                "neurons_per_layer": neurons,
+                "hidden_kept": hidden,
+            }
+        )
+        pl_module.log_dict(
+            {
+                "prune/target_sparsity": record["target_sparsity"],
+                "prune/achieved_sparsity": record["achieved_sparsity"],
+                "prune/params_kept": float(kept_count),
+                "prune/hidden_kept": float(hidden),
+                "prune/heads_kept": float(sum(heads)),
+                "prune/neurons_kept": float(sum(neurons)),
+                "prune/score_s": self.timing["score_s"],
+                "prune/search_s": self.timing["search_s"],
+            }
+        )
         self._log_tables(trainer, record)
+
+    def _compact(self, pl_module: LightningModule) -> None:
+        """Remove the blocks whose hard masks are 0 (if any); scorer statistics and optimizer follow."""
+        masks = pl_module.structure.masks
+        if masks.is_hard() and all(masks.head_full) and all(masks.neuron_full) and masks.hidden_full:
+            return
+        kept = BlockTensors(
+            [masks.kept("head", i).cpu() for i in range(masks.num_layers)],
+            [masks.kept("neuron", i).cpu() for i in range(masks.num_layers)],
+            masks.kept("hidden").cpu(),
+        )
+        t0 = time.perf_counter()
+        pl_module.compact()
+        self.scorer.compact(kept)
+        pl_module.rebuild_optimizer()
+        self.timing["compact_s"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ reporting
     def _wandb(self, trainer: Trainer):
@@ -212,18 +255,24 @@ class AdaptivePruning(Callback):
         if wb is not None:
             import wandb
 
-            wb.experiment.log({
-                "prune/head_scores": wandb.Histogram(torch.cat(scores.heads).numpy()),
-                "prune/neuron_scores": wandb.Histogram(torch.cat(scores.neurons).numpy()),
-                "prune/hidden_scores": wandb.Histogram(scores.hidden.numpy()),
-                "trainer/global_step": step,
-            })
+            wb.experiment.log(
+                {
+                    "prune/head_scores": wandb.Histogram(torch.cat(scores.heads).numpy()),
+                    "prune/neuron_scores": wandb.Histogram(torch.cat(scores.neurons).numpy()),
+                    "prune/hidden_scores": wandb.Histogram(scores.hidden.numpy()),
+                    "trainer/global_step": step,
+                }
+            )
 
     def _log_tables(self, trainer: Trainer, record: dict) -> None:
         wb = self._wandb(trainer)
         if wb is not None:
-            rows = [[record["event"], layer, h, f] for layer, (h, f) in
-                    enumerate(zip(record["heads_per_layer"], record["neurons_per_layer"], strict=True))]
+            rows = [
+                [record["event"], layer, h, f]
+                for layer, (h, f) in enumerate(
+                    zip(record["heads_per_layer"], record["neurons_per_layer"], strict=True)
+                )
+            ]
             wb.log_table("prune/kept_per_layer", columns=["event", "layer", "heads", "neurons"], data=rows)
 
     def summary(self) -> dict:
@@ -247,10 +296,19 @@ class AdaptivePruning(Callback):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         return {
-            "next_event": self.next_event, "window_end": self.window_end, "full_count": self.full_count,
-            "targets": None if self.targets is None else {
-                "heads": self.targets.heads, "neurons": self.targets.neurons, "hidden": self.targets.hidden},
-            "scorer": self.scorer.state_dict(), "history": self.history, "timing": self.timing,
+            "next_event": self.next_event,
+            "window_end": self.window_end,
+            "full_count": self.full_count,
+            "targets": None
+            if self.targets is None
+            else {
+                "heads": self.targets.heads,
+                "neurons": self.targets.neurons,
+                "hidden": self.targets.hidden,
+            },
+            "scorer": self.scorer.state_dict(),
+            "history": self.history,
+            "timing": self.timing,
         }
 
     def load_state_dict(self, state: dict) -> None:

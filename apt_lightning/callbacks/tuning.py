@@ -10,6 +10,8 @@ moments restart, the schedule continues from the current step.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from lightning import Callback, LightningModule, Trainer
 
@@ -21,11 +23,11 @@ from apt_lightning.tuning import AdapterInfo, RankAllocation, build_allocation, 
 
 class AdaptiveTuning(Callback):
     """Args:
-        strategy: "top_half" (paper), "uniform", "none", or a `RankAllocation` instance.
-        max_rank: rank cap (for strategies given by name).
-        budget_multiple: final tuning budget as a multiple of the initial adapter size (>= 1).
-        ema: EMA factor for adapter salience.
-        start_step / end_step / num_events: own events, used only without `AdaptivePruning`.
+    strategy: "top_half" (paper), "uniform", "none", or a `RankAllocation` instance.
+    max_rank: rank cap (for strategies given by name).
+    budget_multiple: final tuning budget as a multiple of the initial adapter size (>= 1).
+    ema: EMA factor for adapter salience.
+    start_step / end_step / num_events: own events, used only without `AdaptivePruning`.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class AdaptiveTuning(Callback):
         self.initial_params = 0
         self.salience: dict[str, torch.Tensor] = {}
         self.history: list[dict] = []
+        self.timing = {"grow_s": 0.0}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -72,11 +75,15 @@ class AdaptiveTuning(Callback):
             if end - start < self.num_events:
                 raise ValueError(f"{end - start} steps are too few for {self.num_events} tuning events")
             span = end - start
-            self.own_events = [start + round((k + 1) * span / self.num_events) for k in range(self.num_events)]
+            self.own_events = [
+                start + round((k + 1) * span / self.num_events) for k in range(self.num_events)
+            ]
 
     def _infos(self, pl_module: LightningModule) -> list[AdapterInfo]:
         return [
-            AdapterInfo(n, m.rank, m.in_features, m.out_features, float(self.salience.get(n, torch.zeros(()))))
+            AdapterInfo(
+                n, m.rank, m.in_features, m.out_features, float(self.salience.get(n, torch.zeros(())))
+            )
             for n, m in pl_module.adapters().items()
         ]
 
@@ -90,7 +97,9 @@ class AdaptiveTuning(Callback):
             prev = self.salience.get(name)
             self.salience[name] = s if prev is None else self.ema * prev + (1 - self.ema) * s
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         events = self.own_events
         if events and self.next_event < len(events) and trainer.global_step >= events[self.next_event]:
             self.grow(trainer, pl_module, (self.next_event + 1) / len(events), trainer.global_step)
@@ -103,6 +112,7 @@ class AdaptiveTuning(Callback):
 
     def grow(self, trainer: Trainer, pl_module: LightningModule, progress: float, step: int) -> None:
         """Apply the strategy at one event: new ranks, then the optimizer learns of the new tensors."""
+        t0 = time.perf_counter()
         infos = self._infos(pl_module)
         budget = self.budget_at(progress)
         ranks = self.strategy.allocate(infos, budget)
@@ -111,12 +121,19 @@ class AdaptiveTuning(Callback):
             pl_module.rebuild_optimizer()
         self.salience.clear()
         self.next_event += 1
+        self.timing["grow_s"] += time.perf_counter() - t0
         infos = self._infos(pl_module)
         total = tuning_params(infos)
-        self.history.append({"step": step, "budget": budget, "tuning_params": total,
-                             "ranks": {a.name: a.rank for a in infos}})
-        pl_module.log_dict({"tune/params": float(total), "tune/budget": float(budget),
-                            "tune/max_rank": float(max(a.rank for a in infos))})
+        self.history.append(
+            {"step": step, "budget": budget, "tuning_params": total, "ranks": {a.name: a.rank for a in infos}}
+        )
+        pl_module.log_dict(
+            {
+                "tune/params": float(total),
+                "tune/budget": float(budget),
+                "tune/max_rank": float(max(a.rank for a in infos)),
+            }
+        )
         self._log_ranks(trainer, infos, step)
 
     def _log_ranks(self, trainer: Trainer, infos: list[AdapterInfo], step: int) -> None:
@@ -124,15 +141,24 @@ class AdaptiveTuning(Callback):
 
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_table("tune/ranks", columns=["step", "adapter", "rank"],
-                                 data=[[step, a.name, a.rank] for a in infos])
+                logger.log_table(
+                    "tune/ranks",
+                    columns=["step", "adapter", "rank"],
+                    data=[[step, a.name, a.rank] for a in infos],
+                )
 
     def state_dict(self) -> dict:
-        return {"next_event": self.next_event, "initial_params": self.initial_params,
-                "salience": dict(self.salience), "history": self.history}
+        return {
+            "next_event": self.next_event,
+            "initial_params": self.initial_params,
+            "salience": dict(self.salience),
+            "history": self.history,
+            "timing": self.timing,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.next_event = state["next_event"]
         self.initial_params = state["initial_params"]
         self.salience = dict(state["salience"])
         self.history = state["history"]
+        self.timing = state.get("timing", {"grow_s": 0.0})

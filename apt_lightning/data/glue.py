@@ -56,8 +56,11 @@ class GLUEDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self._task = get_task(task)
-        for arg, value in (("max_length", max_length), ("batch_size", batch_size),
-                           ("eval_batch_size", eval_batch_size)):
+        for arg, value in (
+            ("max_length", max_length),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ):
             if value <= 0:
                 raise ValueError(f"{arg} must be a positive integer, got {value}")
         for arg, value in (("train_limit", train_limit), ("eval_limit", eval_limit)):
@@ -149,8 +152,10 @@ class GLUEDataModule(L.LightningDataModule):
     def _local_files(self) -> dict[str, Path]:
         folder = self._data_dir
         if not folder.is_dir():
-            raise FileNotFoundError(f"data_dir {str(folder)!r} is not a folder; pass a folder with GLUE "
-                                    f"files or data_dir=None to download {GLUE_HUB_PATH}")
+            raise FileNotFoundError(
+                f"data_dir {str(folder)!r} is not a folder; pass a folder with GLUE "
+                f"files or data_dir=None to download {GLUE_HUB_PATH}"
+            )
         valid = self._task.validation_split
         valid_stems = dict.fromkeys(("dev", "validation", valid, valid.replace("validation", "dev")))
         stems = {"train": ("train",), "validation": tuple(valid_stems)}
@@ -160,11 +165,15 @@ class GLUEDataModule(L.LightningDataModule):
             matches = [folder / name for name in expected if (folder / name).is_file()]
             if not matches:
                 found = sorted(p.name for p in folder.iterdir()) or "nothing"
-                raise FileNotFoundError(f"data_dir {str(folder)!r} has no {split} file; expected one of "
-                                        f"{', '.join(expected)}; found: {found}")
+                raise FileNotFoundError(
+                    f"data_dir {str(folder)!r} has no {split} file; expected one of "
+                    f"{', '.join(expected)}; found: {found}"
+                )
             if len(matches) > 1:
-                raise ValueError(f"data_dir {str(folder)!r} has several {split} files "
-                                 f"({', '.join(p.name for p in matches)}); keep one")
+                raise ValueError(
+                    f"data_dir {str(folder)!r} has several {split} files "
+                    f"({', '.join(p.name for p in matches)}); keep one"
+                )
             files[split] = matches[0]
         return files
 
@@ -177,6 +186,7 @@ class GLUEDataModule(L.LightningDataModule):
             loaded[split] = Dataset.from_pandas(frame, preserve_index=False)
         return loaded
 
+
 def _read_table(path: Path, task: GlueTask) -> pd.DataFrame:
     """Read one data file as strings (CSV/TSV) or native JSON/Parquet types, without pandas' NA guessing."""
     ext = path.suffix[1:]
@@ -185,28 +195,43 @@ def _read_table(path: Path, task: GlueTask) -> pd.DataFrame:
         with path.open(encoding="utf-8-sig") as f:
             header = f.readline().rstrip("\r\n").split("\t")
         headerless = bool(task.tsv_columns) and not set(task.text_columns) <= set(header)
-        return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
-                           encoding="utf-8-sig", header=None if headerless else 0,
-                           names=task.tsv_columns if headerless else None)
+        return pd.read_csv(
+            path,
+            sep="\t",
+            quoting=csv.QUOTE_NONE,
+            dtype=str,
+            keep_default_na=False,
+            encoding="utf-8-sig",
+            header=None if headerless else 0,
+            names=task.tsv_columns if headerless else None,
+        )
     if ext == "csv":
         return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     if ext in ("json", "jsonl"):
         with path.open(encoding="utf-8-sig") as f:
             records_array = f.read(4096).lstrip().startswith("[")  # .json: a JSON array or JSON lines
-        return pd.read_json(path, lines=not records_array, dtype=False, convert_dates=False,
-                            encoding="utf-8-sig")
+        return pd.read_json(
+            path, lines=not records_array, dtype=False, convert_dates=False, encoding="utf-8-sig"
+        )
     return pd.read_parquet(path)
 
 
 def _normalise(frame: pd.DataFrame, task: GlueTask, where: str) -> pd.DataFrame:
     """Rename GLUE-TSV columns to the hub's, check the columns, and turn labels into ids (or floats)."""
-    frame = frame.rename(columns={old: new for old, new in task.tsv_aliases.items()
-                                  if old in frame.columns and new not in frame.columns})
+    frame = frame.rename(
+        columns={
+            old: new
+            for old, new in task.tsv_aliases.items()
+            if old in frame.columns and new not in frame.columns
+        }
+    )
     required = [*task.text_columns, "label"]
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise ValueError(f"{where}: missing column(s) {missing} for task {task.name!r}; "
-                         f"found columns {list(frame.columns)}")
+        raise ValueError(
+            f"{where}: missing column(s) {missing} for task {task.name!r}; "
+            f"found columns {list(frame.columns)}"
+        )
     frame = frame[required].copy()
     for column in task.text_columns:
         empty = frame[column].isna()
@@ -227,9 +252,12 @@ def _label_ids(labels: pd.Series, task: GlueTask, where: str) -> pd.Series:
         names_as_ids = labels.astype(str).str.strip().map(lambda v: by_name.get(v, v))
         values = pd.to_numeric(names_as_ids, errors="coerce")
         bad = values.isna() | (values % 1 != 0) | (values < 0) | (values >= task.num_labels)
-        allowed = f"integers in [0, {task.num_labels})" + (f" or names {list(task.label_names)}"
-                                                           if task.label_names else "")
+        allowed = f"integers in [0, {task.num_labels})" + (
+            f" or names {list(task.label_names)}" if task.label_names else ""
+        )
     if bad.any():
-        raise ValueError(f"{where}: label {labels[bad].iloc[0]!r} is not valid for task {task.name!r} "
-                         f"({bad.sum()} of {len(labels)} rows); allowed: {allowed}")
+        raise ValueError(
+            f"{where}: label {labels[bad].iloc[0]!r} is not valid for task {task.name!r} "
+            f"({bad.sum()} of {len(labels)} rows); allowed: {allowed}"
+        )
     return values.astype(float if task.is_regression else int)

@@ -9,4 +9,11 @@ from apt_lightning.distill.losses import (
 )
 from apt_lightning.distill.teacher import TeacherView
 
-__all__ = ["Distiller", "HiddenTransform", "TeacherView", "nearest_alive", "prediction_loss", "sample_teacher_layers"]
+__all__ = [
+    "Distiller",
+    "HiddenTransform",
+    "TeacherView",
+    "nearest_alive",
+    "prediction_loss",
+    "sample_teacher_layers",
+]

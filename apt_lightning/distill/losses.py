@@ -26,11 +26,16 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * tau**2
 
 
-def sample_teacher_layers(num_layers: int, blocks: int, generator: torch.Generator | None = None) -> list[int]:
+def sample_teacher_layers(
+    num_layers: int, blocks: int, generator: torch.Generator | None = None
+) -> list[int]:
     """One layer index drawn uniformly from each of `blocks` consecutive blocks of layers."""
     bounds = torch.linspace(0, num_layers, min(blocks, num_layers) + 1).round().long().tolist()
-    return [int(torch.randint(lo, hi, (1,), generator=generator)) for lo, hi in zip(bounds, bounds[1:], strict=False)
-            if hi > lo]
+    return [
+        int(torch.randint(lo, hi, (1,), generator=generator))
+        for lo, hi in zip(bounds, bounds[1:], strict=False)
+        if hi > lo
+    ]
 
 
 def nearest_alive(layer: int, alive: list[bool]) -> list[int]:
@@ -61,10 +66,23 @@ class HiddenTransform(nn.Module):
 class Distiller(nn.Module):
     """Computes L_distill for `APTModule.training_step` from the student's output and a teacher forward."""
 
-    def __init__(self, hidden: int, tau: float = 4.0, pred_weight: float = 1.0, layer_weight: float = 0.9,
-                 layer_blocks: int = 4, transform_rank: int = 8, seed: int = 0) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        tau: float = 4.0,
+        pred_weight: float = 1.0,
+        layer_weight: float = 0.9,
+        layer_blocks: int = 4,
+        transform_rank: int = 8,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
-        self.tau, self.pred_weight, self.layer_weight, self.layer_blocks = tau, pred_weight, layer_weight, layer_blocks
+        self.tau, self.pred_weight, self.layer_weight, self.layer_blocks = (
+            tau,
+            pred_weight,
+            layer_weight,
+            layer_blocks,
+        )
         self.transform = HiddenTransform(hidden, transform_rank)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -84,7 +102,9 @@ class Distiller(nn.Module):
         parts = {"pred_loss": prediction_loss(student_out.logits, teacher_out.logits, self.tau)}
         total = self.pred_weight * parts["pred_loss"]
         if self.needs_hidden:
-            parts["layer_loss"] = self.layer_loss(pl_module, student_out.hidden_states, teacher_out.hidden_states)
+            parts["layer_loss"] = self.layer_loss(
+                pl_module, student_out.hidden_states, teacher_out.hidden_states
+            )
             total = total + self.layer_weight * parts["layer_loss"]
         parts["distill"] = total
         return parts
@@ -93,13 +113,19 @@ class Distiller(nn.Module):
         """hidden_states[i + 1] is the output of layer i."""
         n = len(student_hidden) - 1
         masks = getattr(pl_module.student, "apt_masks", None)
-        alive = [True] * n if masks is None else [not (masks.head_zero[i] and masks.neuron_zero[i]) for i in range(n)]
+        alive = (
+            [True] * n
+            if masks is None
+            else [not (masks.head_zero[i] and masks.neuron_zero[i]) for i in range(n)]
+        )
         weight = None if masks is None or masks.hidden_full else masks.hidden
         total = student_hidden[-1].new_zeros(())
         for i in sample_teacher_layers(n, self.layer_blocks, self.generator):
             target = teacher_hidden[i + 1]
-            losses = [self._mse(self.transform(student_hidden[j + 1]), target, weight)
-                      for j in nearest_alive(i, alive)]
+            losses = [
+                self._mse(self.transform(student_hidden[j + 1]), target, weight)
+                for j in nearest_alive(i, alive)
+            ]
             if losses:
                 total = total + torch.stack(losses).min()
         return total

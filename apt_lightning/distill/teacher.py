@@ -46,7 +46,10 @@ class TeacherView:
             masks.enabled = False
         try:
             return functional_call(
-                student, self.tensors, args=(), kwargs={**inputs, "output_hidden_states": output_hidden_states},
+                student,
+                self.tensors,
+                args=(),
+                kwargs={**inputs, "output_hidden_states": output_hidden_states},
                 strict=False,
             )
         finally:

@@ -14,6 +14,16 @@ from apt_lightning.pruning.scorers import (
 from apt_lightning.pruning.search import kept_param_count, select_blocks
 
 __all__ = [
-    "BlockTensors", "CubicSchedule", "MagnitudeScorer", "OutlierAwareSalience", "RandomScorer", "Scorer",
-    "UniformScorer", "block_costs", "build_scorer", "kept_param_count", "register_scorer", "select_blocks",
+    "BlockTensors",
+    "CubicSchedule",
+    "MagnitudeScorer",
+    "OutlierAwareSalience",
+    "RandomScorer",
+    "Scorer",
+    "UniformScorer",
+    "block_costs",
+    "build_scorer",
+    "kept_param_count",
+    "register_scorer",
+    "select_blocks",
 ]

@@ -25,7 +25,11 @@ class BlockTensors:
 
     def counts(self) -> tuple[list[int], list[int], int]:
         """For 0/1 keep tensors: kept heads and neurons per layer and kept hidden dims."""
-        return ([int(t.sum()) for t in self.heads], [int(t.sum()) for t in self.neurons], int(self.hidden.sum()))
+        return (
+            [int(t.sum()) for t in self.heads],
+            [int(t.sum()) for t in self.neurons],
+            int(self.hidden.sum()),
+        )
 
     @classmethod
     def full(cls, shapes: ModelShapes, value: float = 1.0) -> BlockTensors:

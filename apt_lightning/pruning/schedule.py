@@ -35,14 +35,17 @@ class CubicSchedule:
         if self.num_events < 1:
             raise ValueError(f"num_events must be >= 1, got {self.num_events}")
         if self.start_step >= self.end_step:
-            raise ValueError(f"pruning start step ({self.start_step}) must come before the end step ({self.end_step})")
+            raise ValueError(
+                f"pruning start step ({self.start_step}) must come before the end step ({self.end_step})"
+            )
         if self.decay_steps < 0:
             raise ValueError(f"decay_steps must be >= 0, got {self.decay_steps}")
         spacing = (self.end_step - self.start_step) / self.num_events
         if spacing < self.decay_steps + 1:
             raise ValueError(
-                f"{self.end_step - self.start_step} pruning steps are too few for {self.num_events} events with "
-                f"{self.decay_steps}-step decay windows (need >= {self.num_events * (self.decay_steps + 1)}); "
+                f"{self.end_step - self.start_step} pruning steps are too few for {self.num_events} events "
+                f"with {self.decay_steps}-step decay windows "
+                f"(need >= {self.num_events * (self.decay_steps + 1)}); "
                 "lengthen the pruning phase or use fewer events / shorter windows"
             )
 

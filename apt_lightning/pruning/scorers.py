@@ -29,7 +29,9 @@ def build_scorer(scorer: Scorer | str) -> Scorer:
     if isinstance(scorer, Scorer):
         return scorer
     if scorer not in _SCORERS:
-        raise ValueError(f"unknown scorer {scorer!r}; built in: {sorted(_SCORERS)} (or give a Scorer subclass)")
+        raise ValueError(
+            f"unknown scorer {scorer!r}; built in: {sorted(_SCORERS)} (or give a Scorer subclass)"
+        )
     return _SCORERS[scorer]()
 
 
@@ -72,10 +74,14 @@ class Scorer:
 
 
 def _fisher_kurtosis(x: torch.Tensor) -> torch.Tensor:
-    """Excess kurtosis over the last dimension."""
+    """Excess kurtosis over the last dimension; 0 for a constant row. Computed on standardised values, so
+    it is scale-invariant (an absolute floor on var^2 would turn small-magnitude rows, e.g. weights ~1e-2
+    times activations ~1e-2, into -3)."""
     centred = x - x.mean(-1, keepdim=True)
-    var = centred.pow(2).mean(-1)
-    return centred.pow(4).mean(-1) / var.pow(2).clamp_min(1e-12) - 3.0
+    std = centred.pow(2).mean(-1, keepdim=True).sqrt()
+    z = centred / std.clamp_min(torch.finfo(x.dtype).tiny)
+    kurt = z.pow(4).mean(-1) - 3.0
+    return torch.where(std.squeeze(-1) > 0, kurt, torch.zeros_like(kurt))
 
 
 @register_scorer("salience")
@@ -131,6 +137,11 @@ class OutlierAwareSalience(Scorer):
             prev_m = self.mean_act.get(key)
             ok = prev_m is not None and prev_m.shape == mean.shape
             self.mean_act[key] = self.ema * prev_m + (1 - self.ema) * mean if ok else mean
+        if self._act:
+            # a site not seen this step is gone (its whole sublayer was removed): it scores S = 0 from now
+            # on, instead of adding its last EMA value to the hidden scores forever
+            for key in self.salience.keys() - self._act.keys():
+                self.salience[key] = self.ema * self.salience[key]
         self._act.clear()
         self._grad.clear()
         self._tokens.clear()
@@ -143,7 +154,9 @@ class OutlierAwareSalience(Scorer):
         shapes: ModelShapes = structure.shapes()
         dh = shapes.head_dim
         device = structure.masks.hidden.device
-        heads = [self._channel("head", i, h * dh, device).reshape(h, dh).sum(1) for i, h in enumerate(shapes.heads)]
+        heads = [
+            self._channel("head", i, h * dh, device).reshape(h, dh).sum(1) for i, h in enumerate(shapes.heads)
+        ]
         neurons = [self._channel("neuron", i, f, device) for i, f in enumerate(shapes.neurons)]
         hidden = sum(v for (k, _), v in self.salience.items() if k == "hidden")
         hidden = hidden if torch.is_tensor(hidden) else torch.zeros(shapes.hidden, device=device)
@@ -162,8 +175,11 @@ class OutlierAwareSalience(Scorer):
             w, act = structure.ffn_output_weight(i), self.mean_act.get(("neuron", i))
             if w is not None and act is not None and f:
                 neurons[i] = neurons[i] + _fisher_kurtosis((w.float() * act).t()).clamp_min(0).sqrt()
-        cols = [w.float() * self.mean_act[("hidden", site)] for site, w in structure.hidden_input_weights()
-                if ("hidden", site) in self.mean_act]
+        cols = [
+            w.float() * self.mean_act[("hidden", site)]
+            for site, w in structure.hidden_input_weights()
+            if ("hidden", site) in self.mean_act
+        ]
         if cols:
             hidden = hidden + _fisher_kurtosis(torch.cat(cols, 0).t()).clamp_min(0).sqrt()
         return heads, neurons, hidden
@@ -198,7 +214,8 @@ class RandomScorer(Scorer):
         self.generator = torch.Generator().manual_seed(seed)
 
     def compute(self, structure: PrunableStructure) -> BlockTensors:
-        return BlockTensors.full(structure.shapes()).map(lambda t: torch.rand(t.shape, generator=self.generator))
+        full = BlockTensors.full(structure.shapes())
+        return full.map(lambda t: torch.rand(t.shape, generator=self.generator))
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -224,7 +241,9 @@ class UniformScorer(Scorer):
 
 @register_scorer("magnitude")
 class MagnitudeScorer(Scorer):
-    """Mean absolute weight of each block's parameters (no data needed; a cheap baseline)."""
+    """Mean absolute weight of a block's output (heads, neurons) or input (hidden) weights times the block's
+    cost: the search ranks by score / cost, so density is the mean |w| per parameter and blocks of different
+    sizes compete fairly (no data needed; a cheap baseline)."""
 
     @torch.no_grad()
     def compute(self, structure: PrunableStructure) -> BlockTensors:
@@ -233,9 +252,17 @@ class MagnitudeScorer(Scorer):
         heads, neurons = [], []
         for i, (h, f) in enumerate(zip(shapes.heads, shapes.neurons, strict=True)):
             w = structure.head_output_weight(i)
-            heads.append(w.abs().float().reshape(w.shape[0], h, dh).mean((0, 2)).cpu() if w is not None and h
-                         else torch.zeros(h))
+            heads.append(
+                w.abs().float().reshape(w.shape[0], h, dh).mean((0, 2)).cpu()
+                if w is not None and h
+                else torch.zeros(h)
+            )
             w = structure.ffn_output_weight(i)
             neurons.append(w.abs().float().mean(0).cpu() if w is not None and f else torch.zeros(f))
         hidden = torch.cat([w.abs().float().cpu() for _, w in structure.hidden_input_weights()], 0).mean(0)
-        return BlockTensors(heads, neurons, hidden)
+        costs = block_costs(shapes)
+        return BlockTensors(
+            [s * c for s, c in zip(heads, costs.heads, strict=True)],
+            [s * c for s, c in zip(neurons, costs.neurons, strict=True)],
+            hidden * costs.hidden,
+        )

@@ -36,7 +36,9 @@ def _prefix_counts(kinds: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def _to_blocks(shapes: ModelShapes, kinds, layers, pos, chosen: torch.Tensor) -> BlockTensors:
     keep = BlockTensors.full(shapes, 0.0)
-    for kind, layer, p in zip(kinds[chosen].tolist(), layers[chosen].tolist(), pos[chosen].tolist(), strict=True):
+    for kind, layer, p in zip(
+        kinds[chosen].tolist(), layers[chosen].tolist(), pos[chosen].tolist(), strict=True
+    ):
         if kind == _HEAD:
             keep.heads[layer][p] = 1.0
         elif kind == _NEURON:
@@ -46,7 +48,9 @@ def _to_blocks(shapes: ModelShapes, kinds, layers, pos, chosen: torch.Tensor) ->
     return keep
 
 
-def select_blocks(scores: BlockTensors, shapes: ModelShapes, budget: int, multiple_of: int = 1) -> BlockTensors:
+def select_blocks(
+    scores: BlockTensors, shapes: ModelShapes, budget: int, multiple_of: int = 1
+) -> BlockTensors:
     """0/1 keep decisions whose APT count is at most `budget` and maximal: the next block in density
     order would exceed it. With `multiple_of` > 1 the hidden size is rounded to the nearest multiple
     and each layer's neuron count down to one (head widths are multiples of d_h already); the search
@@ -74,7 +78,7 @@ def _aligned(shapes, density, kinds, layers, pos, order, chosen, budget, multipl
     keep = _to_blocks(shapes, kinds, layers, pos, torch.cat([hidden_order, rest[:k]]))
     offset = sum(shapes.heads)
     for mask in keep.neurons:
-        layer_density = density[offset: offset + mask.numel()]
+        layer_density = density[offset : offset + mask.numel()]
         offset += mask.numel()
         excess = int(mask.sum()) % multiple_of
         if excess:

@@ -13,6 +13,14 @@ from apt_lightning.structure.masks import MaskedLayerNorm, PruningMasks
 from apt_lightning.structure.slicing import SliceLog, SliceOp
 
 __all__ = [
-    "MaskedLayerNorm", "ModelShapes", "PrunableStructure", "PruningMasks", "SliceLog", "SliceOp",
-    "apt_param_count", "exact_encoder_param_count", "get_structure", "register_family",
+    "MaskedLayerNorm",
+    "ModelShapes",
+    "PrunableStructure",
+    "PruningMasks",
+    "SliceLog",
+    "SliceOp",
+    "apt_param_count",
+    "exact_encoder_param_count",
+    "get_structure",
+    "register_family",
 ]

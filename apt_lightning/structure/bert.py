@@ -8,6 +8,8 @@ dense layer (RoBERTa).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -63,13 +65,17 @@ class BertStructure:
     def shapes(self) -> ModelShapes:
         heads, neurons = [], []
         for layer in self.layers:
-            heads.append(layer.attention.self.query.out_features // self.head_dim if self._has_attention(layer) else 0)
+            heads.append(
+                layer.attention.self.query.out_features // self.head_dim if self._has_attention(layer) else 0
+            )
             neurons.append(layer.intermediate.dense.out_features if self._has_ffn(layer) else 0)
         hidden = self.base.embeddings.word_embeddings.embedding_dim
         full = self._full
         if full is None:
             return ModelShapes(heads, neurons, hidden, self.head_dim)
-        return ModelShapes(heads, neurons, hidden, self.head_dim, full.full_heads, full.full_neurons, full.full_hidden)
+        return ModelShapes(
+            heads, neurons, hidden, self.head_dim, full.full_heads, full.full_neurons, full.full_hidden
+        )
 
     def head_output_weight(self, layer: int) -> torch.Tensor | None:
         mod = self.layers[layer]
@@ -101,7 +107,9 @@ class BertStructure:
         if self.masks is not None:
             return self.masks
         s = self.shapes()
-        masks = PruningMasks(s.heads, s.neurons, s.hidden).to(self.base.embeddings.word_embeddings.weight.device)
+        masks = PruningMasks(s.heads, s.neurons, s.hidden).to(
+            self.base.embeddings.word_embeddings.weight.device
+        )
         self.model.apt_masks = masks
         self.masks = masks
         emb = self.base.embeddings
@@ -119,31 +127,28 @@ class BertStructure:
                 self._hooks.append(out.register_forward_hook(self._skip_hook("neuron", i)))
         return masks
 
+    # The hooks are partials of bound methods, not closures: `copy.deepcopy` of a masked model then binds
+    # the copy's hooks to the copy's structure and masks (a closure would keep reading the original's).
     def _mask_hook(self, kind: str, layer: int):
-        repeat = self.head_dim if kind == "head" else 1
-        full_flags = "head_full" if kind == "head" else "neuron_full"
+        return functools.partial(self._apply_mask, kind, layer)
 
-        def hook(module: nn.Module, args: tuple) -> tuple:
-            x, masks = args[0], self.masks
-            if masks.active() and not getattr(masks, full_flags)[layer]:
-                m = masks.get(kind, layer).to(x.dtype)
-                x = x * (m.repeat_interleave(repeat) if repeat > 1 else m)
-            if masks.observing():
-                masks.observer.observe(kind, layer, x)
-            return (x, *args[1:])
-
-        return hook
+    def _apply_mask(self, kind: str, layer: int, module: nn.Module, args: tuple) -> tuple:
+        x, masks = args[0], self.masks
+        if masks.active() and not (masks.head_full if kind == "head" else masks.neuron_full)[layer]:
+            m = masks.get(kind, layer).to(x.dtype)
+            x = x * (m.repeat_interleave(self.head_dim) if kind == "head" else m)
+        if masks.observing():
+            masks.observer.observe(kind, layer, x)
+        return (x, *args[1:])
 
     def _skip_hook(self, kind: str, layer: int):
-        zero_flags = "head_zero" if kind == "head" else "neuron_zero"
+        return functools.partial(self._apply_skip, kind, layer)
 
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            masks = self.masks
-            if masks.active() and getattr(masks, zero_flags)[layer]:
-                return args[1]  # the residual input: the sublayer is skipped
-            return output
-
-        return hook
+    def _apply_skip(self, kind: str, layer: int, module: nn.Module, args: tuple, output: torch.Tensor):
+        masks = self.masks
+        if masks.active() and (masks.head_zero if kind == "head" else masks.neuron_zero)[layer]:
+            return args[1]  # the residual input: the sublayer is skipped
+        return output
 
     def _drop_hooks(self, *modules: nn.Module) -> None:
         """Remove the mask hooks of modules about to be replaced: their handles would otherwise point at
@@ -187,7 +192,11 @@ class BertStructure:
         hid = None if masks.hidden_full else masks.kept("hidden")
         if hid is not None:
             emb = self.base.embeddings
-            for e in (emb.word_embeddings, emb.position_embeddings, getattr(emb, "token_type_embeddings", None)):
+            for e in (
+                emb.word_embeddings,
+                emb.position_embeddings,
+                getattr(emb, "token_type_embeddings", None),
+            ):
                 if e is not None:
                     cut(e, slice_embedding(e, hid))
             cut(emb.LayerNorm, slice_layernorm(emb.LayerNorm, hid))
@@ -212,7 +221,9 @@ class BertStructure:
         chan = None
         if not masks.head_full[i]:
             heads = masks.kept("head", i)
-            chan = (heads[:, None] * self.head_dim + torch.arange(self.head_dim, device=heads.device)).flatten()
+            chan = (
+                heads[:, None] * self.head_dim + torch.arange(self.head_dim, device=heads.device)
+            ).flatten()
             att.num_attention_heads = len(heads)
             att.all_head_size = len(chan)
         if chan is None and hid is None:
@@ -242,7 +253,9 @@ class BertStructure:
         dict of a compacted model is then loaded into."""
         current = self.shapes()
         if current.num_layers != shapes.num_layers:
-            raise ValueError(f"shapes describe {shapes.num_layers} layers, the model has {current.num_layers}")
+            raise ValueError(
+                f"shapes describe {shapes.num_layers} layers, the model has {current.num_layers}"
+            )
         had_masks = self.masks is not None
         masks = self.install_masks()
 
@@ -257,8 +270,13 @@ class BertStructure:
         masks.set("hidden", first(shapes.hidden, current.hidden, "hidden size"))
         self.compact()
         self._full = ModelShapes(
-            self.shapes().heads, self.shapes().neurons, shapes.hidden, self.head_dim,
-            shapes.full_heads, shapes.full_neurons, shapes.full_hidden,
+            self.shapes().heads,
+            self.shapes().neurons,
+            shapes.hidden,
+            self.head_dim,
+            shapes.full_heads,
+            shapes.full_neurons,
+            shapes.full_hidden,
         )
         if not had_masks:
             self.remove_masks()

@@ -72,15 +72,16 @@ class PruningMasks(nn.Module):
 
     def refresh(self) -> None:
         """Recompute the Python-side flags from the buffers."""
+
         def flags(t: torch.Tensor) -> tuple[bool, bool]:
             return bool((t == 1).all()), bool((t == 0).all())
 
-        self.head_full, self.head_zero = (
-            tuple(zip(*[flags(self.head(i)) for i in range(self.num_layers)], strict=True)) or ((), ())
-        )
-        self.neuron_full, self.neuron_zero = (
-            tuple(zip(*[flags(self.neuron(i)) for i in range(self.num_layers)], strict=True)) or ((), ())
-        )
+        self.head_full, self.head_zero = tuple(
+            zip(*[flags(self.head(i)) for i in range(self.num_layers)], strict=True)
+        ) or ((), ())
+        self.neuron_full, self.neuron_zero = tuple(
+            zip(*[flags(self.neuron(i)) for i in range(self.num_layers)], strict=True)
+        ) or ((), ())
         self.hidden_full = flags(self.hidden)[0]
 
     def is_hard(self) -> bool:
@@ -127,7 +128,9 @@ class MaskedLayerNorm(nn.LayerNorm):
         return new
 
     def to_layernorm(self) -> nn.LayerNorm:
-        ln = nn.LayerNorm(self.normalized_shape[0], eps=self.eps, device=self.weight.device, dtype=self.weight.dtype)
+        ln = nn.LayerNorm(
+            self.normalized_shape[0], eps=self.eps, device=self.weight.device, dtype=self.weight.dtype
+        )
         ln.weight, ln.bias = self.weight, self.bias
         return ln
 

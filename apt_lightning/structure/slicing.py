@@ -28,7 +28,9 @@ def _slice_parameter(module: nn.Module, op: SliceOp) -> None:
     setattr(module, op.param, nn.Parameter(new, requires_grad=old.requires_grad))
 
 
-def linear_slice_ops(module: nn.Linear, out_index: torch.Tensor | None, in_index: torch.Tensor | None) -> list[SliceOp]:
+def linear_slice_ops(
+    module: nn.Linear, out_index: torch.Tensor | None, in_index: torch.Tensor | None
+) -> list[SliceOp]:
     if hasattr(module, "slice_ops"):  # adapters also slice their own factors
         return module.slice_ops(out_index, in_index)
     ops = []

@@ -12,6 +12,12 @@ from apt_lightning.tuning.allocation import (
 )
 
 __all__ = [
-    "STRATEGIES", "AdapterInfo", "RankAllocation", "StaticAllocation", "TopHalfAllocation",
-    "UniformAllocation", "build_allocation", "tuning_params",
+    "STRATEGIES",
+    "AdapterInfo",
+    "RankAllocation",
+    "StaticAllocation",
+    "TopHalfAllocation",
+    "UniformAllocation",
+    "build_allocation",
+    "tuning_params",
 ]

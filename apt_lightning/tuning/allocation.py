@@ -43,6 +43,7 @@ class RankAllocation:
 
     def _scaled(self, adapters: list[AdapterInfo], chosen: list[AdapterInfo], budget: int) -> dict[str, int]:
         """Largest shared growth rate for `chosen` (ranks floor(r * rate), capped) within `budget`."""
+
         def ranks_at(rate: float) -> dict[str, int]:
             return {a.name: max(a.rank, min(self.max_rank, math.floor(a.rank * rate))) for a in chosen}
 
@@ -72,7 +73,10 @@ class TopHalfAllocation(RankAllocation):
         while progress:
             progress = False
             for a in chosen:
-                if ranks[a.name] < self.max_rank and tuning_params(adapters, ranks) + a.cost_per_rank <= budget:
+                if (
+                    ranks[a.name] < self.max_rank
+                    and tuning_params(adapters, ranks) + a.cost_per_rank <= budget
+                ):
                     ranks[a.name] += 1
                     progress = True
         return {n: r for n, r in ranks.items() if r != next(a.rank for a in adapters if a.name == n)}

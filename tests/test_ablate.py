@@ -1,0 +1,692 @@
+"""apt-ablate: overlays, suite checks, the runner (fake and real workers) and the report."""
+
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import GLUE_DIR, REPO
+
+from apt_lightning import ablate
+from apt_lightning.ablate import SuiteError, apply_overlay, load_overlay, load_suite, plan, set_dotted
+from apt_lightning.report import collect_runs, write_report
+
+ABLATIONS = REPO / "configs" / "ablations"
+SUITES = REPO / "configs" / "suites"
+APT_BASE = REPO / "configs" / "minilm_sst2_apt.yaml"
+if not APT_BASE.is_file():
+    APT_BASE = REPO / "configs" / "quickstart_cpu.yaml"
+APT_CALLBACKS = ["AdaptivePruning", "AdaptiveTuning", "SelfDistillation"]
+needs_glue = pytest.mark.skipif(not (GLUE_DIR / "sst2").is_dir(), reason="shared GLUE data not present")
+
+
+def _base() -> dict:
+    return yaml.safe_load(APT_BASE.read_text())
+
+
+def _names(config: dict) -> list[str]:
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    return [cb["class_path"].rsplit(".", 1)[-1] for cb in callbacks]
+
+
+def _args(config: dict, name: str) -> dict:
+    callbacks = config["trainer"]["callbacks"]
+    return next(cb.get("init_args") or {} for cb in callbacks if cb["class_path"].endswith(name))
+
+
+# ---------------------------------------------------------------------- overlays
+def _check_variant(name: str, config: dict, base: dict) -> None:
+    pruning = _args(base, "AdaptivePruning")
+    if name in ("ft", "lora"):
+        assert _names(config) == []
+        adapters = config["model"]["init_args"]["adapters"]
+        assert adapters is None if name == "ft" else adapters["targets"] == ["query", "value"]
+        return
+    expected = {
+        "no_pruning": ["AdaptiveTuning", "SelfDistillation"],
+        "no_distillation": ["AdaptivePruning", "AdaptiveTuning"],
+    }.get(name, APT_CALLBACKS)
+    assert _names(config) == expected
+    if name == "no_pruning":
+        for cb in ("AdaptiveTuning", "SelfDistillation"):
+            assert _args(config, cb)["start_step"] == pruning["start_step"]
+            assert _args(config, cb)["end_step"] == pruning["end_step"]
+        assert _args(config, "AdaptiveTuning")["num_events"] == pruning.get("num_events", 10)
+    elif name.startswith("sparsity_"):
+        assert _args(config, "AdaptivePruning")["target_sparsity"] == float(name.split("_")[1])
+    elif name == "no_tuning":
+        assert _args(config, "AdaptiveTuning")["strategy"] == "none"
+    elif name == "uniform_rank":
+        assert _args(config, "AdaptiveTuning")["strategy"] == "uniform"
+    elif name == "random_scoring":
+        scorer = _args(config, "AdaptivePruning")["scorer"]
+        assert scorer["class_path"].endswith("RandomScorer") and scorer["init_args"]["seed"] == 3  # ${seed}
+    elif name == "uniform_scoring":
+        assert _args(config, "AdaptivePruning")["scorer"] == "uniform"
+    elif name == "no_kurtosis":
+        assert _args(config, "AdaptivePruning")["scorer"]["init_args"] == {"kurtosis": False}
+    else:
+        assert name in ("apt", "no_distillation") and config == {**base, "trainer": config["trainer"]}
+
+
+OVERLAYS = sorted(ABLATIONS.glob("*.yaml"))
+
+
+def test_every_planned_overlay_exists():
+    wanted = {
+        "apt",
+        "no_pruning",
+        "no_tuning",
+        "uniform_rank",
+        "random_scoring",
+        "uniform_scoring",
+        "no_kurtosis",
+        "no_distillation",
+        "sparsity_0.2",
+        "sparsity_0.5",
+        "sparsity_0.8",
+        "ft",
+        "lora",
+    }
+    assert wanted <= {p.stem for p in OVERLAYS}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
+def test_overlay_changes_only_what_it_says(overlay):
+    base = _base()
+    spec = load_overlay(overlay)
+    assert spec.get("description"), "every overlay describes itself for RESULTS.md"
+    config = apply_overlay(base, spec, seed=3)
+    _check_variant(overlay.stem, config, base)
+    assert base == _base()  # the base is not modified
+
+
+@needs_glue
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
+def test_overlay_config_instantiates(overlay, tiny_backbone_dir, tmp_path):
+    """The composed config is a valid apt-fit config: LightningCLI builds model, data and callbacks."""
+    from apt_lightning.cli import APTCLI
+    from apt_lightning.data import GLUEDataModule
+    from apt_lightning.module import APTModule
+
+    config = apply_overlay(_base(), load_overlay(overlay), seed=0)
+    set_dotted(config, "model.init_args.backbone", str(tiny_backbone_dir))
+    set_dotted(config, "data.init_args.data_dir", str(GLUE_DIR / "sst2"))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = APTCLI(
+        APTModule,
+        GLUEDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(path)],
+        auto_configure_optimizers=False,
+    )
+    present = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert all(name in present for name in _names(config))
+    assert (cli.model.adapters_config is None) == (overlay.stem == "ft")
+
+
+def test_overlay_errors_and_references():
+    base = _base()
+    with pytest.raises(SuiteError, match="remove_callbacks names Nope"):
+        apply_overlay(base, {"remove_callbacks": ["Nope"]})
+    with pytest.raises(SuiteError, match="callback_args names Nope"):
+        apply_overlay(base, {"callback_args": {"Nope": {"x": 1}}})
+    with pytest.raises(SuiteError, match="refers to callback Nope"):
+        apply_overlay(base, {"set": {"a": "${Nope.x}"}})
+    with pytest.raises(SuiteError, match="bad reference"):
+        apply_overlay(base, {"set": {"a": "${not a ref"}})
+    # a reference to an argument the base leaves unset reads the class default
+    refs = {"x.alpha": "${AdaptivePruning.decay_alpha}", "x.seed": "${seed}"}
+    out = apply_overlay(base, {"set": refs}, seed=7)
+    assert out["x"] == {"alpha": 0.01, "seed": 7}
+    # callback_defaults fill only what the base leaves unset
+    defaults = {"AdaptivePruning": {"target_sparsity": 0.1, "plot": False}}
+    out = apply_overlay(base, {"callback_defaults": defaults})
+    target = _args(base, "AdaptivePruning")["target_sparsity"]
+    assert _args(out, "AdaptivePruning")["target_sparsity"] == target
+    assert _args(out, "AdaptivePruning")["plot"] is False
+    # refs: resolved against the run's overrides when given
+    refs = apply_overlay(base, {"set": {"trainer.callbacks.AdaptivePruning.init_args.start_step": 5}})
+    args = {"AdaptiveTuning": {"start_step": "${AdaptivePruning.start_step}"}}
+    out = apply_overlay(base, {"remove_callbacks": ["AdaptivePruning"], "callback_args": args}, refs=refs)
+    assert _args(out, "AdaptiveTuning")["start_step"] == 5
+
+
+def test_overlay_file_checks(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("remove: [SelfDistillation]\n")
+    with pytest.raises(SuiteError, match="unknown keys \\['remove'\\]"):
+        load_overlay(bad)
+    bad.write_text("add_callbacks: [{init_args: {}}]\n")
+    with pytest.raises(SuiteError, match="need a class_path"):
+        load_overlay(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert apply_overlay(_base(), load_overlay(empty)) == _base()
+
+
+def test_set_dotted_by_class_name_and_index():
+    config = _base()
+    assert set_dotted(config, "trainer.callbacks.AdaptiveTuning.init_args.max_rank", 16) == 1
+    assert _args(config, "AdaptiveTuning")["max_rank"] == 16
+    assert set_dotted(config, "trainer.callbacks.Missing.init_args.x", 1) == 0
+    assert set_dotted(config, "trainer.callbacks.0.init_args.plot", False) == 1
+    assert _args(config, "AdaptivePruning")["plot"] is False
+    assert set_dotted(config, "new.deep.key", [1]) == 1 and config["new"] == {"deep": {"key": [1]}}
+    with pytest.raises(SuiteError, match="outside a list"):
+        set_dotted(config, "trainer.callbacks.9.init_args.x", 1)
+
+
+# ---------------------------------------------------------------------- suite checks
+def _suite(tmp_path: Path, name: str = "s", **changes) -> Path:
+    spec = {
+        "name": name,
+        "base": str(APT_BASE),
+        "overlay_dir": str(ABLATIONS),
+        "output_dir": str(tmp_path / "out"),
+        "data_root": str(GLUE_DIR),
+        "reference": "ft",
+        "seeds": [0],
+        "variants": ["apt", "ft"],
+        "tasks": {"sst2": {"data_dir": "{data_root}/sst2"}},
+    }
+    spec.update(changes)
+    spec = {k: v for k, v in spec.items() if v is not None}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@needs_glue
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"variants": ["apt", "nope"]}, "unknown variant 'nope'.*available in .*'no_distillation'"),
+        ({"base": "/does/not/exist.yaml"}, "base config /does/not/exist.yaml not found"),
+        (
+            {"variants": [{"name": "apt", "base": "nope.yaml"}]},
+            "variant apt: base config .*nope.yaml not found",
+        ),
+        ({"seeds": []}, "zero seeds"),
+        ({"variants": [{"name": "apt", "seeds": []}]}, "variant apt: zero seeds"),
+        ({"seeds": None}, "no seeds given"),
+        ({"seeds": [0, "a"]}, "seeds must be integers"),
+        ({"tasks": {"sst3": {}}}, "unknown task 'sst3'.*known: \\[.*'sst2'"),
+        ({"tasks": {"x": {"task": "qqqp"}}}, "unknown task 'qqqp'"),
+        ({"variants": [{"name": "apt", "tasks": ["mnli"]}]}, "variant apt: unknown task\\(s\\) \\['mnli'\\]"),
+        ({"tasks": {"sst2": {"data_dir": "/no/such/folder"}}}, "data_dir /no/such/folder is not a folder"),
+        ({"data_root": None}, "uses \\{data_root\\} but no data_root is set"),
+        ({"tasks": {}}, "no tasks"),
+        ({"variants": []}, "non-empty list"),
+        ({"variants": ["apt", "apt"]}, "listed twice"),
+        ({"reference": "lora"}, "reference 'lora' is not one of the variants"),
+        ({"paralel": 2}, "unknown keys \\['paralel'\\]"),
+        ({"parallel": 0}, "parallel must be an integer >= 1"),
+        (
+            {"set": {"trainer.callbacks.AdaptivePrunning.init_args.x": 1}},
+            "addresses callback AdaptivePrunning",
+        ),
+        (
+            {
+                "variants": [
+                    {
+                        "name": "apt",
+                        "overlay": "no_distillation",
+                        "set": {"trainer.callbacks.SelfDistillation.init_args.tau": 2.0},
+                    },
+                    "ft",
+                ]
+            },
+            None,
+        ),
+    ],
+)
+def test_bad_suites_fail_before_any_run(tmp_path, changes, message):
+    path = _suite(tmp_path, **changes)
+    if message is None:  # a suite-wide key may address a callback this variant removed: skipped quietly
+        assert _names(plan(load_suite(path))[1].config)[:2] == ["AdaptivePruning", "AdaptiveTuning"]
+        return
+    with pytest.raises(SuiteError, match=message):
+        load_suite(path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_suite_and_cli_errors(tmp_path, capsys):
+    with pytest.raises(SuiteError, match="suite file .*nope.yaml not found"):
+        load_suite(tmp_path / "nope.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        ablate.main(["run", str(tmp_path / "nope.yaml")])
+    assert exit_info.value.code == 2
+    assert "apt-ablate: error: suite file" in capsys.readouterr().err
+    with pytest.raises(SuiteError, match="--set expects KEY=VALUE"):
+        ablate._parse_sets(["novalue"])
+
+
+@needs_glue
+def test_cli_selection_errors(tmp_path):
+    path = _suite(tmp_path)
+    with pytest.raises(SuiteError, match="--variants \\['x'\\]"):
+        load_suite(path, variants=["x"])
+    with pytest.raises(SuiteError, match="--tasks \\['mnli'\\]"):
+        load_suite(path, tasks=["mnli"])
+    with pytest.raises(SuiteError, match="--seeds: zero seeds"):
+        load_suite(path, seeds=[])
+    with pytest.raises(SuiteError, match="leaves no runs"):
+        load_suite(path, seeds=[5])
+    suite = load_suite(path, variants=["apt"], seeds=[0])
+    assert [r.run_id for r in plan(suite)] == ["apt/sst2/seed0"]
+
+
+# ---------------------------------------------------------------------- shipped suites
+@needs_glue
+def test_smoke_suite_plan():
+    suite = load_suite(SUITES / "smoke_cpu.yaml")
+    runs = plan(suite)
+    assert [r.run_id for r in runs] == ["ft/sst2/seed0", "apt/sst2/seed0", "no_distillation/sst2/seed0"]
+    apt = runs[1].config
+    assert apt["trainer"]["max_steps"] == 12 and apt["seed_everything"] == 0
+    assert _args(apt, "AdaptivePruning")["start_step"] == 2 and _names(apt)[-1] == "EfficiencyMonitor"
+    assert apt["trainer"]["logger"][0]["init_args"]["save_dir"] == str(runs[1].run_dir)
+    assert apt["trainer"]["enable_checkpointing"] is False
+    assert apt["data"]["init_args"]["data_dir"] == "../shared/data/glue/sst2"
+
+
+def test_gpu_suite_plan(tmp_path):
+    root = tmp_path / "glue"
+    for sub in ("sst2", "mnli_subset"):
+        (root / sub).mkdir(parents=True)
+    suite = load_suite(SUITES / "minilm_gpu.yaml", data_root=str(root))
+    runs = plan(suite)
+    seeds: dict[tuple[str, str], set[int]] = {}
+    for r in runs:
+        seeds.setdefault((r.variant.name, r.task.key), set()).add(r.seed)
+        assert r.config["data"]["init_args"]["data_dir"].startswith(str(root))  # --data-root wins
+        assert r.config["trainer"]["accelerator"] == "gpu"
+    for name in ("apt", "ft"):
+        assert seeds[(name, "sst2")] == seeds[(name, "mnli9k")] == {0, 1, 2}
+    assert {v for v, t in seeds if t == "mnli9k"} >= {"apt", "no_distillation", "no_tuning", "ft"}
+    assert {v for v, t in seeds if t == "sst2"} == {p.stem for p in OVERLAYS}
+    assert suite.parallel >= 8 and suite.benchmark["batch_size"] == suite.benchmark["seq_len"] == 128
+    assert runs[0].variant.name == "ft"
+    mnli = {r.variant.name: r.config for r in runs if r.task.key == "mnli9k" and r.seed == 0}
+    assert mnli["ft"]["model"]["init_args"]["task"] == "mnli"
+    # no_pruning copies the pruning schedule as this task overrides it, not the base's
+    assert (
+        _args(mnli["no_pruning"], "AdaptiveTuning")["start_step"]
+        == _args(mnli["apt"], "AdaptivePruning")["start_step"]
+        == 50
+    )
+
+
+@needs_glue
+def test_wandb_logger_only_when_enabled(tmp_path):
+    runs = plan(load_suite(_suite(tmp_path, wandb={"project": "p"})))
+    loggers = runs[0].config["trainer"]["logger"]
+    assert [lg["class_path"].rsplit(".", 1)[-1] for lg in loggers] == ["CSVLogger", "WandbLogger"]
+    assert {lg["init_args"]["group"] for lg in loggers[1:]} == {"s"} and loggers[1]["init_args"]["offline"]
+    runs = plan(load_suite(_suite(tmp_path)))
+    assert len(runs[0].config["trainer"]["logger"]) == 1
+
+
+# ---------------------------------------------------------------------- runner (fake worker)
+FAKE_WORKER = """
+import json, sys, time, pathlib
+run = pathlib.Path(sys.argv[1])
+meta = json.loads((run / "run.json").read_text())
+print("training", meta["variant"])
+if meta["variant"] == "broken":
+    print("boom: something broke"); sys.exit(3)
+if meta["variant"] == "slow":
+    time.sleep(30)
+time.sleep(0.3)
+(run / "done.json").write_text(json.dumps({"best_metric": 0.9 if meta["variant"] == "ft" else 0.8}))
+"""
+
+
+@pytest.fixture
+def fake_worker(monkeypatch, tmp_path):
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(
+        ablate, "worker_command", lambda run_dir, extra: [sys.executable, str(script), str(run_dir)]
+    )
+
+
+@needs_glue
+def test_runner_survives_failure_skips_finished_and_is_strict_on_request(tmp_path, fake_worker, capsys):
+    variants = ["ft", "apt", {"name": "broken", "overlay": "apt"}, "no_distillation"]
+    path = _suite(tmp_path, variants=variants, parallel=1)
+    argv = ["run", str(path), "--no-bench", "--no-report"]
+    assert ablate.main(argv) == 0  # failures are recorded, not fatal
+    out = tmp_path / "out"
+    assert all((out / v / "sst2" / "seed0" / "done.json").is_file() for v in ("ft", "apt", "no_distillation"))
+    failed = json.loads((out / "broken" / "sst2" / "seed0" / "failed.json").read_text())
+    assert failed["returncode"] == 3 and "boom: something broke" in failed["log_tail"]
+    assert "[FAILED] broken/sst2/seed0 (exit 3)" in capsys.readouterr().out
+    # the FT run finished first, so the others time their TTA against its best metric
+    apt_config = yaml.safe_load((out / "apt" / "sst2" / "seed0" / "config.yaml").read_text())
+    assert _args(apt_config, "EfficiencyMonitor")["reference"] == 0.9
+    assert json.loads((out / "apt" / "sst2" / "seed0" / "run.json").read_text())["tta_reference"] == 0.9
+
+    assert ablate.main([*argv, "--strict"]) == 1  # only the failed run is retried
+    text = capsys.readouterr()
+    assert "0 done, 3 skipped, 1 failed" in text.out and "1 run(s) failed: broken/sst2/seed0" in text.err
+    assert ablate.main(["run", str(path), "--no-bench", "--no-report", "--variants", "apt", "ft"]) == 0
+    assert "0 done, 2 skipped, 0 failed" in capsys.readouterr().out
+
+
+@needs_glue
+def test_runner_parallel_and_timeout(tmp_path, fake_worker):
+    variants = ["ft", "apt", "no_distillation", "no_tuning", {"name": "slow", "overlay": "apt"}]
+    suite = load_suite(_suite(tmp_path, variants=variants, parallel=3, timeout_s=3))
+    t0 = time.time()
+    result = ablate.train_runs(suite, plan(suite), log=lambda _: None)
+    finished = ("ft", "apt", "no_distillation", "no_tuning")
+    assert sorted(result["done"]) == sorted(f"{v}/sst2/seed0" for v in finished)
+    assert result["failed"] == ["slow/sst2/seed0"]
+    assert time.time() - t0 < 25  # the slow run was killed at its timeout
+    failed = json.loads((suite.output_dir / "slow" / "sst2" / "seed0" / "failed.json").read_text())
+    assert failed["reason"] == "timeout after 3 s"
+
+
+@needs_glue
+def test_bench_phase_isolates_failures_and_caches_dense(tmp_path, tiny_backbone_dir, monkeypatch):
+    import torch
+
+    import apt_lightning.export
+
+    suite = load_suite(_suite(tmp_path, variants=["ft", "apt", "no_distillation"]))
+    runs = plan(suite)
+    for run in runs:
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "done.json").write_text("{}")
+        (run.run_dir / "final.ckpt").write_text(run.variant.name)
+
+    class Fake:
+        def __init__(self, ckpt):
+            self.hparams = {"backbone": str(tiny_backbone_dir), "task": "sst2", "_class_path": "x"}
+            self.student = torch.nn.Linear(2, 2)
+            self.student.variant = ckpt.read_text()
+
+    broken = {"apt"}  # fails once
+
+    def bench(model, batch_size, seq_len, dtype, device, warmup, repeats):
+        assert (batch_size, seq_len, dtype, device) == (128, 128, "fp32", "cpu")
+        if getattr(model, "variant", None) in broken:
+            broken.clear()
+            raise RuntimeError("bench broke")
+        return {"samples_per_s": 10.0, "latency_ms": 1.0, "peak_mb": 1.0}
+
+    monkeypatch.setattr(ablate, "load_final_module", Fake)
+    monkeypatch.setattr(apt_lightning.export, "compact_for_inference", lambda m: m)
+    monkeypatch.setattr(ablate, "load_benchmark", lambda: bench)
+    suite.benchmark.update(device="cpu", rounds=2)
+    result = ablate.bench_runs(suite, runs, log=lambda _: None)
+    assert result["done"] == ["ft/sst2/seed0", "no_distillation/sst2/seed0"]
+    assert result["failed"] == ["apt/sst2/seed0"]
+    error = json.loads((runs[1].run_dir / "inference_failed.json").read_text())["error"]
+    assert error == "RuntimeError: bench broke"
+    info = json.loads((runs[0].run_dir / "inference.json").read_text())
+    assert info["model"]["rounds_samples_per_s"] == [10.0, 10.0] and info["dtype"] == "fp32"
+    assert info["dense"]["params"] > info["model"]["params"]  # the dense tiny BERT, built once
+    assert len(list((suite.output_dir / "_dense").glob("*.json"))) == 1
+    result = ablate.bench_runs(suite, runs, log=lambda _: None)  # only the failed one is measured again
+    assert result["done"] == ["apt/sst2/seed0"] and not (runs[1].run_dir / "inference_failed.json").exists()
+    monkeypatch.setattr(ablate, "load_benchmark", lambda: None)
+    messages: list[str] = []
+    assert ablate.bench_runs(suite, runs, force=True, log=messages.append)["done"] == []
+    assert "not available" in messages[0]
+
+
+def test_run_status(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert ablate.run_status(run) == "pending"
+    (run / "run.json").write_text(json.dumps({"pid": os.getpid()}))
+    assert ablate.run_status(run) == "pending"  # a live pid, but not a training process of this folder
+    (run / "failed.json").write_text("{}")
+    assert ablate.run_status(run) == "failed"
+    (run / "done.json").write_text("{}")
+    assert ablate.run_status(run) == "done"
+
+
+# ---------------------------------------------------------------------- report
+def _write_run(
+    root: Path,
+    variant: str,
+    seed: int,
+    best: float,
+    *,
+    sparsity: float = 0.0,
+    hist=None,
+    peak=1000.0,
+    step=0.02,
+    inf=None,
+    failed=False,
+    efficiency=True,
+    task="sst2",
+):
+    run = root / variant / task / f"seed{seed}"
+    (run / "logs").mkdir(parents=True)
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "variant": variant,
+                "task": task,
+                "task_key": task,
+                "task_label": "SST-2 test",
+                "seed": seed,
+                "monitor": "val/accuracy",
+                "description": f"the {variant} variant",
+                "fit_command": f"apt-fit fit --config {run}/config.yaml --seed_everything {seed}",
+            }
+        )
+    )
+    pruned = "trainer: {callbacks: [{class_path: x.AdaptivePruning}]}\n"
+    (run / "config.yaml").write_text(pruned if sparsity else "{}\n")
+    if failed:
+        (run / "failed.json").write_text(
+            json.dumps(
+                {
+                    "returncode": 1,
+                    "reason": "training process failed",
+                    "log_tail": "Traceback\nValueError: bad thing",
+                }
+            )
+        )
+        return run
+    hist = hist or [(10.0, best - 0.1), (20.0, best)]
+    (run / "done.json").write_text(
+        json.dumps(
+            {
+                "best_metric": best,
+                "wall_s": 25.0,
+                "device": "cpu",
+                "log_dir": str(run / "logs"),
+                "versions": {"torch": "x"},
+            }
+        )
+    )
+    if efficiency:
+        (run / "logs" / "efficiency.json").write_text(
+            json.dumps(
+                {
+                    "peak_memory_mb": peak,
+                    "median_step_s": step,
+                    "train_wall_s": 25.0,
+                    "best_metric": best,
+                    "monitor": "val/accuracy",
+                    "device_name": "Fake GPU",
+                    "metric_history": [
+                        {"step": 10 * (i + 1), "wall_s": w, "metric": m} for i, (w, m) in enumerate(hist)
+                    ],
+                    "pruning_overhead": {
+                        "score_s": 1.0,
+                        "search_s": 0.5,
+                        "compact_s": 0.2,
+                        "grow_s": 0.1,
+                        "per_step_fraction": 0.05,
+                    },
+                    "structure": {"sparsity": sparsity},
+                }
+            )
+        )
+    else:
+        with (run / "logs" / "metrics.csv").open("w") as f:
+            f.write(f"epoch,step,val/accuracy,train/loss\n0,5,,0.6\n0,10,0.5,\n0,20,{best},\n")
+    if inf:
+        (run / "inference.json").write_text(
+            json.dumps(
+                {
+                    "model": {
+                        "samples_per_s": inf,
+                        "latency_ms": 128e3 / inf,
+                        "peak_mb": 1e5 / inf,
+                        "params": 5,
+                        "rounds_samples_per_s": [0.9 * inf, inf, 1.1 * inf],
+                    },
+                    "dense": {"samples_per_s": 1000.0, "latency_ms": 128.0, "peak_mb": 100.0, "params": 10},
+                    "settings": {"batch_size": 128, "seq_len": 128},
+                    "device_name": "Fake GPU",
+                    "dtype": "bf16",
+                }
+            )
+        )
+    return run
+
+
+def _read_csv(path: Path) -> dict:
+    with path.open() as f:
+        return {(r["variant"], r.get("seed", "")): r for r in csv.DictReader(f)}
+
+
+def test_report_from_synthetic_runs(tmp_path, capsys):
+    root = tmp_path / "suite"
+    _write_run(root, "ft", 0, 0.90, hist=[(10.0, 0.80), (30.0, 0.90)], peak=2000.0, step=0.04, inf=1000.0)
+    _write_run(root, "ft", 1, 0.92, hist=[(10.0, 0.85), (30.0, 0.92)], peak=2000.0, step=0.04, inf=1000.0)
+    _write_run(root, "apt", 0, 0.88, sparsity=0.6, hist=[(5.0, 0.70), (15.0, 0.88)], inf=2000.0)
+    _write_run(root, "apt", 1, 0.86, sparsity=0.6, hist=[(5.0, 0.80), (15.0, 0.86)], inf=2500.0)
+    _write_run(root, "no_distillation", 0, 0.80, sparsity=0.6, hist=[(5.0, 0.7), (15.0, 0.8)])
+    _write_run(root, "no_distillation", 1, 0.0, failed=True)
+    _write_run(root, "lora", 0, 0.85, efficiency=False)  # no efficiency.json: metrics.csv fallback
+    (root / "suite.json").write_text(
+        json.dumps(
+            {
+                "name": "synthetic",
+                "description": "A made-up suite.",
+                "reference": "ft",
+                "suite_file": "s.yaml",
+                "variants": [
+                    {"name": n, "description": f"described {n}", "overlay": "", "base": ""}
+                    for n in ("apt", "no_distillation", "lora", "ft")
+                ],
+                "tasks": {"sst2": {"task": "sst2", "label": "SST-2 test"}},
+            }
+        )
+    )
+    md = write_report(root).read_text()
+
+    res = {k[0]: v for k, v in _read_csv(root / "results.csv").items()}
+    assert list(res) == ["apt", "no_distillation", "lora", "ft"]  # the suite's order
+    apt, ft = res["apt"], res["ft"]
+    assert float(apt["metric_mean"]) == pytest.approx(0.87)
+    assert float(apt["metric_std"]) == pytest.approx(0.014142, 1e-4)
+    assert apt["n"] == "2" and float(apt["pct_of_ft"]) == pytest.approx(100 * 0.87 / 0.91)
+    assert float(apt["sparsity"]) == pytest.approx(0.6) and float(ft["sparsity"]) == 0.0
+    # TTA: seed 0 needs 0.97*0.90=0.873 -> 15 s; seed 1 needs 0.97*0.92=0.8924 -> never (0.86 best)
+    assert float(apt["tta_s"]) == 15.0 and apt["tta_reached"] == "1/2"
+    assert float(ft["tta_s"]) == 30.0 and float(apt["tta_vs_ft"]) == pytest.approx(0.5)
+    assert float(apt["memory_vs_ft"]) == pytest.approx(0.5) and float(apt["step_vs_ft"]) == pytest.approx(0.5)
+    assert float(apt["median_step_ms"]) == pytest.approx(20.0) and float(apt["score_search_s"]) == 1.5
+    assert float(apt["inf_speedup"]) == pytest.approx(2.25)
+    assert float(apt["inf_latency_ratio"]) == pytest.approx((0.5 + 0.4) / 2)
+    assert float(apt["inf_params_ratio"]) == 0.5 and float(ft["inf_speedup"]) == 1.0
+    assert res["no_distillation"]["n"] == "1" and res["no_distillation"]["n_failed"] == "1"
+    assert res["lora"]["metric_mean"] == "0.85" and res["lora"]["peak_memory_mb"] == ""
+    runs = _read_csv(root / "runs.csv")
+    assert runs[("no_distillation", "1")]["status"] == "failed"
+    assert runs[("apt", "1")]["tta_source"] == "97% of FT seed 1 (not reached)"
+
+    for needle in (
+        "# Ablation results: synthetic",
+        "A made-up suite.",
+        "### SST-2 test",
+        "| apt | 87.00 ± 1.41 (n=2) | 95.6 | 0.60 | 15 | 0.50x | 1/2 | 1000 | 0.50x | 20.0 | 1.50 | 5.0% |",
+        "| apt | 0.50 | 2250 | 2.25x |",
+        "described no_distillation",
+        "ValueError: bad thing",
+        "### Failed runs",
+        "## Where the numbers come from",
+        "![metric_vs_time.png](metric_vs_time.png)",
+        "apt-fit fit --config",
+        "97% of the FT run's best metric",
+        "differed by up to 20%",
+    ):
+        assert needle in md, needle
+    for png in ("metric_vs_sparsity.png", "metric_vs_speedup.png", "metric_vs_time.png"):
+        assert (root / png).stat().st_size > 1000
+    assert not list(root.glob(".*tmp*"))  # atomic writes leave nothing behind
+
+    assert ablate.main(["report", str(root)]) == 0
+    assert "RESULTS.md" in capsys.readouterr().out
+
+
+def test_report_without_reference_or_runs(tmp_path):
+    root = tmp_path / "suite"
+    _write_run(root, "apt", 0, 0.8, sparsity=0.5)
+    md = write_report(root).read_text()
+    assert "No FT reference variant" in md
+    row = collect_runs(root)[0]
+    assert row["best_metric"] == 0.8 and row["sparsity"] == 0.5
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "from 0 finished of 0 runs" in write_report(empty).read_text()
+    with pytest.raises(FileNotFoundError):
+        write_report(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------- the real thing
+@needs_glue
+def test_smoke_suite_end_to_end(tmp_path, tiny_backbone_dir, capsys):
+    """configs/suites/smoke_cpu.yaml with real apt-fit worker processes (a tiny backbone for speed):
+    train, checkpoint, benchmark against the dense model, report; then a rerun skips everything."""
+    out = tmp_path / "smoke"
+    argv = [
+        "run",
+        str(SUITES / "smoke_cpu.yaml"),
+        "--output",
+        str(out),
+        "--set",
+        f"model.init_args.backbone={tiny_backbone_dir}",
+    ]
+    assert ablate.main(argv) == 0, capsys.readouterr()
+    for variant in ("apt", "no_distillation", "ft"):
+        run = out / variant / "sst2" / "seed0"
+        done = json.loads((run / "done.json").read_text())
+        assert done["global_step"] == 12 and 0.0 <= done["best_metric"] <= 1.0
+        assert (run / "final.ckpt").is_file() and (run / "train.log").is_file()
+        eff = json.loads((run / "logs" / "efficiency.json").read_text())
+        assert eff["metric_history"] and eff["monitor"] == "val/accuracy"
+        inference = json.loads((run / "inference.json").read_text())
+        assert inference["model"]["samples_per_s"] > 0 and inference["dense"]["samples_per_s"] > 0
+        assert yaml.safe_load((run / "config.yaml").read_text())["seed_everything"] == 0
+    assert json.loads((out / "apt" / "sst2" / "seed0" / "logs" / "pruning.json").read_text())["events"]
+    res = {k[0]: v for k, v in _read_csv(out / "results.csv").items()}
+    assert set(res) == {"apt", "no_distillation", "ft"}
+    assert float(res["apt"]["sparsity"]) > 0.5 and float(res["ft"]["sparsity"]) == 0.0
+    assert float(res["apt"]["inf_params_ratio"]) < 0.9 and float(res["ft"]["pct_of_ft"]) == 100.0
+    md = (out / "RESULTS.md").read_text()
+    assert "# Ablation results: smoke_cpu" in md and "| no_distillation |" in md
+    assert len(list(out.glob("_dense/*.json"))) == 1  # the dense model is measured once per task
+    capsys.readouterr()
+
+    t0 = time.time()
+    assert ablate.main([*argv, "--no-report"]) == 0
+    assert "0 done, 3 skipped, 0 failed" in capsys.readouterr().out and time.time() - t0 < 60

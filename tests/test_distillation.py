@@ -1,0 +1,377 @@
+"""Self-distillation (issue 6): the teacher view on shared weights, the losses, the layer mapping,
+compaction, the callback, bad input."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers_apt import CountSteps, check_backbone, quiet_trainer, repeated_batch_loader, synthetic_batch
+from lightning import Callback
+
+from apt_lightning import APTModule
+from apt_lightning.callbacks import (
+    AdaptivePruning,
+    AdaptiveTuning,
+    EveryEvent,
+    OnImprovement,
+    SelfDistillation,
+)
+from apt_lightning.distill import (
+    Distiller,
+    HiddenTransform,
+    TeacherView,
+    nearest_alive,
+    prediction_loss,
+    sample_teacher_layers,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only contend
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_backbone_dir):
+    return check_backbone(tiny_backbone_dir)
+
+
+def make_module(backbone, **kw) -> APTModule:
+    torch.manual_seed(0)
+    return APTModule(backbone=str(backbone), task="sst2", **kw)
+
+
+def inputs_of(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def perturb_trainable(model: APTModule, seed: int = 0, scale: float = 0.05) -> None:
+    """Make adapters and head differ from their init (B = 0 would make the adapters invisible)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.student.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def student_logits(model: APTModule, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model.student(**inputs_of(batch)).logits
+
+
+# ---------------------------------------------------------------------------------------------- teacher view
+def test_teacher_matches_student_right_after_snapshot(backbone):
+    model = make_module(backbone).eval()
+    perturb_trainable(model)
+    batch = synthetic_batch()
+    teacher = TeacherView()
+    assert not teacher.ready
+    with pytest.raises(RuntimeError, match="no snapshot"):
+        teacher(model.student, inputs_of(batch))
+    teacher.snapshot(model.student)
+    assert teacher.ready and teacher.snapshots == 1
+    snap = student_logits(model, batch)
+    torch.testing.assert_close(teacher(model.student, inputs_of(batch)).logits, snap, rtol=0, atol=1e-6)
+    # the student moves on, the teacher stays at the snapshot
+    perturb_trainable(model, seed=1)
+    assert not torch.allclose(student_logits(model, batch), snap, atol=1e-4)
+    torch.testing.assert_close(teacher(model.student, inputs_of(batch)).logits, snap, rtol=0, atol=1e-6)
+    # the teacher runs in eval mode and leaves the student's mode as it was
+    model.student.train()
+    teacher(model.student, inputs_of(batch))
+    assert model.student.training and all(m.training for m in model.student.modules())
+
+
+def test_teacher_ignores_pruning_masks(backbone):
+    model = make_module(backbone).eval()
+    perturb_trainable(model)
+    batch = synthetic_batch()
+    teacher = TeacherView()
+    teacher.snapshot(model.student)
+    full = teacher(model.student, inputs_of(batch)).logits
+    masks = model.structure.install_masks()
+    masks.set("head", torch.tensor([1.0, 0.0, 0.5, 1.0]), 0)
+    hidden = torch.ones(32)
+    hidden[:4] = 0.0
+    masks.set("hidden", hidden)
+    assert not torch.allclose(student_logits(model, batch), full, atol=1e-4)  # the student is masked
+    torch.testing.assert_close(teacher(model.student, inputs_of(batch)).logits, full, rtol=0, atol=1e-6)
+    assert masks.enabled  # switched back on after the teacher forward
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def observe(self, kind: str, index: int, tensor: torch.Tensor) -> None:
+        self.seen.append((kind, index))
+
+
+def test_teacher_tensors_get_no_gradient(backbone):
+    model = make_module(backbone)
+    perturb_trainable(model)
+    batch = synthetic_batch()
+    teacher = TeacherView()
+    teacher.snapshot(model.student)
+    masks = model.structure.install_masks()
+    masks.observer = recorder = RecordingObserver()  # as while AdaptivePruning collects salience
+    t_out = teacher(model.student, inputs_of(batch), output_hidden_states=True)
+    assert recorder.seen == []  # a teacher forward runs without autograd: it never feeds the scorer
+    assert not t_out.logits.requires_grad and not any(h.requires_grad for h in t_out.hidden_states)
+    out = model.student(**inputs_of(batch), output_hidden_states=True)
+    assert recorder.seen  # (the student's forward does)
+    masks.observer = None
+    loss = F.cross_entropy(out.logits, batch["labels"]) + prediction_loss(out.logits + 0.1, t_out.logits, 4.0)
+    loss.backward()
+    assert all(not t.requires_grad and t.grad is None for t in teacher.tensors.values())
+    trainable = [p for p in model.student.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in trainable)  # the student did get gradients
+
+
+def test_frozen_tensors_are_shared_not_copied(backbone):
+    model = make_module(backbone).eval()
+    perturb_trainable(model)
+    student = model.student
+    params = dict(student.named_parameters())
+    frozen_ptrs = {n: p.data_ptr() for n, p in params.items() if not p.requires_grad}
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert frozen_ptrs and trainable
+    teacher = TeacherView()
+    teacher.snapshot(student)
+    assert set(teacher.tensors) == trainable  # only trainable names: no frozen tensor is duplicated
+    assert sum(t.numel() for t in teacher.tensors.values()) == sum(params[n].numel() for n in trainable)
+    for name, t in teacher.tensors.items():  # the snapshot is a copy
+        assert t.data_ptr() != params[name].data_ptr()
+        torch.testing.assert_close(t, params[name].detach())
+    batch = synthetic_batch()
+    before = teacher(student, inputs_of(batch)).logits
+    assert {n: p.data_ptr() for n, p in student.named_parameters() if not p.requires_grad} == frozen_ptrs
+    # the teacher reads the student's frozen storage: change it in place and the teacher moves
+    with torch.no_grad():
+        student.bert.embeddings.word_embeddings.weight.mul_(2.0)
+    assert not torch.allclose(teacher(student, inputs_of(batch)).logits, before, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def test_identity_transform_and_equal_models_give_zero_layer_loss(backbone):
+    model = make_module(backbone).eval()
+    perturb_trainable(model)
+    transform = HiddenTransform(32, rank=4)
+    x = torch.randn(3, 5, 32)
+    torch.testing.assert_close(transform(x), x)
+    assert not transform.proj.weight.requires_grad
+    assert transform.proj.lora_A.requires_grad and transform.proj.lora_B.requires_grad
+    model.teacher = TeacherView()
+    model.teacher.snapshot(model.student)
+    distiller = Distiller(32, tau=4.0, pred_weight=1.0, layer_weight=0.9, layer_blocks=3)
+    batch = synthetic_batch()
+    out = model.student(**inputs_of(batch), output_hidden_states=True)
+    parts = distiller.loss(model, inputs_of(batch), out)
+    assert float(parts["layer_loss"]) == pytest.approx(0.0, abs=1e-10)
+    assert float(parts["pred_loss"]) == pytest.approx(0.0, abs=1e-10)
+    assert float(parts["distill"]) == pytest.approx(0.0, abs=1e-10)
+    perturb_trainable(model, seed=3)  # now they differ
+    out = model.student(**inputs_of(batch), output_hidden_states=True)
+    parts = distiller.loss(model, inputs_of(batch), out)
+    assert float(parts["layer_loss"]) > 1e-6 and float(parts["pred_loss"]) > 1e-8
+    torch.testing.assert_close(parts["distill"], parts["pred_loss"] + 0.9 * parts["layer_loss"])
+
+
+def test_prediction_loss_is_tau_scaled_kl():
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    tau = 2.0
+    p_t = F.softmax(t / tau, -1)
+    want = (p_t * (p_t.log() - F.log_softmax(s / tau, -1))).sum(-1).mean() * tau**2
+    torch.testing.assert_close(prediction_loss(s, t, tau), want)
+    assert float(prediction_loss(t, t, tau)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_nearest_alive():
+    alive = [True, False, False, True, True]
+    assert nearest_alive(0, alive) == [0]
+    assert nearest_alive(1, alive) == [0]
+    assert nearest_alive(2, alive) == [3]
+    assert nearest_alive(4, alive) == [4]
+    assert sorted(nearest_alive(1, [True, False, True])) == [0, 2]  # equally near: both candidates
+    assert nearest_alive(1, [False, False, False]) == []
+
+
+def test_sample_teacher_layers_one_per_block():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        layers = sample_teacher_layers(12, 4, g)
+        assert len(layers) == 4 and [i // 3 for i in layers] == [0, 1, 2, 3]
+    assert sorted(sample_teacher_layers(3, 4, g)) == [0, 1, 2]
+
+
+def layer_loss_with_masks(model: APTModule, dead: str):
+    """L_layer where layer 1 is pruned (`dead` = "both": heads and neurons) or half pruned ("heads")."""
+    masks = model.structure.install_masks()
+    masks.set("head", torch.zeros(4), 1)
+    if dead == "both":
+        masks.set("neuron", torch.zeros(48), 1)
+    g = torch.Generator().manual_seed(0)
+    teacher_hidden = [torch.randn(2, 5, 32, generator=g) for _ in range(4)]  # embeddings + 3 layers
+    student_hidden = [h.clone() for h in teacher_hidden]
+    if dead == "both":
+        student_hidden[2] = torch.full_like(student_hidden[2], float("nan"))  # must never be read
+    distiller = Distiller(32, layer_blocks=3)  # one block per layer: every layer is sampled
+    return distiller.layer_loss(model, student_hidden, teacher_hidden), teacher_hidden
+
+
+def test_layer_mapping_skips_pruned_layers(backbone):
+    model = make_module(backbone)
+    loss, t = layer_loss_with_masks(model, dead="both")
+    # teacher layer 1 maps to student layers 0 and 2 (equally near), keeping the lower MSE
+    want = torch.minimum(F.mse_loss(t[1], t[2]), F.mse_loss(t[3], t[2]))
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, want)
+    model = make_module(backbone)
+    loss, _ = layer_loss_with_masks(model, dead="heads")  # neurons left: the layer is alive, maps to itself
+    assert float(loss) == pytest.approx(0.0, abs=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------- compaction
+def test_compaction_keeps_teacher_and_student_consistent(backbone):
+    model = make_module(backbone).eval()
+    perturb_trainable(model)
+    masks = model.structure.install_masks()
+    model.teacher, model.distiller = TeacherView(), Distiller(32)
+    model.teacher.snapshot(model.student)
+    masks.set("head", torch.tensor([1.0, 0.0, 1.0, 1.0]), 0)
+    masks.set("head", torch.zeros(4), 1)  # layer 1 loses its attention block (and its q/v adapters)
+    neurons = torch.ones(48)
+    neurons[::3] = 0.0
+    masks.set("neuron", neurons, 2)
+    hidden = torch.ones(32)
+    hidden[[3, 17, 30]] = 0.0
+    masks.set("hidden", hidden)
+    batch = synthetic_batch()
+    masked = student_logits(model, batch)
+    model.compact()
+    params = dict(model.student.named_parameters())
+    assert model.structure.shapes().hidden == 29 and model.structure.shapes().heads == [3, 0, 4]
+    assert set(model.teacher.tensors) == {n for n, p in params.items() if p.requires_grad}
+    assert not any(".layer.1.attention." in n for n in model.teacher.tensors)  # removed with the module
+    for name, t in model.teacher.tensors.items():  # sliced exactly like the student
+        assert t.shape == params[name].shape, name
+        torch.testing.assert_close(t, params[name].detach(), msg=name)
+    assert model.distiller.transform.proj.in_features == model.distiller.transform.proj.out_features == 29
+    torch.testing.assert_close(student_logits(model, batch), masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model.teacher(model.student, inputs_of(batch)).logits, masked, rtol=1e-5, atol=1e-5
+    )
+
+
+class MuProbe(Callback):
+    def __init__(self) -> None:
+        self.mu: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.mu.append(pl_module.distill_weight)
+
+
+def test_distillation_through_pruning_run(backbone, tmp_path):
+    model = make_module(backbone)
+    pruning = AdaptivePruning(
+        target_sparsity=0.5, start_step=2, end_step=8, num_events=3, decay_steps=1, plot=False
+    )
+    distill = SelfDistillation(snapshot=EveryEvent(), layer_blocks=3)
+    tuning = AdaptiveTuning(budget_multiple=2.0)
+    probe = MuProbe()
+    trainer = quiet_trainer(
+        max_steps=12, callbacks=[pruning, tuning, distill, probe], default_root_dir=tmp_path
+    )
+    trainer.fit(model, train_dataloaders=repeated_batch_loader(12))
+    assert [h["reason"] for h in distill.history] == ["start", "event 0", "event 1", "event 2"]
+    assert model.teacher.snapshots == 4
+    assert max(probe.mu) > 0.5 and probe.mu[-1] == 0.0  # mu ramped up, then distillation ended
+    params = dict(model.student.named_parameters())
+    shapes = model.structure.shapes()
+    assert sum(shapes.heads) + sum(shapes.neurons) < 3 * 4 + 3 * 48  # it did prune and compact
+    for name, t in model.teacher.tensors.items():  # same shapes, up to the rank of adapters grown since
+        p = params[name]
+        if name.endswith("lora_A"):
+            assert t.shape[1:] == p.shape[1:] and t.shape[0] <= p.shape[0], name
+        elif name.endswith("lora_B"):
+            assert t.shape[0] == p.shape[0] and t.shape[1] <= p.shape[1], name
+        else:
+            assert t.shape == p.shape, name
+    model.eval()
+    batch = synthetic_batch()
+    assert model.teacher(model.student, inputs_of(batch)).logits.shape == (8, 2)
+    assert model.distiller.transform.proj.in_features == shapes.hidden
+
+
+# ---------------------------------------------------------------------------------------------- the callback
+def test_mu_ramp_and_snapshot_policies():
+    cb = SelfDistillation()
+    cb.start, cb.end = 2, 6
+    assert [cb.mu_at(s) for s in (0, 2, 4, 6, 10)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    cb.finished = True
+    assert cb.mu_at(4) == 0.0
+    assert EveryEvent().should_snapshot(None, None)
+    policy = OnImprovement(monitor="val/accuracy", mode="max")
+    metrics: dict = {}
+    trainer = SimpleNamespace(callback_metrics=metrics)
+    assert policy.should_snapshot(trainer, None)  # no validation yet, no snapshot yet: take the first
+    seq = []
+    for value in (0.5, 0.4, 0.6, 0.6):
+        metrics["val/accuracy"] = torch.tensor(value)
+        seq.append(policy.should_snapshot(trainer, None))
+    assert seq == [True, False, True, False]
+    low = OnImprovement(monitor="val/loss", mode="min")
+    seq = []
+    for value in (1.0, 1.2, 0.8):
+        metrics["val/loss"] = torch.tensor(value)
+        seq.append(low.should_snapshot(trainer, None))
+    assert seq == [True, False, True]
+    restored = OnImprovement()
+    restored.load_state_dict(policy.state_dict())
+    assert restored.best == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="mode"):
+        OnImprovement(mode="up")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"tau": 0.0}, "tau"),
+        ({"tau": -1.0}, "tau"),
+        ({"pred_weight": 1.5}, "pred_weight"),
+        ({"layer_weight": -0.1}, "layer_weight"),
+        ({"post_lr_scale": 0.0}, "post_lr_scale"),
+        ({"distill_epochs": 0}, "distill_epochs"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SelfDistillation(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("full_ft", "no teacher source.*adapters: null"),
+        ("no_schedule", "no teacher source.*start_step/end_step"),
+        ("reversed", "must come before"),
+    ],
+)
+def test_no_teacher_source_fails_before_training(backbone, tmp_path, case, match):
+    model = make_module(backbone, adapters=None) if case == "full_ft" else make_module(backbone)
+    callbacks = {
+        "full_ft": [SelfDistillation(start_step=1, end_step=4)],
+        "no_schedule": [SelfDistillation()],
+        "reversed": [SelfDistillation(start_step=5, end_step=2)],
+    }[case]
+    counter = CountSteps()
+    trainer = quiet_trainer(max_steps=8, callbacks=[*callbacks, counter], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model, train_dataloaders=repeated_batch_loader(8))
+    assert counter.batches == 0 and trainer.global_step == 0
