@@ -46,51 +46,39 @@ from apt_lightning.structure import apt_param_count, get_structure
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 SCORERS = ("magnitude", "uniform", "random")  # data-free; salience needs training batches
-PRESETS = ("roberta-base", "bert-base", "minilm-l6")
 _CPU_DEFAULTS = (2, 5)  # warmup, repeats
 _CUDA_DEFAULTS = (10, 30)
 
 
 # ---------------------------------------------------------------------- models
+_PRESET_SHAPES = {  # family, hidden, layers, heads, FFN, vocab, positions, token types
+    "roberta-base": ("roberta", 768, 12, 12, 3072, 50265, 514, 1),
+    "bert-base": ("bert", 768, 12, 12, 3072, 30522, 512, 2),
+    "minilm-l6": ("bert", 384, 6, 12, 1536, 30522, 512, 2),
+}
+PRESETS = tuple(_PRESET_SHAPES)
+
+
 def preset_config(name: str, num_labels: int = 2):
     """Configs of common encoders built in code, so their shapes are available offline (random weights)."""
     from transformers import BertConfig, RobertaConfig
 
-    if name == "roberta-base":
-        return RobertaConfig(
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            vocab_size=50265,
-            max_position_embeddings=514,
-            type_vocab_size=1,
-            pad_token_id=1,
-            num_labels=num_labels,
-        )
-    if name == "bert-base":
-        return BertConfig(
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            vocab_size=30522,
-            max_position_embeddings=512,
-            type_vocab_size=2,
-            num_labels=num_labels,
-        )
-    if name == "minilm-l6":
-        return BertConfig(
-            hidden_size=384,
-            num_hidden_layers=6,
-            num_attention_heads=12,
-            intermediate_size=1536,
-            vocab_size=30522,
-            max_position_embeddings=512,
-            type_vocab_size=2,
-            num_labels=num_labels,
-        )
-    raise ValueError(f"unknown preset {name!r}; built in: {', '.join(PRESETS)}")
+    if name not in _PRESET_SHAPES:
+        raise ValueError(f"unknown preset {name!r}; built in: {', '.join(PRESETS)}")
+    family, hidden, layers, heads, ffn, vocab, positions, types = _PRESET_SHAPES[name]
+    kw = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        vocab_size=vocab,
+        max_position_embeddings=positions,
+        type_vocab_size=types,
+        num_labels=num_labels,
+    )
+    if family == "roberta":
+        return RobertaConfig(pad_token_id=1, **kw)
+    return BertConfig(**kw)
 
 
 def config_from_json(path: str | Path, num_labels: int = 2):

@@ -123,14 +123,13 @@ def module_from_checkpoint(path: str | Path):
     from apt_lightning.module import APTModule
 
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = {
-        k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")
-    }  # LightningCLI adds _class_path
-    module = APTModule(**hparams)
+    # LightningCLI adds _class_path / _instantiator to the saved hyperparameters
+    module = APTModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
+    apt_state = {
+        k: v for k, v in ckpt.get("apt", {}).items() if k != "teacher"
+    }  # the teacher is not exported
+    module.on_load_checkpoint({"apt": apt_state, "state_dict": ckpt["state_dict"]})
     state = {k[len("student.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
-    if any(k.startswith("apt_masks.") for k in state):
-        module.structure.install_masks()
-    module.on_load_checkpoint({"apt": {k: v for k, v in ckpt.get("apt", {}).items() if k != "teacher"}})
     module.student.load_state_dict(state)
     return module
 

@@ -178,25 +178,23 @@ class APTModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the shapes a fresh model must be cut / grown to before this state dict fits."""
         state = {"ranks": {n: m.rank for n, m in self.adapters().items()}, "lr_scale": self.lr_scale}
-        if self.structure.masks is not None or self.structure.shapes() != self.structure._full:
-            state["shapes"] = self.structure.shapes().to_dict()
+        structure = getattr(self.student, "_apt_structure", None)  # None: never masked nor compacted
+        if structure is not None:
+            state["shapes"] = structure.shapes().to_dict()
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
         checkpoint["apt"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Cut the fresh student to the saved widths and grow its adapters to the saved ranks, so the saved
+        state dict (and later the optimizer state) fits; runs before Lightning loads the weights."""
         state = checkpoint.get("apt", {})
+        if any(k.startswith("student.apt_masks.") for k in checkpoint.get("state_dict", {})):
+            self.structure.install_masks()
         if "shapes" in state:
             shapes = ModelShapes.from_dict(state["shapes"])
-            if (
-                shapes.heads != self.structure.shapes().heads
-                or shapes.neurons != self.structure.shapes().neurons
-                or shapes.hidden != self.structure.shapes().hidden
-            ):
-                had_masks = self.structure.masks is not None
+            if not shapes.same_widths(self.structure.shapes()):
                 self.structure.reshape(shapes)
-                if had_masks:
-                    self.structure.install_masks()
                 if self.distiller is not None:
                     self.distiller.resize_hidden(shapes.hidden)
         grow = {n: r for n, r in state.get("ranks", {}).items() if r != self.adapters()[n].rank}

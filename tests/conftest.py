@@ -78,3 +78,20 @@ def tiny_backbone_dir(tmp_path_factory, minilm_tokenizer):
     model.save_pretrained(folder)
     minilm_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: extra threads only contend (use with `pytest.mark.usefixtures("one_thread")`)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_backbone_dir):
+    """`tiny_backbone_dir`, after checking the sizes the callback tests count on."""
+    from helpers_apt import check_backbone
+
+    return check_backbone(tiny_backbone_dir)

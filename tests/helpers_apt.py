@@ -4,6 +4,7 @@
 - `repeated_batch_loader`: a DataLoader whose batches are all identical, so a resumed run sees the same
   data as an uninterrupted one whatever Lightning does with a mid-epoch restart.
 - `CountingScorer`: a custom `Scorer` subclass that a YAML config selects by `class_path`.
+- `make_module`: a seeded `APTModule` on the tiny backbone (conftest's `backbone` fixture).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from lightning import Callback
 from torch.utils.data import DataLoader
 
+from apt_lightning import APTModule
 from apt_lightning.pruning import BlockTensors, Scorer
 
 
@@ -102,3 +104,8 @@ class CountingScorer(Scorer):
         scores.heads[self.zero_layer].zero_()
         scores.neurons[self.zero_layer].zero_()
         return scores
+
+
+def make_module(backbone, **kw) -> APTModule:
+    torch.manual_seed(0)
+    return APTModule(backbone=str(backbone), task="sst2", **kw)

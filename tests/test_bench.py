@@ -40,13 +40,7 @@ RESULT_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """OpenMP threads crawl when other processes share this CPU; one thread keeps these tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: extra threads only contend
 
 
 # ---------------------------------------------------------------------- pruning

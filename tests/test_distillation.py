@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_apt import CountSteps, check_backbone, quiet_trainer, repeated_batch_loader, synthetic_batch
+from helpers_apt import CountSteps, make_module, quiet_trainer, repeated_batch_loader, synthetic_batch
 from lightning import Callback
 
 from apt_lightning import APTModule
@@ -28,23 +28,7 @@ from apt_lightning.distill import (
     sample_teacher_layers,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only contend
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_backbone_dir):
-    return check_backbone(tiny_backbone_dir)
-
-
-def make_module(backbone, **kw) -> APTModule:
-    torch.manual_seed(0)
-    return APTModule(backbone=str(backbone), task="sst2", **kw)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs_of(batch: dict) -> dict:

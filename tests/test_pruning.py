@@ -14,7 +14,7 @@ from helpers_apt import (
     CountingScorer,
     CountSteps,
     SaveAt,
-    check_backbone,
+    make_module,
     quiet_trainer,
     repeated_batch_loader,
     synthetic_batch,
@@ -37,23 +37,7 @@ from apt_lightning.pruning import (
 from apt_lightning.pruning.schedule import resolve_step
 from apt_lightning.structure import MaskedLayerNorm, ModelShapes, apt_param_count
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only contend
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_backbone_dir):
-    return check_backbone(tiny_backbone_dir)
-
-
-def make_module(backbone, **kw) -> APTModule:
-    torch.manual_seed(0)
-    return APTModule(backbone=str(backbone), task="sst2", **kw)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def set_test_masks(masks) -> None:
@@ -432,6 +416,7 @@ def test_uniform_scores_keep_equal_fractions(heads, neurons, sparsity):
 
 
 # ---------------------------------------------------------------------------------------------- callback runs
+@pytest.mark.skipif(not GLUE_DIR.exists(), reason="shared GLUE data not present")
 def test_custom_scorer_from_yaml_class_path(backbone, tmp_path):
     from apt_lightning.cli import main
 

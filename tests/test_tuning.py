@@ -9,7 +9,7 @@ import torch
 from helpers_apt import (
     CountSteps,
     SaveAt,
-    check_backbone,
+    make_module,
     quiet_trainer,
     repeated_batch_loader,
     synthetic_batch,
@@ -28,23 +28,7 @@ from apt_lightning.tuning import (
     tuning_params,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only contend
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_backbone_dir):
-    return check_backbone(tiny_backbone_dir)
-
-
-def make_module(backbone, **kw) -> APTModule:
-    torch.manual_seed(0)
-    return APTModule(backbone=str(backbone), task="sst2", **kw)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sgd_free_adamw(params):

@@ -33,6 +33,9 @@ class ModelShapes:
     def num_layers(self) -> int:
         return len(self.heads)
 
+    def same_widths(self, other: ModelShapes) -> bool:
+        return (self.heads, self.neurons, self.hidden) == (other.heads, other.neurons, other.hidden)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
