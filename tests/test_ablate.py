@@ -318,11 +318,13 @@ def test_gpu_suite_plan(tmp_path):
     assert runs[0].variant.name == "ft"
     mnli = {r.variant.name: r.config for r in runs if r.task.key == "mnli9k" and r.seed == 0}
     assert mnli["ft"]["model"]["init_args"]["task"] == "mnli"
-    # no_pruning copies the pruning schedule as this task overrides it, not the base's
+    assert _args(mnli["apt"], "AdaptivePruning")["start_step"] == 50
+    sst2 = {r.variant.name: r.config for r in runs if r.task.key == "sst2" and r.seed == 0}
+    # no_pruning copies the pruning schedule as this task overrides it (100), not the base's (200)
     assert (
-        _args(mnli["no_pruning"], "AdaptiveTuning")["start_step"]
-        == _args(mnli["apt"], "AdaptivePruning")["start_step"]
-        == 50
+        _args(sst2["no_pruning"], "AdaptiveTuning")["start_step"]
+        == _args(sst2["apt"], "AdaptivePruning")["start_step"]
+        == 100
     )
 
 
