@@ -6,6 +6,9 @@ offers the mechanics they call: `compact()`, `grow_adapters()`, `rebuild_optimiz
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
@@ -30,6 +33,30 @@ def _default_optimizer(params) -> torch.optim.Optimizer:
 
 def _default_scheduler(optimizer, **kw) -> WarmupLinearLR:
     return WarmupLinearLR(optimizer, warmup_ratio=0.06, **kw)
+
+
+def _checked_scheduler_factory(factory: LRSchedulerCallable) -> LRSchedulerCallable:
+    """The module calls the factory with `total_steps`, `start_step` and `scale` whenever it rebuilds the
+    optimizer; say so at construction rather than with a TypeError at the first step."""
+    target = factory
+    if isinstance(
+        factory, functools.partial
+    ):  # jsonargparse wraps a class_path as partial(fn, ..., cls, ...)
+        target = next((a for a in factory.args if isinstance(a, type)), factory.func)
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return factory
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return factory
+    missing = sorted({"total_steps", "start_step", "scale"} - set(params))
+    if missing:
+        raise ValueError(
+            f"lr_scheduler {getattr(target, '__name__', target)} does not accept {missing}: APT rebuilds "
+            "the scheduler after every shape change and continues it from the global step, so the factory "
+            "must take total_steps, start_step and scale (see apt_lightning.optim.WarmupLinearLR)"
+        )
+    return factory
 
 
 class APTModule(LightningModule):
@@ -73,7 +100,7 @@ class APTModule(LightningModule):
                 AutoConfig.from_pretrained(path, **kw)
             )
         self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
+        self.scheduler_factory = _checked_scheduler_factory(lr_scheduler)
         self.lr_scale = 1.0
         self.adapters_config = adapters
         if adapters is not None:

@@ -87,3 +87,15 @@ def test_lora_trains_adapters_and_head_only(tiny_backbone_dir):
     trainable = {n for n, p in module.student.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith(("classifier", "bert.pooler")) for n in trainable)
     assert any("lora_A" in n for n in trainable) and any(n.startswith("classifier") for n in trainable)
+
+
+def test_scheduler_factory_must_take_apt_arguments(tiny_backbone_dir):
+    import functools
+
+    import torch
+
+    bad = functools.partial(torch.optim.lr_scheduler.LinearLR, total_iters=5)
+    with pytest.raises(
+        ValueError, match=r"LinearLR does not accept \['scale', 'start_step', 'total_steps'\]"
+    ):
+        APTModule(backbone=str(tiny_backbone_dir), lr_scheduler=bad)

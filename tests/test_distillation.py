@@ -359,3 +359,15 @@ def test_no_teacher_source_fails_before_training(backbone, tmp_path, case, match
     with pytest.raises(ValueError, match=match):
         trainer.fit(model, train_dataloaders=repeated_batch_loader(8))
     assert counter.batches == 0 and trainer.global_step == 0
+
+
+def test_on_improvement_rejects_a_metric_validation_never_logs():
+    class FakeTrainer:
+        callback_metrics = {"val/matthews": torch.tensor(0.3), "val/loss": torch.tensor(1.0)}
+
+    policy = OnImprovement(monitor="val/accuracy")
+    with pytest.raises(
+        ValueError, match=r"'val/accuracy', which validation does not log; logged: \['val/loss'"
+    ):
+        policy.should_snapshot(FakeTrainer(), None)
+    assert OnImprovement(monitor="val/matthews").should_snapshot(FakeTrainer(), None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import GLUE_DIR
+from conftest import GLUE_DIR, REPO
 from helpers_apt import (
     CountingScorer,
     CountSteps,
@@ -19,6 +19,7 @@ from helpers_apt import (
     repeated_batch_loader,
     synthetic_batch,
 )
+from lightning import Callback
 
 from apt_lightning import APTModule
 from apt_lightning.adapters import AdapterConfig
@@ -586,3 +587,61 @@ def test_cubic_schedule_rejects_bad_input(args, match):
         CubicSchedule(*args)
     with pytest.raises(ValueError, match="num_events"):
         CubicSchedule(0.5, 0, 10, num_events=0)
+
+
+class MaskValuesAt(Callback):
+    """Records the set of mask values after optimizer step `step`."""
+
+    def __init__(self, step: int):
+        self.step, self.values = step, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            m = pl_module.structure.masks
+            parts = [m.head(i) for i in range(m.num_layers)] + [m.neuron(i) for i in range(m.num_layers)]
+            self.values = sorted({round(v, 6) for v in torch.cat([*parts, m.hidden]).tolist()})
+
+
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_mask_decay_counts_optimizer_steps_not_micro_batches(backbone, tmp_path, accumulate):
+    """One event at step 6 opens a 5-step window (alpha 0.1): after optimizer step 8 the pruned blocks
+    have moved three times (to 0.7), however many micro-batches each step accumulated."""
+    model = make_module(backbone)
+    pruning = AdaptivePruning(
+        target_sparsity=0.5,
+        start_step=0,
+        end_step=6,
+        num_events=1,
+        decay_steps=5,
+        decay_alpha=0.1,
+        compact_at="never",
+        plot=False,
+    )
+    probe = MaskValuesAt(8)
+    trainer = quiet_trainer(
+        max_steps=12,
+        callbacks=[pruning, probe],
+        accumulate_grad_batches=accumulate,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, train_dataloaders=repeated_batch_loader(12 * accumulate))
+    assert probe.values == [0.7, 1.0]
+    assert model.structure.masks.is_hard()  # the window ended (step 11) with hard masks
+
+
+def test_readme_scorer_example_runs_through_compaction(backbone, tmp_path):
+    """The custom scorer in README.md, verbatim, survives pruning events with compaction between them."""
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("```python\n# my_scorers.py\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    scorer = namespace["ActivationScorer"](ema=0.9)
+    pruning = AdaptivePruning(
+        target_sparsity=0.5, start_step=2, end_step=8, num_events=3, decay_steps=1, scorer=scorer, plot=False
+    )
+    model = make_module(backbone)
+    quiet_trainer(max_steps=10, callbacks=[pruning], default_root_dir=tmp_path).fit(
+        model, train_dataloaders=repeated_batch_loader(10)
+    )
+    assert len(pruning.history) == 3
+    assert pruning.history[-1]["achieved_sparsity"] == pytest.approx(0.5, abs=0.06)

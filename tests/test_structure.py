@@ -195,8 +195,8 @@ def test_mask_state_dict_round_trip_refreshes_flags():
     masks.set("head", torch.zeros(2), 1)
     masks.set("neuron", torch.tensor([1.0, 0.5, 0.0]), 0)
     other.load_state_dict(masks.state_dict())
-    assert other.head_zero == (False, True) and other.head_full == (True, False)
-    assert other.neuron_full == (False, True) and not other.is_hard()
+    assert other.head_zero == [False, True] and other.head_full == [True, False]
+    assert other.neuron_full == [False, True] and not other.is_hard()
     torch.testing.assert_close(other.kept("neuron", 0), torch.tensor([0, 1]))
 
 
@@ -278,7 +278,7 @@ def test_masked_layernorm_uniform_fraction_scales_plain_layernorm():
 
 def test_empty_layer_list_masks():
     masks = PruningMasks([], [], 4)  # no layers: flags are empty tuples, the hidden mask still works
-    assert masks.head_full == () and masks.neuron_zero == ()
+    assert masks.head_full == [] and masks.neuron_zero == []
     masks.set("hidden", torch.tensor([1.0, 0, 1, 1]))
     assert not masks.hidden_full and masks.is_hard()
 

@@ -8,6 +8,7 @@ at `post_lr_scale` times the learning rate (the paper's recipe).
 
 from __future__ import annotations
 
+import torch
 from lightning import Callback, LightningModule, Trainer
 
 from apt_lightning.callbacks.events import PruningEvent, find_callback
@@ -46,6 +47,12 @@ class OnImprovement(SnapshotPolicy):
     def should_snapshot(self, trainer: Trainer, event: PruningEvent | None) -> bool:
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
+            logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+            if logged:  # validation ran but never logs this name: every event would refresh the teacher
+                raise ValueError(
+                    f"OnImprovement monitors {self.monitor!r}, which validation does not log; "
+                    f"logged: {logged}"
+                )
             return self.best is None
         value = float(value)
         better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
@@ -103,6 +110,7 @@ class SelfDistillation(Callback):
         self.start = self.end = 0
         self.finished = False
         self.history: list[dict] = []
+        self._distiller: Distiller | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -129,8 +137,15 @@ class SelfDistillation(Callback):
         hidden = pl_module.student.config.hidden_size
         if pl_module.distiller is None:
             pl_module.distiller = Distiller(
-                hidden, self.tau, self.pred_weight, self.layer_weight, self.layer_blocks, self.transform_rank
+                hidden,
+                self.tau,
+                self.pred_weight,
+                self.layer_weight,
+                self.layer_blocks,
+                self.transform_rank,
+                seed=torch.initial_seed(),  # follows seed_everything: seeds sample different teacher layers
             )
+        self._distiller = pl_module.distiller
         if pl_module.teacher is None:
             pl_module.teacher = TeacherView()
 
@@ -175,9 +190,14 @@ class SelfDistillation(Callback):
             pl_module.rebuild_optimizer()
 
     def state_dict(self) -> dict:
-        return {"finished": self.finished, "history": self.history, "policy": self.policy.state_dict()}
+        state = {"finished": self.finished, "history": self.history, "policy": self.policy.state_dict()}
+        if self._distiller is not None:  # a resumed run draws the same teacher layers
+            state["layer_sampler"] = self._distiller.generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.finished = state["finished"]
         self.history = state["history"]
         self.policy.load_state_dict(state["policy"])
+        if self._distiller is not None and "layer_sampler" in state:
+            self._distiller.generator.set_state(state["layer_sampler"])

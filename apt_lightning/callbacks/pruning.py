@@ -84,7 +84,10 @@ class AdaptivePruning(Callback):
         self.schedule: CubicSchedule | None = None
         self.next_event = 0
         self.targets: BlockTensors | None = None  # where masks are heading during a decay window
+        self.window_from: BlockTensors | None = None  # mask values when the window opened
+        self.window_start: int | None = None
         self.window_end: int | None = None
+        self._last_step = -1
         self.full_count = 0
         self.history: list[dict] = []
         self.timing = {"score_s": 0.0, "search_s": 0.0, "compact_s": 0.0, "collect_steps": 0}
@@ -134,6 +137,9 @@ class AdaptivePruning(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         step = trainer.global_step  # optimizer steps completed
+        if step == self._last_step:  # another micro-batch of the same optimizer step (gradient accumulation)
+            return
+        self._last_step = step
         if self.targets is not None:
             self._decay(trainer, pl_module, step)
         events = self.schedule.event_steps()
@@ -162,7 +168,13 @@ class AdaptivePruning(Callback):
         self.timing["search_s"] += t2 - t1
         self.next_event += 1
         self.targets = keep
-        self.window_end = step + self.decay_steps
+        self.window_start, self.window_end = step, step + self.decay_steps
+        masks = structure.masks
+        self.window_from = BlockTensors(  # one device read per event; copies, never views of the buffers
+            [masks.head(i).to("cpu", copy=True) for i in range(masks.num_layers)],
+            [masks.neuron(i).to("cpu", copy=True) for i in range(masks.num_layers)],
+            masks.hidden.to("cpu", copy=True),
+        )
         record = {
             "event": event.index,
             "step": step,
@@ -176,26 +188,24 @@ class AdaptivePruning(Callback):
 
     @torch.no_grad()
     def _decay(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        """Move masks one `decay_alpha` towards the targets, or set them hard when the window ends."""
-        masks, keep = pl_module.structure.masks, self.targets
+        """Masks k steps into a window are their values at the event moved k * `decay_alpha` towards the
+        targets (clamped to [0, 1]); at the window's end they are set hard. Computed on the CPU, so a
+        window step costs small host-to-device copies and no device sync."""
+        masks, keep, start = pl_module.structure.masks, self.targets, self.window_from
         hard = step >= self.window_end
+        moved = self.decay_alpha * (step - self.window_start + 1)
 
         def move(current: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            target = target.to(current.device)
             if hard:
                 return target
-            return torch.where(
-                target > 0,
-                (current + self.decay_alpha).clamp(max=1),
-                (current - self.decay_alpha).clamp(min=0),
-            )
+            return torch.where(target > 0, (current + moved).clamp(max=1), (current - moved).clamp(min=0))
 
         for i in range(masks.num_layers):
-            masks.set("head", move(masks.head(i), keep.heads[i]), i)
-            masks.set("neuron", move(masks.neuron(i), keep.neurons[i]), i)
-        masks.set("hidden", move(masks.hidden, keep.hidden))
+            masks.set("head", move(start.heads[i], keep.heads[i]), i)
+            masks.set("neuron", move(start.neurons[i], keep.neurons[i]), i)
+        masks.set("hidden", move(start.hidden, keep.hidden))
         if hard:
-            self.targets = None
+            self.targets = self.window_from = None
             self._finish_event(trainer, pl_module, keep)
 
     def _finish_event(self, trainer: Trainer, pl_module: LightningModule, keep: BlockTensors) -> None:
@@ -295,28 +305,29 @@ class AdaptivePruning(Callback):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
+        def blocks(b: BlockTensors | None) -> dict | None:
+            return None if b is None else {"heads": b.heads, "neurons": b.neurons, "hidden": b.hidden}
+
         return {
             "next_event": self.next_event,
+            "window_start": self.window_start,
             "window_end": self.window_end,
             "full_count": self.full_count,
-            "targets": None
-            if self.targets is None
-            else {
-                "heads": self.targets.heads,
-                "neurons": self.targets.neurons,
-                "hidden": self.targets.hidden,
-            },
+            "targets": blocks(self.targets),
+            "window_from": blocks(self.window_from),
             "scorer": self.scorer.state_dict(),
             "history": self.history,
             "timing": self.timing,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        def blocks(d: dict | None) -> BlockTensors | None:
+            return None if d is None else BlockTensors(d["heads"], d["neurons"], d["hidden"])
+
         self.next_event = state["next_event"]
-        self.window_end = state["window_end"]
+        self.window_start, self.window_end = state["window_start"], state["window_end"]
         self.full_count = state["full_count"]
-        t = state["targets"]
-        self.targets = None if t is None else BlockTensors(t["heads"], t["neurons"], t["hidden"])
+        self.targets, self.window_from = blocks(state["targets"]), blocks(state["window_from"])
         self.scorer.load_state_dict(state["scorer"])
         self.history = state["history"]
         self.timing = state["timing"]

@@ -39,6 +39,9 @@ class TeacherView:
     def __call__(self, student: nn.Module, inputs: dict, output_hidden_states: bool = False):
         if not self.ready:
             raise RuntimeError("the teacher has no snapshot yet")
+        device = next(student.parameters()).device
+        if any(t.device != device for t in self.tensors.values()):  # e.g. restored from a CPU checkpoint
+            self.tensors = {n: t.to(device) for n, t in self.tensors.items()}
         was_training = student.training
         masks = getattr(student, "apt_masks", None)
         student.eval()

@@ -57,6 +57,13 @@ class Scorer:
         """Scores at a pruning event; blocks whose mask is 0 score 0."""
         scores = self.compute(structure)
         masks = structure.masks
+        got = ([t.numel() for t in scores.heads], [t.numel() for t in scores.neurons], scores.hidden.numel())
+        want = masks.sizes()
+        if got != (want["heads"], want["neurons"], want["hidden"]):
+            raise ValueError(
+                f"{type(self).__name__} returned scores for widths {got}, but the model now has "
+                f"{tuple(want.values())}: a stateful scorer must implement compact() to follow compaction"
+            )
         return BlockTensors(
             [s.float().cpu() * (masks.head(i).cpu() > 0) for i, s in enumerate(scores.heads)],
             [s.float().cpu() * (masks.neuron(i).cpu() > 0) for i, s in enumerate(scores.neurons)],
@@ -208,14 +215,17 @@ class OutlierAwareSalience(Scorer):
 
 @register_scorer("random")
 class RandomScorer(Scorer):
-    """Uniform random scores, redrawn at every event (the 'salience replaced by random' ablation)."""
+    """Random scores, redrawn at every event (the 'salience replaced by random' ablation): uniform random
+    densities, i.e. U(0, 1) times the block's cost, so the search picks blocks at random instead of
+    removing expensive blocks (heads) first."""
 
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
 
     def compute(self, structure: PrunableStructure) -> BlockTensors:
-        full = BlockTensors.full(structure.shapes())
-        return full.map(lambda t: torch.rand(t.shape, generator=self.generator))
+        return block_costs(structure.shapes()).map(
+            lambda c: c * torch.rand(c.shape, generator=self.generator)
+        )
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

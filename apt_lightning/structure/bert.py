@@ -86,20 +86,20 @@ class BertStructure:
         return mod.output.dense.weight if self._has_ffn(mod) else None
 
     def hidden_input_weights(self) -> list[tuple[int, torch.Tensor]]:
-        """(mask site feeding it, weight) for every Linear whose input is the hidden state."""
-        out = []
+        """(mask site feeding it, weight) for every Linear whose input is the hidden state. Sites are the
+        masked LayerNorms: 0 after the embeddings, 2i+1 after layer i's attention, 2i+2 after its FFN; a
+        skipped sublayer has no LayerNorm, so the next reader takes the last site before it."""
+        out, site = [], 0
         for i, layer in enumerate(self.layers):
             if self._has_attention(layer):
                 att = layer.attention.self
-                out += [(2 * i, att.query.weight), (2 * i, att.key.weight), (2 * i, att.value.weight)]
+                out += [(site, att.query.weight), (site, att.key.weight), (site, att.value.weight)]
+                site = 2 * i + 1
             if self._has_ffn(layer):
-                out.append((2 * i + 1, layer.intermediate.dense.weight))
-        out.append((2 * len(self.layers), self.hidden_consumer().weight))
+                out.append((site, layer.intermediate.dense.weight))
+                site = 2 * i + 2
+        out.append((site, self.hidden_consumer().weight))
         return out
-
-    @property
-    def num_hidden_sites(self) -> int:
-        return 2 * len(self.layers) + 1
 
     # ----------------------------------------------------------------- masks
     def install_masks(self) -> PruningMasks:
@@ -134,7 +134,7 @@ class BertStructure:
 
     def _apply_mask(self, kind: str, layer: int, module: nn.Module, args: tuple) -> tuple:
         x, masks = args[0], self.masks
-        if masks.active() and not (masks.head_full if kind == "head" else masks.neuron_full)[layer]:
+        if masks.enabled and not (masks.head_full if kind == "head" else masks.neuron_full)[layer]:
             m = masks.get(kind, layer).to(x.dtype)
             x = x * (m.repeat_interleave(self.head_dim) if kind == "head" else m)
         if masks.observing():
@@ -146,7 +146,7 @@ class BertStructure:
 
     def _apply_skip(self, kind: str, layer: int, module: nn.Module, args: tuple, output: torch.Tensor):
         masks = self.masks
-        if masks.active() and (masks.head_zero if kind == "head" else masks.neuron_zero)[layer]:
+        if masks.enabled and (masks.head_zero if kind == "head" else masks.neuron_zero)[layer]:
             return args[1]  # the residual input: the sublayer is skipped
         return output
 

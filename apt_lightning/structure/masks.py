@@ -51,37 +51,42 @@ class PruningMasks(nn.Module):
         return self.hidden if kind == "hidden" else getattr(self, f"{kind}_{layer}")
 
     def set(self, kind: str, values: torch.Tensor, layer: int | None = None) -> None:
-        """Replace one mask after checking its length and range."""
+        """Replace one mask after checking its length and range. Values given on the CPU are checked there,
+        so setting a mask of a model on a GPU costs a host-to-device copy and no device sync."""
         if kind not in ("head", "neuron", "hidden"):
             raise ValueError(f"unknown mask kind {kind!r}; allowed: head, neuron, hidden")
         if kind != "hidden" and (layer is None or not 0 <= int(layer) < self.num_layers):
             raise ValueError(f"{kind} mask needs a layer in [0, {self.num_layers}), got {layer!r}")
         current = self.get(kind, layer)
-        values = torch.as_tensor(values, dtype=current.dtype, device=current.device)
+        values = torch.as_tensor(values, dtype=current.dtype)
         where = f"{kind} mask" + (f" of layer {layer}" if kind != "hidden" else "")
         if values.shape != current.shape:
             raise ValueError(f"{where} must have length {current.numel()}, got shape {tuple(values.shape)}")
+        full = zero = True  # an empty mask (a removed sublayer) is both
         if values.numel():
-            lo, hi = values.min().item(), values.max().item()
-            if lo < 0 or hi > 1 or values.isnan().any():
+            lo, hi = (v.item() for v in torch.aminmax(values))
+            if not 0 <= lo <= hi <= 1:  # also false for NaN
                 raise ValueError(f"{where} values must lie in [0, 1], got min {lo:g}, max {hi:g}")
             if kind == "hidden" and hi == 0:
                 raise ValueError("cannot prune every hidden dimension: the model would have no width left")
+            full, zero = lo == 1, hi == 0
         current.copy_(values)
-        self.refresh()
+        if kind == "hidden":
+            self.hidden_full = full
+        else:
+            getattr(self, f"{kind}_full")[layer] = full
+            getattr(self, f"{kind}_zero")[layer] = zero
 
     def refresh(self) -> None:
-        """Recompute the Python-side flags from the buffers."""
+        """Recompute the Python-side flags from the buffers (after loading or resizing)."""
 
         def flags(t: torch.Tensor) -> tuple[bool, bool]:
             return bool((t == 1).all()), bool((t == 0).all())
 
-        self.head_full, self.head_zero = tuple(
-            zip(*[flags(self.head(i)) for i in range(self.num_layers)], strict=True)
-        ) or ((), ())
-        self.neuron_full, self.neuron_zero = tuple(
-            zip(*[flags(self.neuron(i)) for i in range(self.num_layers)], strict=True)
-        ) or ((), ())
+        heads = [flags(self.head(i)) for i in range(self.num_layers)]
+        neurons = [flags(self.neuron(i)) for i in range(self.num_layers)]
+        self.head_full, self.head_zero = [f for f, _ in heads], [z for _, z in heads]
+        self.neuron_full, self.neuron_zero = [f for f, _ in neurons], [z for _, z in neurons]
         self.hidden_full = flags(self.hidden)[0]
 
     def is_hard(self) -> bool:
@@ -105,9 +110,6 @@ class PruningMasks(nn.Module):
             "neurons": [self.neuron(i).numel() for i in range(self.num_layers)],
             "hidden": self.hidden.numel(),
         }
-
-    def active(self) -> bool:
-        return self.enabled
 
     def observing(self) -> bool:
         return self.observer is not None and torch.is_grad_enabled()
@@ -136,7 +138,7 @@ class MaskedLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         masks = self.masks
-        if not masks.active() or masks.hidden_full:
+        if not masks.enabled or masks.hidden_full:
             out = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         else:
             m = masks.hidden.to(x.dtype)

@@ -24,7 +24,7 @@ class SliceOp:
 
 def _slice_parameter(module: nn.Module, op: SliceOp) -> None:
     old = getattr(module, op.param)
-    new = old.data.index_select(op.dim, op.index.to(old.device)).clone()
+    new = old.data.index_select(op.dim, op.index.to(old.device))  # a copy already
     setattr(module, op.param, nn.Parameter(new, requires_grad=old.requires_grad))
 
 
