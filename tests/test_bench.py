@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_batch, tiny_config, tiny_model
+from helpers_apt import quiet_trainer
 
 from apt_lightning import bench
 from apt_lightning.bench import benchmark, prune_to_sparsity, run_cli
@@ -174,7 +175,6 @@ def test_cli_config_json_several_sparsities(tmp_path):
 
 
 def test_cli_checkpoint(tmp_path, tiny_backbone_dir):
-    from lightning import Trainer
     from torch.utils.data import DataLoader
 
     from apt_lightning import APTModule
@@ -187,15 +187,7 @@ def test_cli_checkpoint(tmp_path, tiny_backbone_dir):
         }
         for i in range(8)
     ]
-    trainer = Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=1, default_root_dir=tmp_path)
     trainer.fit(APTModule(backbone=str(tiny_backbone_dir), task="sst2"), DataLoader(data, batch_size=4))
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)

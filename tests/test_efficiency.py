@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from helpers_apt import quiet_trainer
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -257,16 +258,11 @@ def test_monitor_with_apt_pruning(tmp_path, tiny_backbone_dir):
         target_sparsity=0.5, start_step=2, end_step=10, num_events=2, decay_steps=1, plot=False
     )
     monitor = EfficiencyMonitor(reference=0.5, output_dir=tmp_path)
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        limit_val_batches=None,
         default_root_dir=tmp_path,
         callbacks=[monitor, pruning, AdaptiveTuning(start_step=2, end_step=10, num_events=2)],
-        num_sanity_val_steps=0,
     )
     trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(data[:16], batch_size=8))
     out = json.loads((tmp_path / "efficiency.json").read_text())
