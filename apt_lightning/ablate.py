@@ -963,7 +963,7 @@ def _train_worker(run_dir: Path, extra: list[str]) -> int:
     """The body of one training process: apt-fit on config.yaml, final checkpoint, done.json."""
     meta = _read_json(run_dir / RUN_META) or {}
     t0 = time.time()
-    from apt_lightning.cli import main as fit
+    from apt_lightning.cli import run_cli as fit
 
     sys.argv = sys.argv[:1]  # LightningCLI warns when it gets both args and a command line
     seed = str(meta.get("seed", 0))

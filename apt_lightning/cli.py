@@ -15,7 +15,8 @@ class APTCLI(LightningCLI):
         parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
 
 
-def main(args: list[str] | None = None) -> APTCLI:
+def run_cli(args: list[str] | None = None) -> APTCLI:
+    """Build and run the CLI; returns it (with `.trainer`, `.model`) for programmatic use and tests."""
     return APTCLI(
         APTModule,
         GLUEDataModule,
@@ -31,6 +32,11 @@ def main(args: list[str] | None = None) -> APTCLI:
         args=args,
         auto_configure_optimizers=False,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """The `apt-fit` console script (returns None: the script exits with status 0 after a normal run)."""
+    run_cli(args)
 
 
 if __name__ == "__main__":

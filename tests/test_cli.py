@@ -6,7 +6,7 @@ import pytest
 from conftest import GLUE_DIR, REPO
 
 from apt_lightning.backbone import BackboneNotFoundError
-from apt_lightning.cli import main
+from apt_lightning.cli import main, run_cli
 from apt_lightning.module import APTModule
 
 pytestmark = pytest.mark.skipif(not GLUE_DIR.exists(), reason="shared GLUE data not present")
@@ -32,7 +32,7 @@ def _args(backbone, tmp_path, *extra):
 
 def test_fit_end_to_end_with_apt_callbacks(tiny_backbone_dir, tmp_path):
     """The quickstart's APT callbacks on a tiny model: prunes to target, grows ranks, logs metrics."""
-    cli = main(_args(tiny_backbone_dir, tmp_path))
+    cli = run_cli(_args(tiny_backbone_dir, tmp_path))
     module = cli.model
     pruning = next(c for c in cli.trainer.callbacks if type(c).__name__ == "AdaptivePruning")
     assert pruning.history and pruning.history[-1]["achieved_sparsity"] == pytest.approx(0.4, abs=0.05)
@@ -99,3 +99,14 @@ def test_scheduler_factory_must_take_apt_arguments(tiny_backbone_dir):
         ValueError, match=r"LinearLR does not accept \['scale', 'start_step', 'total_steps'\]"
     ):
         APTModule(backbone=str(tiny_backbone_dir), lr_scheduler=bad)
+
+
+def test_console_script_exits_zero_after_a_run(tiny_backbone_dir, tmp_path):
+    """`apt-fit` is `sys.exit(main())`: main must return None, or a finished run exits with status 1."""
+    import subprocess
+    import sys
+
+    args = _args(tiny_backbone_dir, tmp_path, "--trainer.max_epochs=2")
+    code = f"import sys; from apt_lightning.cli import main; sys.exit(main({args!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -419,7 +419,7 @@ def test_uniform_scores_keep_equal_fractions(heads, neurons, sparsity):
 # ---------------------------------------------------------------------------------------------- callback runs
 @pytest.mark.skipif(not GLUE_DIR.exists(), reason="shared GLUE data not present")
 def test_custom_scorer_from_yaml_class_path(backbone, tmp_path):
-    from apt_lightning.cli import main
+    from apt_lightning.cli import run_cli
 
     config = {
         "seed_everything": 0,
@@ -470,7 +470,7 @@ def test_custom_scorer_from_yaml_class_path(backbone, tmp_path):
     path = tmp_path / "in" / "apt.yaml"  # (the CLI saves its own config.yaml into default_root_dir)
     path.parent.mkdir()
     path.write_text(yaml.safe_dump(config))
-    cli = main(["fit", "--config", str(path)])
+    cli = run_cli(["fit", "--config", str(path)])
     pruning = next(cb for cb in cli.trainer.callbacks if isinstance(cb, AdaptivePruning))
     scorer = pruning.scorer
     assert type(scorer).__name__ == "CountingScorer" and scorer.zero_layer == 0
