@@ -110,3 +110,17 @@ def test_console_script_exits_zero_after_a_run(tiny_backbone_dir, tmp_path):
     code = f"import sys; from apt_lightning.cli import main; sys.exit(main({args!r}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_wandb_logger_offline(tiny_backbone_dir, tmp_path, monkeypatch):
+    """configs/logger/wandb.yaml on an APT run, W&B offline: the run folder stays the CSV one, and the
+    pruning and tuning events reach W&B (scalars, score histograms, tables)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(_args(tiny_backbone_dir, tmp_path, "--config", str(REPO / "configs/logger/wandb.yaml")))
+    assert [type(lg).__name__ for lg in cli.trainer.loggers] == ["CSVLogger", "WandbLogger"]
+    assert (tmp_path / "runs" / "apt").exists() and list((tmp_path / "runs" / "apt").rglob("pruning.json"))
+    records = b"".join(p.read_bytes() for p in tmp_path.rglob("*.wandb"))
+    for key in (b"prune/achieved_sparsity", b"prune/head_scores", b"prune/kept_per_layer", b"tune/ranks"):
+        assert key in records
