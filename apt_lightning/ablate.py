@@ -92,6 +92,8 @@ from typing import Any
 
 import yaml
 
+from apt_lightning.files import write_json_atomic, write_text_atomic
+
 DONE, FAILED, INFERENCE, BENCH_FAILED = "done.json", "failed.json", "inference.json", "inference_failed.json"
 RUN_META, CONFIG = "run.json", "config.yaml"
 LOG_DIR, TRAIN_LOG, FINAL_CKPT, SUITE_META = "logs", "train.log", "final.ckpt", "suite.json"
@@ -147,19 +149,6 @@ class SuiteError(ValueError):
 
 
 # ---------------------------------------------------------------------- files
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to `path` through a temporary file and a rename (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _load_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise SuiteError(f"{what} {path} not found")
@@ -823,7 +812,7 @@ def _prepare(suite: Suite, run: RunSpec) -> list[str]:
     config = copy.deepcopy(run.config)
     reference = _reference_metric(suite, run)
     has_ref = set_tta_reference(config, reference)
-    _write_text_atomic(run.run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+    write_text_atomic(run.run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
     argv = fit_argv(run, suite.args)
     meta = {
         "suite": suite.name,
@@ -1305,7 +1294,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run_status(run.run_dir):8s} {run.run_id:40s} {run.run_dir}")
             if getattr(args, "dry_run", False):
                 run.run_dir.mkdir(parents=True, exist_ok=True)
-                _write_text_atomic(run.run_dir / CONFIG, yaml.safe_dump(run.config, sort_keys=False))
+                write_text_atomic(run.run_dir / CONFIG, yaml.safe_dump(run.config, sort_keys=False))
         print(f"{len(runs)} runs; {sum(run_status(r.run_dir) == 'done' for r in runs)} done")
         return 0
     # `timeout` / a job scheduler stops us with SIGTERM: end the training processes too (the except

@@ -27,7 +27,6 @@ import copy
 import ctypes
 import gc
 import json
-import os
 import platform
 import shlex
 import statistics
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from apt_lightning.callbacks.efficiency import current_rss_mb, peak_rss_mb, reset_peak_rss
+from apt_lightning.files import write_text_atomic
 from apt_lightning.pruning import Scorer, build_scorer, kept_param_count, select_blocks
 from apt_lightning.structure import apt_param_count, get_structure
 
@@ -354,13 +354,6 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def measure_all(
     models: dict[str, nn.Module],
     batch_sizes: list[int],
@@ -648,8 +641,8 @@ def _main(
     print(table)
     if args.out:
         out = Path(args.out)
-        _write_atomic(out, json.dumps(report, indent=1))
-        _write_atomic(out.with_suffix(".md"), table)
+        write_text_atomic(out, json.dumps(report, indent=1))
+        write_text_atomic(out.with_suffix(".md"), table)
     return report
 
 

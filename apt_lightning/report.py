@@ -21,12 +21,13 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from apt_lightning.files import write_text_atomic
 
 TTA_FRACTION = 0.97
 RUN_FIELDS = [
@@ -368,12 +369,6 @@ def summarize(rows: list[dict], reference: str | None, order: list[str] | None =
 
 
 # ---------------------------------------------------------------------- writing
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _csv_text(rows: list[dict], fields: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
@@ -737,12 +732,12 @@ def write_report(suite_dir: str | Path) -> Path:
     add_tta(rows, reference)
     order = _variant_order(meta, rows)
     summary = summarize(rows, reference, order)
-    _atomic_text(suite_dir / "runs.csv", _csv_text(rows, RUN_FIELDS))
-    _atomic_text(suite_dir / "results.csv", _csv_text(summary, RESULT_FIELDS))
+    write_text_atomic(suite_dir / "runs.csv", _csv_text(rows, RUN_FIELDS))
+    write_text_atomic(suite_dir / "results.csv", _csv_text(summary, RESULT_FIELDS))
     tasks = list(dict.fromkeys([*(meta.get("tasks") or {}), *(r["task_key"] for r in rows)]))
     plots = _plots(rows, summary, tasks, order, reference, suite_dir) if rows else []
     out = suite_dir / "RESULTS.md"
-    _atomic_text(out, render_markdown(suite_dir, meta, rows, summary, plots))
+    write_text_atomic(out, render_markdown(suite_dir, meta, rows, summary, plots))
     return out
 
 

@@ -1,6 +1,7 @@
 """`apt-fit` end to end on a tiny backbone, and the errors users get before training starts."""
 
 import csv
+import json
 
 import pytest
 from conftest import GLUE_DIR, REPO
@@ -39,6 +40,8 @@ def test_fit_end_to_end_with_apt_callbacks(tiny_backbone_dir, tmp_path):
     assert module.structure.masks is not None and module.structure.masks.is_hard()
     assert max(a.rank for a in module.adapters().values()) > 8  # adaptive tuning grew ranks
     log_dir = cli.trainer.log_dir
+    tuning = json.loads(open(f"{log_dir}/tuning.json").read())
+    assert tuning["events"] and max(tuning["events"][-1]["ranks"].values()) > 8  # ranks per adapter per event
     rows = list(csv.DictReader(open(f"{log_dir}/metrics.csv")))
     assert any(r.get("val/accuracy") for r in rows)
     assert (tmp_path / "apt").exists()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import statistics
 import sys
@@ -38,6 +37,8 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+
+from apt_lightning.files import write_json_atomic
 
 _MODES = ("max", "min")
 _OVERHEAD_KEYS = ("score_s", "search_s", "compact_s", "grow_s")
@@ -384,12 +385,7 @@ class EfficiencyMonitor(Callback):
         folder = self.output_dir or trainer.log_dir
         if folder is None:
             return None
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "efficiency.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, out / "efficiency.json")
-        return out / "efficiency.json"
+        return write_json_atomic(Path(folder) / "efficiency.json", summary)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         summary = self.summary(trainer, pl_module)

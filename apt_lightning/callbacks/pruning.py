@@ -10,7 +10,6 @@ Two ways to change how blocks are scored: pass another `scorer` (any `Scorer` su
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 
 from apt_lightning.callbacks.events import PruningEvent, broadcast
+from apt_lightning.files import write_json_atomic
 from apt_lightning.pruning import (
     BlockTensors,
     CubicSchedule,
@@ -293,10 +293,7 @@ class AdaptivePruning(Callback):
         if not trainer.is_global_zero or log_dir is None:
             return
         out = Path(log_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "pruning.json.tmp"
-        tmp.write_text(json.dumps(self.summary(), indent=1))
-        tmp.replace(out / "pruning.json")
+        write_json_atomic(out / "pruning.json", self.summary())
         if self.plot and self.history:
             from apt_lightning.plots import plot_kept_per_layer
 

@@ -11,12 +11,14 @@ moments restart, the schedule continues from the current step.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from lightning import Callback, LightningModule, Trainer
 
 from apt_lightning.callbacks.events import PruningEvent, find_callback
 from apt_lightning.callbacks.pruning import AdaptivePruning
+from apt_lightning.files import write_json_atomic
 from apt_lightning.pruning.schedule import resolve_step
 from apt_lightning.tuning import AdapterInfo, RankAllocation, build_allocation, tuning_params
 
@@ -146,6 +148,12 @@ class AdaptiveTuning(Callback):
                     columns=["step", "adapter", "rank"],
                     data=[[step, a.name, a.rank] for a in infos],
                 )
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """`tuning.json` in the run folder: budget, tuning parameters and each adapter's rank per event."""
+        if trainer.is_global_zero and trainer.log_dir is not None:
+            summary = {"initial_params": self.initial_params, "events": self.history, "timing": self.timing}
+            write_json_atomic(Path(trainer.log_dir) / "tuning.json", summary)
 
     def state_dict(self) -> dict:
         return {
