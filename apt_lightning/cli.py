@@ -15,8 +15,9 @@ class APTCLI(LightningCLI):
         parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
 
 
-def run_cli(args: list[str] | None = None) -> APTCLI:
-    """Build and run the CLI; returns it (with `.trainer`, `.model`) for programmatic use and tests."""
+def run_cli(args: list[str] | None = None, run: bool = True) -> APTCLI:
+    """Build (and with `run`, run) the CLI; returns it (`.trainer`, `.model`, `.datamodule`) for programmatic
+    use and tests. `run=False` takes no subcommand: it only parses and instantiates."""
     return APTCLI(
         APTModule,
         GLUEDataModule,
@@ -30,6 +31,7 @@ def run_cli(args: list[str] | None = None) -> APTCLI:
             }
         },
         args=args,
+        run=run,
         auto_configure_optimizers=False,
     )
 

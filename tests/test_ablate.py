@@ -109,24 +109,14 @@ def test_overlay_changes_only_what_it_says(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
 def test_overlay_config_instantiates(overlay, tiny_backbone_dir, tmp_path):
     """The composed config is a valid apt-fit config: LightningCLI builds model, data and callbacks."""
-    from apt_lightning.cli import APTCLI
-    from apt_lightning.data import GLUEDataModule
-    from apt_lightning.module import APTModule
+    from apt_lightning.cli import run_cli
 
     config = apply_overlay(_base(), load_overlay(overlay), seed=0)
     set_dotted(config, "model.init_args.backbone", str(tiny_backbone_dir))
     set_dotted(config, "data.init_args.data_dir", str(GLUE_DIR / "sst2"))
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    cli = APTCLI(
-        APTModule,
-        GLUEDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=["--config", str(path)],
-        auto_configure_optimizers=False,
-    )
+    cli = run_cli(["--config", str(path)], run=False)
     present = [type(c).__name__ for c in cli.trainer.callbacks]
     assert all(name in present for name in _names(config))
     assert (cli.model.adapters_config is None) == (overlay.stem == "ft")

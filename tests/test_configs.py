@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import GLUE_DIR, REPO
 
-from apt_lightning.cli import APTCLI, main
+from apt_lightning.cli import main, run_cli
 from apt_lightning.data import GLUEDataModule
 from apt_lightning.module import APTModule
 
@@ -39,15 +39,7 @@ def test_config_instantiates(config, tiny_backbone_dir, monkeypatch):
     else:
         args = ["--config", str(config)] + _local_overrides(config, tiny_backbone_dir)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cli = APTCLI(
-        APTModule,
-        GLUEDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=args,
-        auto_configure_optimizers=False,
-    )
+    cli = run_cli(args, run=False)
     assert isinstance(cli.model, APTModule)
     assert isinstance(cli.datamodule, GLUEDataModule)
     assert cli.datamodule.hparams.task == cli.model.hparams.task  # linked
