@@ -39,6 +39,7 @@ paths to the working directory)::
     reference: ft                         # the FT variant: % of FT, TTA and memory ratios
     seeds: [0]                            # default seeds of every variant
     parallel: 1                           # concurrent training processes (they share one GPU)
+    gpus: null                            # [0, 1] or auto (all visible): spread the processes over GPUs
     timeout_s: null                       # per-run wall-clock limit
     strict: false                         # exit 1 when any run failed
     keep_checkpoints: true                # keep <run>/final.ckpt after benchmarking
@@ -52,7 +53,7 @@ paths to the working directory)::
       mnli9k: {task: mnli, label: MNLI-9k subset, data_dir: "{data_root}/mnli_subset"}
     efficiency: {init_args: {}}           # EfficiencyMonitor options, or false
     benchmark: {batch_size: 128, seq_len: 128, dtype: auto, device: auto, warmup: 10, repeats: 30,
-                rounds: 3}                # or false; auto: bf16 on CUDA, fp32 on the CPU
+                rounds: 3, cuda_graphs: false}   # or false; auto: bf16 on CUDA, fp32 on the CPU
     wandb: {project: apt-ablations, offline: true}   # or false (default); group = suite name
 
 Overrides apply in the order overlay, suite ``set``, task, variant ``set``, ``--set``; then the runner sets
@@ -108,6 +109,7 @@ BENCH_DEFAULTS = {
     "warmup": 10,
     "repeats": 30,
     "rounds": 3,
+    "cuda_graphs": False,
 }
 
 _OVERLAY_KEYS = {
@@ -128,6 +130,7 @@ _SUITE_KEYS = {
     "reference",
     "seeds",
     "parallel",
+    "gpus",
     "timeout_s",
     "strict",
     "keep_checkpoints",
@@ -364,6 +367,7 @@ class Suite:
     data_root: str | None
     reference: str | None
     parallel: int
+    gpus: list[str] | None
     timeout_s: float | None
     strict: bool
     keep_checkpoints: bool
@@ -413,6 +417,7 @@ def load_suite(
     data_root: str | None = None,
     output_dir: str | None = None,
     parallel: int | None = None,
+    gpus: Any = None,
     variants: list[str] | None = None,
     tasks: list[str] | None = None,
     seeds: list[int] | None = None,
@@ -560,6 +565,7 @@ def load_suite(
     par = parallel if parallel is not None else raw.get("parallel", 1)
     if not isinstance(par, int) or par < 1:
         raise SuiteError(f"suite {path}: parallel must be an integer >= 1, got {par!r}")
+    gpu_ids = _gpu_ids(gpus if gpus is not None else raw.get("gpus"), path)
     args = raw.get("args") or []
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise SuiteError(f"suite {path}: args must be a list of strings (apt-fit arguments)")
@@ -578,6 +584,7 @@ def load_suite(
         data_root=None if root is None else str(root),
         reference=reference,
         parallel=par,
+        gpus=gpu_ids,
         timeout_s=raw.get("timeout_s"),
         strict=bool(raw.get("strict", False)),
         keep_checkpoints=bool(raw.get("keep_checkpoints", True)),
@@ -592,6 +599,36 @@ def load_suite(
     )
     plan(suite)  # compose every run's config now: overlay errors surface before anything runs
     return suite
+
+
+def _gpu_ids(value: Any, path: Path) -> list[str] | None:
+    """The GPUs that training processes are spread over (CUDA_VISIBLE_DEVICES values), or None.
+    `auto`: every GPU visible to the runner."""
+    if value is None:
+        return None
+    if value == "auto":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            ids = [v.strip() for v in visible.split(",") if v.strip()]
+        else:
+            import torch
+
+            ids = [str(i) for i in range(torch.cuda.device_count())]
+        return ids or None  # no GPU here: nothing to spread (a plan or dry run still works)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        and not all(isinstance(v, str) and v.isdigit() for v in value)
+    ):
+        raise SuiteError(
+            f"suite {path}: gpus must be auto, a GPU index or a list of GPU indices (>= 0), got {value!r}"
+        )
+    return [str(v) for v in value]
 
 
 # ---------------------------------------------------------------------- composing runs
@@ -892,17 +929,22 @@ def train_runs(
                 todo.remove(pick)
                 cmd = _prepare(suite, pick)
                 handle = (pick.run_dir / TRAIN_LOG).open("w")
+                run_env = env
+                if suite.gpus:
+                    gpu = _least_loaded(suite.gpus, [g for _, _, _, g in active.values()])
+                    run_env = {**env, "CUDA_VISIBLE_DEVICES": gpu}
                 proc = subprocess.Popen(
-                    cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    cmd, stdout=handle, stderr=subprocess.STDOUT, env=run_env, start_new_session=True
                 )
                 meta = _read_json(pick.run_dir / RUN_META) or {}
                 write_json_atomic(pick.run_dir / RUN_META, {**meta, "pid": proc.pid})
-                active[proc] = (pick, time.time(), handle)
+                active[proc] = (pick, time.time(), handle, run_env.get("CUDA_VISIBLE_DEVICES"))
                 started += 1
-                log(f"[start {started}/{total}] {pick.run_id} (pid {proc.pid}) -> {pick.run_dir}")
+                on_gpu = f" on GPU {run_env['CUDA_VISIBLE_DEVICES']}" if suite.gpus else ""
+                log(f"[start {started}/{total}] {pick.run_id} (pid {proc.pid}){on_gpu} -> {pick.run_dir}")
             time.sleep(0.2)
             for proc in list(active):
-                run, t0, handle = active[proc]
+                run, t0, handle, _ = active[proc]
                 rc = proc.poll()
                 if rc is None and suite.timeout_s and time.time() - t0 > suite.timeout_s:
                     _stop(proc, signal.SIGKILL)
@@ -924,7 +966,7 @@ def train_runs(
                         + _indent(_tail(run.run_dir / TRAIN_LOG, 15))
                     )
     except BaseException:
-        for proc, (run, _, handle) in active.items():
+        for proc, (run, _, handle, _) in active.items():
             _stop(proc)
             try:
                 proc.wait(timeout=20)
@@ -941,7 +983,12 @@ def _waits_for_reference(suite: Suite, run: RunSpec, active: dict) -> bool:
     if suite.reference is None or run.variant.name == suite.reference:
         return False
     ref_dir = run_dir_for(suite, suite.reference, run.task.key, run.seed)
-    return any(r.run_dir == ref_dir for r, _, _ in active.values())
+    return any(r.run_dir == ref_dir for r, _, _, _ in active.values())
+
+
+def _least_loaded(gpus: list[str], busy: list[str | None]) -> str:
+    """The GPU with the fewest running processes (the first of equals)."""
+    return min(gpus, key=lambda g: busy.count(g))
 
 
 def _indent(text: str) -> str:
@@ -1055,6 +1102,7 @@ def _measure(bench: Callable[..., dict], model: Any, options: dict) -> dict:
                     device=device,
                     warmup=options["warmup"],
                     repeats=options["repeats"],
+                    cuda_graphs=bool(options["cuda_graphs"]),
                 )
             )
         )
@@ -1230,6 +1278,7 @@ def _add_suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="replaces the suite's data_root (e.g. .device/data/glue)")
     p.add_argument("--output", help="replaces the suite's output_dir")
     p.add_argument("--parallel", type=int, help="concurrent training processes")
+    p.add_argument("--gpus", help="spread the training processes over these GPUs: auto or indices, e.g. 0,1")
     p.add_argument("--variants", nargs="+", help="only these variants")
     p.add_argument("--tasks", nargs="+", help="only these tasks (suite task keys)")
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds (of each variant's seeds)")
@@ -1248,6 +1297,7 @@ def _suite_from_args(args: argparse.Namespace) -> Suite:
         data_root=args.data_root,
         output_dir=args.output,
         parallel=args.parallel,
+        gpus=args.gpus,
         variants=args.variants,
         tasks=args.tasks,
         seeds=args.seeds,

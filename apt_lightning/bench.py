@@ -13,8 +13,14 @@ How it measures (APT_METHOD.md section 9):
   default the models take turns pass by pass (`--order interleaved`), so background load on a shared
   machine slows dense and pruned alike and the speedup stays fair; `sequential` runs each model's passes
   back to back (on CUDA without a synchronisation between them).
+- CUDA graphs (`--cuda-graphs`): each model's forward is captured once after its warm-up and the timed
+  passes replay it, so the time is the GPU's work alone, not Python's kernel-by-kernel dispatch (which
+  bounds small or pruned models at moderate batch sizes: compare `host_ms`, the CPU time to issue one eager
+  pass, with the latency). The all-ones attention mask is left out under graphs: transformers drops it
+  anyway in eager mode (after checking it on the host, which capture forbids), so both run unmasked SDPA.
 - memory: the model's weights (parameter + buffer bytes) plus the peak working memory of the timed passes:
-  on CUDA `max_memory_allocated` minus the allocation just before them (other resident models excluded);
+  on CUDA `max_memory_allocated` minus the allocation just before them (other resident models excluded;
+  under graphs, the same over the capture, whose memory pool the replays reuse);
   on a CPU the growth of the peak resident set (Linux `VmHWM`, reset through `/proc/self/clear_refs`,
   minus `VmRSS` after `malloc_trim`). CPU numbers are approximate (allocator caches, oneDNN scratch
   buffers) and 'n/a' where the kernel offers no resettable peak.
@@ -187,8 +193,8 @@ def _model_bytes(model: nn.Module) -> int:
 class Runner:
     """One model at one input shape: `warm` runs untimed passes, `timed` timed ones (tracking the peak
     working memory over them), `result` summarises. Separate calls let several models take turns
-    (`measure_all`), so on a shared machine each sees the same background load. Moves and casts `model`
-    in place."""
+    (`measure_all`), so on a shared machine each sees the same background load. `cuda_graphs`: time
+    replays of one captured forward (module docstring). Moves and casts `model` in place."""
 
     def __init__(
         self,
@@ -198,6 +204,7 @@ class Runner:
         dtype: str = "fp32",
         device: str | torch.device = "cpu",
         seed: int = 0,
+        cuda_graphs: bool = False,
     ) -> None:
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
@@ -208,6 +215,8 @@ class Runner:
         self.model, self.batch_size, self.seq_len, self.dtype = model, batch_size, seq_len, dtype
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if cuda_graphs and not self.cuda:
+            raise ValueError(f"cuda_graphs needs a CUDA device, got device {str(self.device)!r}")
         model.to(device=self.device, dtype=DTYPES[dtype]).eval()
         vocab = int(model.config.vocab_size)
         low = 5 if vocab > 10 else 0  # stay clear of special ids (RoBERTa's padding id shifts positions)
@@ -216,6 +225,11 @@ class Runner:
             "input_ids": torch.randint(low, vocab, (batch_size, seq_len), generator=g).to(self.device),
             "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=self.device),
         }
+        if cuda_graphs:
+            del self.inputs["attention_mask"]
+        self.cuda_graphs = cuda_graphs
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.host_times: list[float] = []
         self.weights_mb = _model_bytes(model) / 2**20
         self.times: list[float] = []
         self.warmup = 0
@@ -224,13 +238,40 @@ class Runner:
 
     @torch.inference_mode()
     def warm(self, n: int) -> None:
+        if self.cuda_graphs and self.graph is None:
+            self._capture()
         for _ in range(n):
-            self.model(**self.inputs)
+            self._forward()
         self.warmup += n
+
+    def _forward(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.model(**self.inputs)
+
+    def _capture(self) -> None:
+        """Capture one forward into a CUDA graph; its memory pool's growth is the working memory."""
+        dev = self.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # capture needs warmed-up kernels (cuBLAS handles, autotuning)
+            for _ in range(3):
+                self.model(**self.inputs)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_output = self.model(**self.inputs)
+        torch.cuda.synchronize(dev)
+        self.activation_mb = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+        self.graph = graph
 
     @torch.inference_mode()
     def timed(self, n: int = 1) -> None:
-        model, inputs, dev = self.model, self.inputs, self.device
+        dev = self.device
         gc.collect(1)  # recent garbage only: a full collection costs ~0.2 s with transformers loaded
         if self.cuda:
             torch.cuda.synchronize(dev)
@@ -241,18 +282,21 @@ class Runner:
             ]
             for start, end in events:
                 start.record()
-                model(**inputs)
+                t0 = time.perf_counter()
+                self._forward()
+                self.host_times.append(time.perf_counter() - t0)
                 end.record()
             torch.cuda.synchronize(dev)
             self.times += [start.elapsed_time(end) / 1e3 for start, end in events]
-            peak: float | None = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+            # replays allocate nothing: the capture measured the working memory
+            peak: float | None = None if self.graph else (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         else:
             _malloc_trim()
             base = current_rss_mb()
             tracked = base is not None and reset_peak_rss()
             for _ in range(n):
                 t0 = time.perf_counter()
-                model(**inputs)
+                self._forward()
                 self.times.append(time.perf_counter() - t0)
             peak = max(0.0, peak_rss_mb() - base) if tracked else None
             if not tracked:
@@ -274,6 +318,8 @@ class Runner:
             "latency_ms": median * 1e3,
             "latency_ms_min": min(self.times) * 1e3,
             "latency_ms_all": [t * 1e3 for t in self.times],
+            "host_ms": statistics.median(self.host_times) * 1e3 if self.host_times else None,
+            "cuda_graphs": self.cuda_graphs,
             "warmup": self.warmup,
             "repeats": len(self.times),
             "weights_mb": self.weights_mb,
@@ -292,12 +338,13 @@ def benchmark(
     warmup: int = 2,
     repeats: int = 5,
     seed: int = 0,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Time `repeats` back-to-back forward passes on random token ids after `warmup` untimed ones (module
     docstring). Moves and casts `model` in place (like `model.to`)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    runner = Runner(model, batch_size, seq_len, dtype, device, seed)
+    runner = Runner(model, batch_size, seq_len, dtype, device, seed, cuda_graphs)
     runner.warm(warmup)
     runner.timed(repeats)
     return runner.result()
@@ -338,7 +385,8 @@ def markdown_table(report: dict) -> str:
     env = report["env"]
     lines = [
         f"apt-bench: {env['device_name']}, {env['dtype']}, seq {env['seq_len']}, "
-        f"{env['warmup']} warm-up + {env['repeats']} timed passes ({env['order']}, median)",
+        f"{env['warmup']} warm-up + {env['repeats']} timed passes ({env['order']}, median"
+        + (", CUDA graphs)" if env.get("cuda_graphs") else ")"),
         "",
         "| model | params (M) | batch | samples/s | speedup vs dense | latency ms | peak MB "
         "| memory vs dense |",
@@ -363,6 +411,7 @@ def measure_all(
     warmup: int,
     repeats: int,
     interleave: bool = True,
+    cuda_graphs: bool = False,
 ) -> list[dict]:
     """Benchmark every model (the first is the dense reference) at every batch size, with a progress bar.
     `interleave`: per batch size, every model runs one timed pass per round, for `repeats` rounds, so load
@@ -376,13 +425,14 @@ def measure_all(
             runners: dict[str, Runner] = {}
             for name, model in models.items():
                 bar.set_postfix_str(f"batch {bs}, {name}")
-                runner = runners[name] = Runner(model, bs, seq_len, dtype, device)
+                runner = runners[name] = Runner(model, bs, seq_len, dtype, device, cuda_graphs=cuda_graphs)
                 runner.warm(warmup)
                 if not interleave:
                     runner.timed(repeats)
                     bar.update(repeats)
                     if cuda:
                         model.to("cpu")  # free the device for the next model
+                        runner.graph = None  # and its graph's memory pool
                         torch.cuda.empty_cache()
             if interleave:
                 for _ in range(repeats):
@@ -398,6 +448,7 @@ def measure_all(
             if cuda:
                 for model in models.values():
                     model.to("cpu")
+                runners.clear()  # their graphs hold memory pools
                 torch.cuda.empty_cache()
     results.sort(key=lambda r: list(models).index(r["model"]))  # stable: model, then batch size
     return results
@@ -468,6 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
         "sequential: each model's timed passes back to back",
     )
     m.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
+    m.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="time replays of a captured CUDA graph per model (GPU work without Python dispatch)",
+    )
     m.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", help="write results as JSON here, and a Markdown table next to it (.md)")
     return p
@@ -508,6 +564,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
             "use --device cpu or auto"
         )
     device = args.device if args.device != "auto" else ("cuda" if has_cuda else "cpu")
+    if args.cuda_graphs and device != "cuda":
+        parser.error(f"--cuda-graphs needs a CUDA device; the chosen device is {device}")
     if args.dtype != "fp32" and device == "cpu":
         why = "this machine has no CUDA device" if not has_cuda else "the chosen device is the CPU"
         parser.error(f"--dtype {args.dtype} needs a CUDA device ({why}); allowed on CPU: fp32")
@@ -597,6 +655,7 @@ def _main(
         warmup,
         repeats,
         interleave=args.order == "interleaved",
+        cuda_graphs=args.cuda_graphs,
     )
     import transformers
 
@@ -617,6 +676,7 @@ def _main(
             "repeats": repeats,
             "order": args.order,
             "attn": args.attn,
+            "cuda_graphs": args.cuda_graphs,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -220,6 +220,12 @@ def _suite(tmp_path: Path, name: str = "s", **changes) -> Path:
         ({"paralel": 2}, "unknown keys \\['paralel'\\]"),
         ({"parallel": 0}, "parallel must be an integer >= 1"),
         (
+            {"gpus": [0, -1]},
+            "gpus must be auto, a GPU index or a list of GPU indices \\(>= 0\\), got \\[0, -1",
+        ),
+        ({"gpus": "all"}, "gpus must be auto.*got \\['all'\\]"),
+        ({"gpus": []}, "gpus must be auto"),
+        (
             {"set": {"trainer.callbacks.AdaptivePrunning.init_args.x": 1}},
             "addresses callback AdaptivePrunning",
         ),
@@ -330,10 +336,10 @@ def test_wandb_logger_only_when_enabled(tmp_path):
 
 # ---------------------------------------------------------------------- runner (fake worker)
 FAKE_WORKER = """
-import json, sys, time, pathlib
+import json, os, sys, time, pathlib
 run = pathlib.Path(sys.argv[1])
 meta = json.loads((run / "run.json").read_text())
-print("training", meta["variant"])
+print("training", meta["variant"], "gpu", os.environ.get("CUDA_VISIBLE_DEVICES"))
 if meta["variant"] == "broken":
     print("boom: something broke"); sys.exit(3)
 if meta["variant"] == "slow":
@@ -390,6 +396,20 @@ def test_runner_parallel_and_timeout(tmp_path, fake_worker):
 
 
 @needs_glue
+def test_runner_spreads_processes_over_gpus(tmp_path, fake_worker, monkeypatch):
+    variants = ["ft", "apt", "no_distillation", "no_tuning"]
+    suite = load_suite(_suite(tmp_path, variants=variants, parallel=4), gpus="2,5")
+    assert suite.gpus == ["2", "5"]
+    ablate.train_runs(suite, plan(suite), log=lambda _: None)
+    logs = [(suite.output_dir / v / "sst2" / "seed0" / "train.log").read_text() for v in variants]
+    assert sorted(line.split()[-1] for line in logs) == ["2", "2", "5", "5"]  # two processes per GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    assert load_suite(_suite(tmp_path, variants=variants), gpus="auto").gpus == ["3", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert load_suite(_suite(tmp_path, variants=variants), gpus="auto").gpus is None
+
+
+@needs_glue
 def test_bench_phase_isolates_failures_and_caches_dense(tmp_path, tiny_backbone_dir, monkeypatch):
     import torch
 
@@ -410,8 +430,8 @@ def test_bench_phase_isolates_failures_and_caches_dense(tmp_path, tiny_backbone_
 
     broken = {"apt"}  # fails once
 
-    def bench(model, batch_size, seq_len, dtype, device, warmup, repeats):
-        assert (batch_size, seq_len, dtype, device) == (128, 128, "fp32", "cpu")
+    def bench(model, batch_size, seq_len, dtype, device, warmup, repeats, cuda_graphs):
+        assert (batch_size, seq_len, dtype, device, cuda_graphs) == (128, 128, "fp32", "cpu", False)
         if getattr(model, "variant", None) in broken:
             broken.clear()
             raise RuntimeError("bench broke")

@@ -100,6 +100,27 @@ def test_benchmark_returns_numbers():
         assert r["peak_mb"] >= r["weights_mb"]
 
 
+def test_cuda_graphs_need_cuda():
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device, got device 'cpu'"):
+        benchmark(tiny_model("bert"), 2, 8, cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cuda_graph_replay_matches_eager(dtype):
+    """The captured forward computes what the eager one does, and its timing and memory are filled in."""
+    model = tiny_model("roberta")
+    runner = bench.Runner(model, 4, 16, dtype, "cuda", cuda_graphs=True)
+    runner.warm(2)
+    runner.timed(3)
+    with torch.inference_mode():
+        eager = model(**runner.inputs).logits
+    torch.testing.assert_close(runner.static_output.logits, eager)
+    r = runner.result()
+    assert r["cuda_graphs"] and r["repeats"] == 3 and r["latency_ms"] > 0
+    assert r["activation_mb"] > 0 and r["host_ms"] < r["latency_ms"] * 10
+
+
 def test_benchmark_rejects_too_long_inputs():
     with pytest.raises(ValueError, match="62 positions"):  # RoBERTa: 64 - (pad 1 + 1)
         benchmark(tiny_model("roberta"), 2, 63)
@@ -237,6 +258,7 @@ P = ["--preset", "minilm-l6", "--sparsity", "0.5"]
         ([*P, "--dtype", "bf16"], "--dtype bf16 needs a CUDA device"),
         ([*P, "--dtype", "fp16", "--device", "cpu"], "allowed on CPU: fp32"),
         ([*P, "--device", "cuda"], "--device cuda"),
+        ([*P, "--cuda-graphs"], "--cuda-graphs needs a CUDA device; the chosen device is cpu"),
         ([*P, "--device", "tpu"], "invalid choice: 'tpu'"),
         (["--preset", "gpt-9"], "invalid choice: 'gpt-9'"),
         (["--preset", "minilm-l6"], "--sparsity is required"),
