@@ -16,8 +16,10 @@ How it measures (APT_METHOD.md section 9):
 - CUDA graphs (`--cuda-graphs`): each model's forward is captured once after its warm-up and the timed
   passes replay it, so the time is the GPU's work alone, not Python's kernel-by-kernel dispatch (which
   bounds small or pruned models at moderate batch sizes: compare `host_ms`, the CPU time to issue one eager
-  pass, with the latency). The all-ones attention mask is left out under graphs: transformers drops it
-  anyway in eager mode (after checking it on the host, which capture forbids), so both run unmasked SDPA.
+  pass, with the latency). Under graphs the model runs its attention through an unpadded variant of its own
+  implementation (`unpadded_attention`): the benchmark's inputs have no padding, and eager mode drops their
+  all-ones mask too, but only after checking it on the host, which capture forbids (older transformers
+  then build the full mask, and SDPA falls back to its slow math kernel).
 - memory: the model's weights (parameter + buffer bytes) plus the peak working memory of the timed passes:
   on CUDA `max_memory_allocated` minus the allocation just before them (other resident models excluded;
   under graphs, the same over the capture, whose memory pool the replays reuse);
@@ -190,6 +192,27 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
+def unpadded_attention(model: nn.Module) -> str:
+    """Switch `model` to an unpadded variant of its attention implementation (the same attention function,
+    a mask function that returns None) and return the variant's name. Only for inputs without padding."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    impl = model.config._attn_implementation
+    if impl.startswith("unpadded_"):
+        return impl
+    if impl not in AttentionInterface._global_mapping:  # "eager" lives in each model's own module
+        raise ValueError(
+            f"attention implementation {impl!r} cannot be captured in a CUDA graph here; "
+            f"use one of {sorted(AttentionInterface._global_mapping)} (e.g. sdpa)"
+        )
+    name = f"unpadded_{impl}"
+    AttentionInterface.register(name, AttentionInterface._global_mapping[impl])
+    AttentionMaskInterface.register(name, lambda *args, **kwargs: None)
+    model.set_attn_implementation(name)
+    return name
+
+
 class Runner:
     """One model at one input shape: `warm` runs untimed passes, `timed` timed ones (tracking the peak
     working memory over them), `result` summarises. Separate calls let several models take turns
@@ -227,6 +250,7 @@ class Runner:
         }
         if cuda_graphs:
             del self.inputs["attention_mask"]
+            unpadded_attention(model)
         self.cuda_graphs = cuda_graphs
         self.graph: torch.cuda.CUDAGraph | None = None
         self.host_times: list[float] = []
@@ -566,6 +590,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
     device = args.device if args.device != "auto" else ("cuda" if has_cuda else "cpu")
     if args.cuda_graphs and device != "cuda":
         parser.error(f"--cuda-graphs needs a CUDA device; the chosen device is {device}")
+    if args.cuda_graphs and args.attn == "eager":
+        parser.error("--cuda-graphs needs --attn sdpa (eager attention builds its mask on the host)")
     if args.dtype != "fp32" and device == "cpu":
         why = "this machine has no CUDA device" if not has_cuda else "the chosen device is the CPU"
         parser.error(f"--dtype {args.dtype} needs a CUDA device ({why}); allowed on CPU: fp32")

@@ -324,6 +324,18 @@ def test_gpu_suite_plan(tmp_path):
     )
 
 
+def test_full_schedule_suite_is_the_base_recipe(tmp_path):
+    (tmp_path / "sst2").mkdir()
+    runs = plan(load_suite(SUITES / "minilm_gpu_full.yaml", data_root=str(tmp_path)))
+    assert sorted(r.run_id for r in runs) == sorted(
+        [f"{v}/sst2/seed{s}" for v in ("apt", "ft") for s in (0, 1, 2)] + ["no_distillation/sst2/seed0"]
+    )
+    base = yaml.safe_load(APT_BASE.read_text())
+    apt = next(r.config for r in runs if r.variant.name == "apt")
+    assert apt["trainer"]["max_epochs"] == base["trainer"]["max_epochs"] == 3  # nothing shortened
+    assert _args(apt, "AdaptivePruning") == _args(base, "AdaptivePruning")
+
+
 @needs_glue
 def test_wandb_logger_only_when_enabled(tmp_path):
     runs = plan(load_suite(_suite(tmp_path, wandb={"project": "p"})))

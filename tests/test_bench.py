@@ -100,6 +100,24 @@ def test_benchmark_returns_numbers():
         assert r["peak_mb"] >= r["weights_mb"]
 
 
+def test_unpadded_attention_matches_the_models_own_on_unpadded_inputs(family):
+    attn = "sdpa"
+    model = tiny_model(family)
+    model.set_attn_implementation(attn)
+    ids = torch.randint(5, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        assert bench.unpadded_attention(model) == f"unpadded_{attn}"
+        assert bench.unpadded_attention(model) == f"unpadded_{attn}"  # idempotent
+        after = model(input_ids=ids).logits
+    assert model.config._attn_implementation == f"unpadded_{attn}"
+    torch.testing.assert_close(after, before)
+    eager = tiny_model(family)
+    eager.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="'eager' cannot be captured in a CUDA graph here; use one of"):
+        bench.unpadded_attention(eager)
+
+
 def test_cuda_graphs_need_cuda():
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device, got device 'cpu'"):
         benchmark(tiny_model("bert"), 2, 8, cuda_graphs=True)
@@ -110,6 +128,7 @@ def test_cuda_graphs_need_cuda():
 def test_cuda_graph_replay_matches_eager(dtype):
     """The captured forward computes what the eager one does, and its timing and memory are filled in."""
     model = tiny_model("roberta")
+    model.set_attn_implementation("sdpa")
     runner = bench.Runner(model, 4, 16, dtype, "cuda", cuda_graphs=True)
     runner.warm(2)
     runner.timed(3)

@@ -1,0 +1,96 @@
+"""Where a forward pass spends its GPU time: eager vs CUDA-graph replay, dense vs pruned (apt-bench's models).
+
+    python benchmarks/profile_forward.py --preset roberta-base --sparsity 0.6 --multiple-of 16 \
+        --batch-size 128 --dtype bf16 --out profile.json
+
+For each model and mode it prints the median latency (CUDA events), the host time to issue one pass and the
+top kernels by GPU time (torch.profiler), and writes them as JSON. Used to explain docs/bench.md: a pruned
+model in eager mode is bound by Python's dispatch, not by its matrix products.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from apt_lightning.bench import DTYPES, PRESETS, Runner, model_from_config, preset_config, prune_to_sparsity
+from apt_lightning.files import write_text_atomic
+
+
+def _kernels(runner: Runner, passes: int, top: int) -> tuple[list[dict], float]:
+    """The `top` kernels by GPU time per pass, and the GPU time of all kernels per pass (ms)."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.inference_mode():
+            for _ in range(passes):
+                runner._forward()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        gpu_us = getattr(e, "device_time_total", 0.0)
+        if e.device_type == torch.autograd.DeviceType.CUDA and gpu_us > 0:
+            rows.append(
+                {"name": e.key[:90], "calls": e.count // passes, "gpu_ms_per_pass": gpu_us / passes / 1e3}
+            )
+    rows.sort(key=lambda r: -r["gpu_ms_per_pass"])
+    return rows[:top], sum(r["gpu_ms_per_pass"] for r in rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=PRESETS, default="roberta-base")
+    p.add_argument("--sparsity", type=float, default=0.6)
+    p.add_argument("--multiple-of", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--out", help="JSON file for the numbers")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    dense = model_from_config(preset_config(args.preset))
+    pruned = copy.deepcopy(dense)
+    prune_to_sparsity(pruned, args.sparsity, "magnitude", args.multiple_of)
+    report: dict = {"args": vars(args), "device": torch.cuda.get_device_name(), "runs": []}
+    for name, model in (("dense", dense), (f"pruned {args.sparsity:g}", pruned)):
+        for graphs in (False, True):
+            runner = Runner(model, args.batch_size, args.seq_len, args.dtype, "cuda", cuda_graphs=graphs)
+            runner.warm(5)
+            runner.timed(args.repeats)
+            result = runner.result()
+            t0 = time.perf_counter()
+            kernels, kernel_ms = _kernels(runner, 3, args.top)
+            run = {
+                "model": name,
+                "mode": "cuda graph" if graphs else "eager",
+                "latency_ms": result["latency_ms"],
+                "host_ms": result["host_ms"],
+                "gpu_kernel_ms_per_pass": kernel_ms,
+                "top_kernels": kernels,
+                "profile_s": time.perf_counter() - t0,
+            }
+            report["runs"].append(run)
+            print(
+                f"\n== {name}, {run['mode']}: latency {run['latency_ms']:.2f} ms, "
+                f"host {run['host_ms']:.2f} ms, kernels {kernel_ms:.2f} ms per pass "
+                f"(median of {len(runner.times)})"
+            )
+            for k in kernels:
+                print(f"  {k['gpu_ms_per_pass']:7.3f} ms  x{k['calls']:<4d} {k['name']}")
+            del runner
+            torch.cuda.empty_cache()
+        model.to("cpu")
+    if args.out:
+        write_text_atomic(Path(args.out), json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
