@@ -12,6 +12,7 @@ Usage::
 Overlay files (``configs/ablations/<variant>.yaml``) change ONE base recipe (an ``apt-fit`` config)::
 
     description: one line for RESULTS.md
+    paper: {source: Table 4, sst2: 92.9}           # the paper's score for this variant (report only)
     remove_callbacks: [SelfDistillation]           # by class name (the last part of class_path)
     add_callbacks:                                 # appended, full {class_path, init_args} entries
       - {class_path: lightning.pytorch.callbacks.LearningRateMonitor}
@@ -114,6 +115,7 @@ BENCH_DEFAULTS = {
 
 _OVERLAY_KEYS = {
     "description",
+    "paper",
     "remove_callbacks",
     "add_callbacks",
     "callback_args",
@@ -285,6 +287,17 @@ def load_overlay(path: Path) -> dict:
     for entry in data.get("add_callbacks") or []:
         if not isinstance(entry, dict) or "class_path" not in entry:
             raise SuiteError(f"overlay {path}: add_callbacks entries need a class_path, got {entry!r}")
+    paper = data.get("paper") or {}
+    bad = {
+        k: v
+        for k, v in (paper.items() if isinstance(paper, dict) else [])
+        if k != "source" and (isinstance(v, bool) or not isinstance(v, int | float))
+    }
+    if not isinstance(paper, dict) or bad:
+        raise SuiteError(
+            f"overlay {path}: paper must map GLUE task names to the paper's scores (numbers) plus an "
+            f"optional source, got {bad or paper!r}"
+        )
     return data
 
 

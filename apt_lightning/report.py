@@ -30,6 +30,7 @@ from typing import Any
 from apt_lightning.files import write_text_atomic
 
 TTA_FRACTION = 0.97
+FULL_METHOD = "apt"  # the variant each ablation's effect is measured against
 RUN_FIELDS = [
     "variant",
     "task_key",
@@ -75,6 +76,7 @@ RUN_FIELDS = [
 RESULT_FIELDS = [
     "variant",
     "task_key",
+    "task",
     "task_label",
     "monitor",
     "n",
@@ -329,6 +331,7 @@ def summarize(rows: list[dict], reference: str | None, order: list[str] | None =
             {
                 "variant": variant,
                 "task_key": task,
+                "task": runs[0]["task"],
                 "task_label": runs[0]["task_label"],
                 "monitor": runs[0]["monitor"],
                 "n": len(metrics),
@@ -562,6 +565,99 @@ def _rel(path: str) -> str:
         return path
 
 
+def paper_scores(meta: dict) -> tuple[dict[str, dict[str, float]], str]:
+    """{variant: {GLUE task: the paper's score}} from the `paper` key of each variant's overlay, for the
+    variants that are their overlay (named after it), and the source the overlays cite."""
+    import yaml
+
+    scores: dict[str, dict[str, float]] = {}
+    sources = []
+    for v in meta.get("variants", []):
+        if Path(v.get("overlay") or "").stem != v["name"]:
+            continue
+        paper = (yaml.safe_load(v.get("overlay_text") or "") or {}).get("paper") or {}
+        scores[v["name"]] = {k: float(x) for k, x in paper.items() if k != "source"}
+        if paper.get("source") and paper["source"] not in sources:
+            sources.append(paper["source"])
+    return scores, "; ".join(sources)
+
+
+def effects(summary: list[dict], meta: dict) -> list[dict]:
+    """Each variant's effect against full APT on the same task (points), beside the paper's, with a
+    verdict. An effect within twice the standard deviation of APT's seeds counts as no clear effect."""
+    paper, _ = paper_scores(meta)
+    base = {s["task_key"]: s for s in summary if s["variant"] == FULL_METHOD}
+    out = []
+    for s in summary:
+        full = base.get(s["task_key"])
+        if s["variant"] in (FULL_METHOD, meta.get("reference")) or not full:
+            continue
+        if s["metric_mean"] is None or full["metric_mean"] is None:
+            continue
+        scale = 100.0 if s["monitor"].endswith(("accuracy", "f1")) else 1.0
+        delta = (s["metric_mean"] - full["metric_mean"]) * scale
+        noise = 2 * full["metric_std"] * scale if full["metric_std"] is not None else None
+        ours, theirs = paper.get(s["variant"], {}), paper.get(FULL_METHOD, {})
+        task = s.get("task") or s["task_key"]
+        paper_delta = ours[task] - theirs[task] if task in ours and task in theirs else None
+        clear = noise is None or abs(delta) > noise
+        if paper_delta is None:
+            verdict = "not in the paper's table"
+        elif not clear:
+            verdict = "no clear effect here"
+        elif paper_delta == 0 or (delta > 0) != (paper_delta > 0):
+            verdict = "disagrees"
+        else:
+            verdict = "agrees"
+        out.append(
+            {
+                "variant": s["variant"],
+                "task_key": s["task_key"],
+                "effect": delta,
+                "noise": noise,
+                "clear": clear,
+                "paper_effect": paper_delta,
+                "verdict": verdict,
+            }
+        )
+    return out
+
+
+def _effects_section(summary: list[dict], meta: dict, tasks: list[str]) -> list[str]:
+    rows = effects(summary, meta)
+    if not rows:
+        return []
+    _, source = paper_scores(meta)
+    lines = [
+        f"## Effects against full APT{f' and in the paper ({source})' if source else ''}",
+        "",
+        f"Effect = the variant's mean metric minus full APT's (`{FULL_METHOD}`) on the same task, in points. "
+        "Clear = larger than twice the standard deviation of APT's seeds. The paper's effect is the same "
+        "difference of its published scores (its model, data and schedule, not this suite's). Verdict: "
+        "agrees / disagrees in direction when the effect here is clear.",
+        "",
+    ]
+    for task in tasks:
+        task_rows = [r for r in rows if r["task_key"] == task]
+        if not task_rows:
+            continue
+        label = next(s["task_label"] for s in summary if s["task_key"] == task)
+        lines += [
+            f"### {label}",
+            "",
+            "| variant | effect here (pts) | clear | paper's effect (pts) | verdict |",
+            "|---|---:|---|---:|---|",
+        ]
+        for r in task_rows:
+            noise = f" (noise {r['noise']:.2f})" if r["noise"] is not None else ""
+            lines.append(
+                f"| {r['variant']} | {r['effect']:+.2f} | {'yes' if r['clear'] else 'no'}{noise} | "
+                f"{_f(r['paper_effect'], '+.1f')} | {r['verdict']} |"
+            )
+        lines.append("")
+    return lines
+
+
 def _variant_sections(meta: dict, rows: list[dict], order: list[str]) -> list[str]:
     variants = {v["name"]: v for v in meta.get("variants", [])}
     suite_file = meta.get("suite_file", "SUITE.yaml")
@@ -693,6 +789,7 @@ def render_markdown(
         "",
     ]
     lines += _tables(summary, tasks)
+    lines += _effects_section(summary, meta, tasks)
     if plots:
         lines += ["## Plots", "", *(f"![{p}]({p})" for p in plots), ""]
     lines += _definitions(bench, inf_device)

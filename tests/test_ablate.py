@@ -13,7 +13,7 @@ from conftest import GLUE_DIR, REPO
 
 from apt_lightning import ablate
 from apt_lightning.ablate import SuiteError, apply_overlay, load_overlay, load_suite, plan, set_dotted
-from apt_lightning.report import collect_runs, write_report
+from apt_lightning.report import collect_runs, effects, paper_scores, write_report
 
 ABLATIONS = REPO / "configs" / "ablations"
 SUITES = REPO / "configs" / "suites"
@@ -157,9 +157,59 @@ def test_overlay_file_checks(tmp_path):
     bad.write_text("add_callbacks: [{init_args: {}}]\n")
     with pytest.raises(SuiteError, match="need a class_path"):
         load_overlay(bad)
+    bad.write_text("paper: {sst2: high}\n")
+    with pytest.raises(SuiteError, match="paper must map GLUE task names to the paper's scores.*'high'"):
+        load_overlay(bad)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert apply_overlay(_base(), load_overlay(empty)) == _base()
+
+
+def _summary_row(variant, mean, std=None, task="sst2"):
+    return {
+        "variant": variant,
+        "task_key": task,
+        "task": task,
+        "task_label": task,
+        "monitor": "val/accuracy",
+        "metric_mean": mean,
+        "metric_std": std,
+    }
+
+
+def test_effects_against_full_apt_and_the_paper():
+    def variant(name, overlay_text, overlay=None):
+        return {"name": name, "overlay": f"/x/{overlay or name}.yaml", "overlay_text": overlay_text}
+
+    meta = {
+        "reference": "ft",
+        "variants": [
+            variant("apt", "paper: {source: T4, sst2: 94.5}"),
+            variant("no_tuning", "paper: {source: T4, sst2: 93.2}"),  # paper: -1.3
+            variant("no_pruning", "paper: {source: T4, sst2: 94.4}"),  # paper: -0.1
+            variant("no_distillation", "paper: {source: T4, sst2: 92.9}"),  # paper: -1.6
+            variant("apt_other", "paper: {source: T4, sst2: 94.5}", overlay="apt"),  # not its overlay
+            variant("random_scoring", ""),
+        ],
+    }
+    summary = [
+        _summary_row("apt", 0.860, std=0.005),  # noise: 2 x 0.5 = 1.0 point
+        _summary_row("ft", 0.900),
+        _summary_row("no_tuning", 0.840),  # -2.0: clear, same direction
+        _summary_row("no_pruning", 0.880),  # +2.0: clear, opposite direction
+        _summary_row("no_distillation", 0.855),  # -0.5: within noise
+        _summary_row("apt_other", 0.870),
+        _summary_row("random_scoring", 0.800),
+    ]
+    assert paper_scores(meta)[1] == "T4"
+    got = {e["variant"]: e for e in effects(summary, meta)}
+    assert set(got) == {"no_tuning", "no_pruning", "no_distillation", "apt_other", "random_scoring"}
+    assert got["no_tuning"]["effect"] == pytest.approx(-2.0)
+    assert got["no_tuning"]["paper_effect"] == pytest.approx(-1.3)
+    assert got["no_tuning"]["verdict"] == "agrees"
+    assert got["no_pruning"]["verdict"] == "disagrees"
+    assert got["no_distillation"]["verdict"] == "no clear effect here" and not got["no_distillation"]["clear"]
+    assert got["apt_other"]["verdict"] == got["random_scoring"]["verdict"] == "not in the paper's table"
 
 
 def test_set_dotted_by_class_name_and_index():
@@ -328,12 +378,16 @@ def test_full_schedule_suite_is_the_base_recipe(tmp_path):
     (tmp_path / "sst2").mkdir()
     runs = plan(load_suite(SUITES / "minilm_gpu_full.yaml", data_root=str(tmp_path)))
     assert sorted(r.run_id for r in runs) == sorted(
-        [f"{v}/sst2/seed{s}" for v in ("apt", "ft") for s in (0, 1, 2)] + ["no_distillation/sst2/seed0"]
+        [f"{v}/sst2/seed{s}" for v in ("apt", "ft", "apt_snapshot_on_improvement") for s in (0, 1, 2)]
+        + ["no_distillation/sst2/seed0"]
     )
     base = yaml.safe_load(APT_BASE.read_text())
     apt = next(r.config for r in runs if r.variant.name == "apt")
     assert apt["trainer"]["max_epochs"] == base["trainer"]["max_epochs"] == 3  # nothing shortened
     assert _args(apt, "AdaptivePruning") == _args(base, "AdaptivePruning")
+    authors = next(r.config for r in runs if r.variant.name == "apt_snapshot_on_improvement")
+    assert _args(authors, "SelfDistillation")["snapshot"]["class_path"].endswith("OnImprovement")
+    assert _args(authors, "AdaptivePruning") == _args(apt, "AdaptivePruning")
 
 
 @needs_glue
