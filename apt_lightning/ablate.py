@@ -288,15 +288,18 @@ def load_overlay(path: Path) -> dict:
         if not isinstance(entry, dict) or "class_path" not in entry:
             raise SuiteError(f"overlay {path}: add_callbacks entries need a class_path, got {entry!r}")
     paper = data.get("paper") or {}
+    from apt_lightning.data.tasks import GLUE_TASKS
+
     bad = {
         k: v
         for k, v in (paper.items() if isinstance(paper, dict) else [])
-        if k != "source" and (isinstance(v, bool) or not isinstance(v, int | float))
+        if (k == "source" and not isinstance(v, str))
+        or (k != "source" and (k not in GLUE_TASKS or isinstance(v, bool) or not isinstance(v, int | float)))
     }
     if not isinstance(paper, dict) or bad:
         raise SuiteError(
-            f"overlay {path}: paper must map GLUE task names to the paper's scores (numbers) plus an "
-            f"optional source, got {bad or paper!r}"
+            f"overlay {path}: paper must map GLUE task names ({', '.join(GLUE_TASKS)}) to the paper's "
+            f"scores (numbers) plus an optional source (text), got {bad or paper!r}"
         )
     return data
 
@@ -430,7 +433,7 @@ def load_suite(
     data_root: str | None = None,
     output_dir: str | None = None,
     parallel: int | None = None,
-    gpus: Any = None,
+    gpus: str | int | list[int | str] | None = None,
     variants: list[str] | None = None,
     tasks: list[str] | None = None,
     seeds: list[int] | None = None,
@@ -586,6 +589,12 @@ def load_suite(
     bench = None if bench is False else {**BENCH_DEFAULTS, **_mapping(bench, "benchmark")}
     if bench is not None and set(bench) - set(BENCH_DEFAULTS):
         raise SuiteError(f"suite {path}: benchmark: unknown keys {sorted(set(bench) - set(BENCH_DEFAULTS))}")
+    if bench is not None and not isinstance(bench["cuda_graphs"], bool):
+        raise SuiteError(
+            f"suite {path}: benchmark: cuda_graphs must be true or false, got {bench['cuda_graphs']!r}"
+        )
+    if bench is not None and bench["cuda_graphs"] and bench["device"] == "cpu":
+        raise SuiteError(f"suite {path}: benchmark: cuda_graphs needs device cuda or auto, got device cpu")
     eff = raw.get("efficiency", {})
     wandb = raw.get("wandb", False)
     out = Path(output_dir or raw.get("output_dir") or f"runs/ablations/{name}")
@@ -641,7 +650,18 @@ def _gpu_ids(value: Any, path: Path) -> list[str] | None:
         raise SuiteError(
             f"suite {path}: gpus must be auto, a GPU index or a list of GPU indices (>= 0), got {value!r}"
         )
-    return [str(v) for v in value]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [str(v) for v in value]
+    # indices count the GPUs this process may use, as torch does: map them to what the children may use
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    out_of_range = [int(v) for v in value if int(v) >= len(ids)]
+    if out_of_range:
+        raise SuiteError(
+            f"suite {path}: gpus {out_of_range} out of range: CUDA_VISIBLE_DEVICES={visible!r} leaves "
+            f"{len(ids)} GPU(s), indices 0..{len(ids) - 1}"
+        )
+    return [ids[int(v)] for v in value]
 
 
 # ---------------------------------------------------------------------- composing runs
@@ -932,7 +952,7 @@ def train_runs(
     env.setdefault("PYTHONUNBUFFERED", "1")
     if suite.parallel > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // suite.parallel))
-    active: dict[subprocess.Popen, tuple[RunSpec, float, Any]] = {}
+    active: dict[subprocess.Popen, tuple[RunSpec, float, Any, str | None]] = {}
     total, started = len(todo), 0
     try:
         while todo or active:
@@ -1115,7 +1135,7 @@ def _measure(bench: Callable[..., dict], model: Any, options: dict) -> dict:
                     device=device,
                     warmup=options["warmup"],
                     repeats=options["repeats"],
-                    cuda_graphs=bool(options["cuda_graphs"]),
+                    cuda_graphs=options["cuda_graphs"],
                 )
             )
         )

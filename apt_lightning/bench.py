@@ -15,14 +15,16 @@ How it measures (APT_METHOD.md section 9):
   back to back (on CUDA without a synchronisation between them).
 - CUDA graphs (`--cuda-graphs`): each model's forward is captured once after its warm-up and the timed
   passes replay it, so the time is the GPU's work alone, not Python's kernel-by-kernel dispatch (which
-  bounds small or pruned models at moderate batch sizes: compare `host_ms`, the CPU time to issue one eager
-  pass, with the latency). Under graphs the model runs its attention through an unpadded variant of its own
-  implementation (`unpadded_attention`): the benchmark's inputs have no padding, and eager mode drops their
-  all-ones mask too, but only after checking it on the host, which capture forbids (older transformers
-  then build the full mask, and SDPA falls back to its slow math kernel).
+  bounds small or pruned models at moderate batch sizes: compare `host_ms`, the CPU time to issue one pass
+  (an eager forward, or a graph launch), with the latency). Under graphs the model runs its attention
+  through an unpadded variant of its own implementation (`unpadded_attention`, left in place afterwards):
+  the benchmark's inputs have no padding, and eager mode drops their all-ones mask too, but only after
+  checking it on the host, which capture forbids (older transformers then build the full mask, and SDPA
+  falls back to its slow math kernel). Every model's graph keeps its own memory pool until its batch size
+  is done, so under graphs the models' working memories add up on the device (eager needs the largest).
 - memory: the model's weights (parameter + buffer bytes) plus the peak working memory of the timed passes:
   on CUDA `max_memory_allocated` minus the allocation just before them (other resident models excluded;
-  under graphs, the same over the capture, whose memory pool the replays reuse);
+  under graphs, the same over the capture: the peak allocated while capturing, which the replays reuse);
   on a CPU the growth of the peak resident set (Linux `VmHWM`, reset through `/proc/self/clear_refs`,
   minus `VmRSS` after `malloc_trim`). CPU numbers are approximate (allocator caches, oneDNN scratch
   buffers) and 'n/a' where the kernel offers no resettable peak.
@@ -217,7 +219,8 @@ class Runner:
     """One model at one input shape: `warm` runs untimed passes, `timed` timed ones (tracking the peak
     working memory over them), `result` summarises. Separate calls let several models take turns
     (`measure_all`), so on a shared machine each sees the same background load. `cuda_graphs`: time
-    replays of one captured forward (module docstring). Moves and casts `model` in place."""
+    replays of one forward captured at the first pass (module docstring). Moves and casts `model` in place
+    and, with `cuda_graphs`, switches it to unpadded attention (`unpadded_attention`)."""
 
     def __init__(
         self,
@@ -253,6 +256,7 @@ class Runner:
             unpadded_attention(model)
         self.cuda_graphs = cuda_graphs
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_output: Any = None
         self.host_times: list[float] = []
         self.weights_mb = _model_bytes(model) / 2**20
         self.times: list[float] = []
@@ -262,20 +266,25 @@ class Runner:
 
     @torch.inference_mode()
     def warm(self, n: int) -> None:
-        if self.cuda_graphs and self.graph is None:
-            self._capture()
         for _ in range(n):
-            self._forward()
+            self.run_once()
         self.warmup += n
 
-    def _forward(self) -> None:
+    def run_once(self) -> None:
+        """One untimed pass: an eager forward, or a replay of the captured graph (captured on first use)."""
+        if self.cuda_graphs and self.graph is None:
+            self._capture()
         if self.graph is not None:
             self.graph.replay()
         else:
             self.model(**self.inputs)
 
+    def release(self) -> None:
+        """Drop the captured graph and its output, so that its memory pool can be freed."""
+        self.graph = self.static_output = None
+
     def _capture(self) -> None:
-        """Capture one forward into a CUDA graph; its memory pool's growth is the working memory."""
+        """Capture one forward into a CUDA graph; the peak allocated while capturing is the working memory."""
         dev = self.device
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -298,6 +307,8 @@ class Runner:
         dev = self.device
         gc.collect(1)  # recent garbage only: a full collection costs ~0.2 s with transformers loaded
         if self.cuda:
+            if self.cuda_graphs and self.graph is None:
+                self._capture()
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
@@ -307,7 +318,7 @@ class Runner:
             for start, end in events:
                 start.record()
                 t0 = time.perf_counter()
-                self._forward()
+                self.run_once()
                 self.host_times.append(time.perf_counter() - t0)
                 end.record()
             torch.cuda.synchronize(dev)
@@ -320,7 +331,7 @@ class Runner:
             tracked = base is not None and reset_peak_rss()
             for _ in range(n):
                 t0 = time.perf_counter()
-                self._forward()
+                self.run_once()
                 self.times.append(time.perf_counter() - t0)
             peak = max(0.0, peak_rss_mb() - base) if tracked else None
             if not tracked:
@@ -365,7 +376,8 @@ def benchmark(
     cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Time `repeats` back-to-back forward passes on random token ids after `warmup` untimed ones (module
-    docstring). Moves and casts `model` in place (like `model.to`)."""
+    docstring). Moves and casts `model` in place (like `model.to`); `cuda_graphs` also switches it to
+    unpadded attention."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     runner = Runner(model, batch_size, seq_len, dtype, device, seed, cuda_graphs)
@@ -456,7 +468,7 @@ def measure_all(
                     bar.update(repeats)
                     if cuda:
                         model.to("cpu")  # free the device for the next model
-                        runner.graph = None  # and its graph's memory pool
+                        runner.release()  # and its graph's memory pool
                         torch.cuda.empty_cache()
             if interleave:
                 for _ in range(repeats):

@@ -583,8 +583,9 @@ def paper_scores(meta: dict) -> tuple[dict[str, dict[str, float]], str]:
 
 
 def effects(summary: list[dict], meta: dict) -> list[dict]:
-    """Each variant's effect against full APT on the same task (points), beside the paper's, with a
-    verdict. An effect within twice the standard deviation of APT's seeds counts as no clear effect."""
+    """Each variant's effect against full APT on the same task, in points (100 x the metric difference, as
+    GLUE scores are published), beside the paper's, with a verdict. An effect within twice the standard
+    deviation of APT's seeds counts as no clear effect; with one APT seed there is no spread to judge by."""
     paper, _ = paper_scores(meta)
     base = {s["task_key"]: s for s in summary if s["variant"] == FULL_METHOD}
     out = []
@@ -594,16 +595,17 @@ def effects(summary: list[dict], meta: dict) -> list[dict]:
             continue
         if s["metric_mean"] is None or full["metric_mean"] is None:
             continue
-        scale = 100.0 if s["monitor"].endswith(("accuracy", "f1")) else 1.0
-        delta = (s["metric_mean"] - full["metric_mean"]) * scale
-        noise = 2 * full["metric_std"] * scale if full["metric_std"] is not None else None
+        delta = (s["metric_mean"] - full["metric_mean"]) * 100.0
+        noise = 2 * full["metric_std"] * 100.0 if full["metric_std"] is not None else None
         ours, theirs = paper.get(s["variant"], {}), paper.get(FULL_METHOD, {})
         task = s.get("task") or s["task_key"]
         paper_delta = ours[task] - theirs[task] if task in ours and task in theirs else None
-        clear = noise is None or abs(delta) > noise
+        clear = None if noise is None else abs(delta) > noise
         if paper_delta is None:
             verdict = "not in the paper's table"
-        elif not clear:
+        elif clear is None:
+            verdict = "no seed spread to judge by (one APT seed)"
+        elif not clear or delta == 0:
             verdict = "no clear effect here"
         elif paper_delta == 0 or (delta > 0) != (paper_delta > 0):
             verdict = "disagrees"
@@ -631,7 +633,8 @@ def _effects_section(summary: list[dict], meta: dict, tasks: list[str]) -> list[
     lines = [
         f"## Effects against full APT{f' and in the paper ({source})' if source else ''}",
         "",
-        f"Effect = the variant's mean metric minus full APT's (`{FULL_METHOD}`) on the same task, in points. "
+        f"Effect = the variant's mean metric minus full APT's (`{FULL_METHOD}`) on the same task, in points "
+        "(100 x the difference). "
         "Clear = larger than twice the standard deviation of APT's seeds. The paper's effect is the same "
         "difference of its published scores (its model, data and schedule, not this suite's). Verdict: "
         "agrees / disagrees in direction when the effect here is clear.",
@@ -649,9 +652,11 @@ def _effects_section(summary: list[dict], meta: dict, tasks: list[str]) -> list[
             "|---|---:|---|---:|---|",
         ]
         for r in task_rows:
-            noise = f" (noise {r['noise']:.2f})" if r["noise"] is not None else ""
+            clear = (
+                "n/a" if r["clear"] is None else f"{'yes' if r['clear'] else 'no'} (noise {r['noise']:.2f})"
+            )
             lines.append(
-                f"| {r['variant']} | {r['effect']:+.2f} | {'yes' if r['clear'] else 'no'}{noise} | "
+                f"| {r['variant']} | {r['effect']:+.2f} | {clear} | "
                 f"{_f(r['paper_effect'], '+.1f')} | {r['verdict']} |"
             )
         lines.append("")

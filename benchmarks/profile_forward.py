@@ -28,7 +28,7 @@ def _kernels(runner: Runner, passes: int, top: int) -> tuple[list[dict], float]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with torch.inference_mode():
             for _ in range(passes):
-                runner._forward()
+                runner.run_once()
         torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():

@@ -157,9 +157,14 @@ def test_overlay_file_checks(tmp_path):
     bad.write_text("add_callbacks: [{init_args: {}}]\n")
     with pytest.raises(SuiteError, match="need a class_path"):
         load_overlay(bad)
-    bad.write_text("paper: {sst2: high}\n")
-    with pytest.raises(SuiteError, match="paper must map GLUE task names to the paper's scores.*'high'"):
-        load_overlay(bad)
+    for text, shown in (
+        ("{sst2: high}", "'high'"),
+        ("{sst-2: 94.0}", "'sst-2'"),
+        ("{source: 4}", "'source'"),
+    ):
+        bad.write_text(f"paper: {text}\n")
+        with pytest.raises(SuiteError, match=f"paper must map GLUE task names \\(sst2, .*{shown}"):
+            load_overlay(bad)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert apply_overlay(_base(), load_overlay(empty)) == _base()
@@ -210,6 +215,19 @@ def test_effects_against_full_apt_and_the_paper():
     assert got["no_pruning"]["verdict"] == "disagrees"
     assert got["no_distillation"]["verdict"] == "no clear effect here" and not got["no_distillation"]["clear"]
     assert got["apt_other"]["verdict"] == got["random_scoring"]["verdict"] == "not in the paper's table"
+
+    summary[0]["metric_std"] = None  # one APT seed: no spread to call anything clear
+    got = {e["variant"]: e for e in effects(summary, meta)}
+    assert got["no_tuning"]["clear"] is None and got["no_tuning"]["verdict"].startswith("no seed spread")
+    summary[0]["metric_std"] = 0.0  # every non-zero effect is clear, a zero effect is none
+    summary[2]["metric_mean"] = 0.860
+    got = {e["variant"]: e for e in effects(summary, meta)}
+    assert got["no_tuning"]["effect"] == 0 and got["no_tuning"]["verdict"] == "no clear effect here"
+    cola = [_summary_row(v, m, std=0.01, task="cola") for v, m in (("apt", 0.40), ("no_tuning", 0.30))]
+    for row in cola:
+        row["monitor"] = "val/matthews"
+    (cola_effect,) = effects(cola, meta)
+    assert cola_effect["effect"] == pytest.approx(-10.0)  # points, as GLUE scores are published
 
 
 def test_set_dotted_by_class_name_and_index():
@@ -275,6 +293,8 @@ def _suite(tmp_path: Path, name: str = "s", **changes) -> Path:
         ),
         ({"gpus": "all"}, "gpus must be auto.*got \\['all'\\]"),
         ({"gpus": []}, "gpus must be auto"),
+        ({"benchmark": {"cuda_graphs": "false"}}, "cuda_graphs must be true or false, got 'false'"),
+        ({"benchmark": {"cuda_graphs": True, "device": "cpu"}}, "cuda_graphs needs device cuda or auto"),
         (
             {"set": {"trainer.callbacks.AdaptivePrunning.init_args.x": 1}},
             "addresses callback AdaptivePrunning",
@@ -464,6 +484,7 @@ def test_runner_parallel_and_timeout(tmp_path, fake_worker):
 @needs_glue
 def test_runner_spreads_processes_over_gpus(tmp_path, fake_worker, monkeypatch):
     variants = ["ft", "apt", "no_distillation", "no_tuning"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     suite = load_suite(_suite(tmp_path, variants=variants, parallel=4), gpus="2,5")
     assert suite.gpus == ["2", "5"]
     ablate.train_runs(suite, plan(suite), log=lambda _: None)
@@ -471,6 +492,11 @@ def test_runner_spreads_processes_over_gpus(tmp_path, fake_worker, monkeypatch):
     assert sorted(line.split()[-1] for line in logs) == ["2", "2", "5", "5"]  # two processes per GPU
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
     assert load_suite(_suite(tmp_path, variants=variants), gpus="auto").gpus == ["3", "1"]
+    # indices count the GPUs this process may use, as torch does
+    assert load_suite(_suite(tmp_path, variants=variants), gpus=[1]).gpus == ["1"]
+    assert load_suite(_suite(tmp_path, variants=variants), gpus="1,0").gpus == ["1", "3"]
+    with pytest.raises(SuiteError, match="gpus \\[2\\] out of range: CUDA_VISIBLE_DEVICES='3,1' leaves 2"):
+        load_suite(_suite(tmp_path, variants=variants), gpus=[0, 2])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert load_suite(_suite(tmp_path, variants=variants), gpus="auto").gpus is None
 
