@@ -13,8 +13,8 @@ How it measures (APT_METHOD.md section 9):
   default the models take turns pass by pass (`--order interleaved`), so background load on a shared
   machine slows dense and pruned alike and the speedup stays fair; `sequential` runs each model's passes
   back to back (on CUDA without a synchronisation between them).
-- CUDA graphs (`--cuda-graphs`): each model's forward is captured once after its warm-up and the timed
-  passes replay it, so the time is the GPU's work alone, not Python's kernel-by-kernel dispatch (which
+- CUDA graphs (`--cuda-graphs`): each model's forward is captured once, at its first pass, and every
+  later pass replays it, so the time is the GPU's work alone, not Python's kernel-by-kernel dispatch (which
   bounds small or pruned models at moderate batch sizes: compare `host_ms`, the CPU time to issue one pass
   (an eager forward, or a graph launch), with the latency). Under graphs the model runs its attention
   through an unpadded variant of its own implementation (`unpadded_attention`, left in place afterwards):
