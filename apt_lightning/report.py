@@ -43,6 +43,9 @@ RUN_FIELDS = [
     "final_metric",
     "sparsity",
     "sparsity_source",
+    "heads_per_layer",
+    "neurons_per_layer",
+    "hidden",
     "train_wall_s",
     "tta_s",
     "tta_threshold",
@@ -186,6 +189,7 @@ def read_run(run_dir: Path) -> dict:
     if best is None and history:
         best = max(v for _, _, v in history)
     sparsity, sparsity_source = _sparsity(log_dir, eff, config_text)
+    structure = (eff or {}).get("structure") or {}
     overhead = (eff or {}).get("pruning_overhead") or {}
     if not overhead:
         timing = ((_json(log_dir / "pruning.json") or {}).get("timing")) or {}
@@ -206,6 +210,9 @@ def read_run(run_dir: Path) -> dict:
         "final_metric": history[-1][2] if history else (done or {}).get("final_metric"),
         "sparsity": sparsity,
         "sparsity_source": sparsity_source,
+        "heads_per_layer": " ".join(map(str, structure.get("heads_per_layer") or [])),
+        "neurons_per_layer": " ".join(map(str, structure.get("neurons_per_layer") or [])),
+        "hidden": structure.get("hidden"),
         "train_wall_s": wall,
         "peak_memory_mb": _num(e.get("peak_memory_mb")),
         "memory_kind": e.get("memory_kind"),
@@ -727,13 +734,13 @@ def _runs_section(rows: list[dict]) -> list[str]:
     lines = [
         "## Runs",
         "",
-        "| run | status | best metric | sparsity | train wall (s) | folder |",
-        "|---|---|---:|---:|---:|---|",
+        "| run | status | best metric | sparsity | heads kept per layer | train wall (s) | folder |",
+        "|---|---|---:|---:|---|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']}/{r['task_key']}/seed{r['seed']} | {r['status']} | "
-            f"{_f(r['best_metric'], '.4f')} | {_f(r['sparsity'], '.3f')} | "
+            f"{_f(r['best_metric'], '.4f')} | {_f(r['sparsity'], '.3f')} | {r['heads_per_layer'] or '–'} | "
             f"{_f(r['train_wall_s'], '.0f')} | `{_rel(r['run_dir'])}` |"
         )
     failed = [r for r in rows if r["status"] == "failed"]

@@ -639,7 +639,12 @@ def _write_run(
                         "grow_s": 0.1,
                         "per_step_fraction": 0.05,
                     },
-                    "structure": {"sparsity": sparsity},
+                    "structure": {
+                        "sparsity": sparsity,
+                        "heads_per_layer": [2, 0, 1],
+                        "neurons_per_layer": [8, 4, 6],
+                        "hidden": 32,
+                    },
                 }
             )
         )
@@ -718,6 +723,8 @@ def test_report_from_synthetic_runs(tmp_path, capsys):
     runs = _read_csv(root / "runs.csv")
     assert runs[("no_distillation", "1")]["status"] == "failed"
     assert runs[("apt", "1")]["tta_source"] == "97% of FT seed 1 (not reached)"
+    assert runs[("apt", "1")]["heads_per_layer"] == "2 0 1" and runs[("apt", "1")]["hidden"] == "32"
+    assert runs[("lora", "0")]["heads_per_layer"] == ""  # no efficiency.json: blank
 
     for needle in (
         "# Ablation results: synthetic",
@@ -725,6 +732,7 @@ def test_report_from_synthetic_runs(tmp_path, capsys):
         "### SST-2 test",
         "| apt | 87.00 ± 1.41 (n=2) | 95.6 | 0.60 | 15 | 0.50x | 1/2 | 1000 | 0.50x | 20.0 | 1.50 | 5.0% |",
         "| apt | 0.50 | 2250 | 2.25x |",
+        "| 0.600 | 2 0 1 |",
         "described no_distillation",
         "ValueError: bad thing",
         "### Failed runs",
