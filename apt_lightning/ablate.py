@@ -623,20 +623,24 @@ def load_suite(
     return suite
 
 
+def _visible_gpus() -> list[str] | None:
+    """The CUDA_VISIBLE_DEVICES entries of this process, or None when the variable is unset."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None if visible is None else [v.strip() for v in visible.split(",") if v.strip()]
+
+
 def _gpu_ids(value: Any, path: Path) -> list[str] | None:
     """The GPUs that training processes are spread over (CUDA_VISIBLE_DEVICES values), or None.
     `auto`: every GPU visible to the runner."""
     if value is None:
         return None
+    visible = _visible_gpus()
     if value == "auto":
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None:
-            ids = [v.strip() for v in visible.split(",") if v.strip()]
-        else:
+        if visible is None:
             import torch
 
-            ids = [str(i) for i in range(torch.cuda.device_count())]
-        return ids or None  # no GPU here: nothing to spread (a plan or dry run still works)
+            visible = [str(i) for i in range(torch.cuda.device_count())]
+        return visible or None  # no GPU here: nothing to spread (a plan or dry run still works)
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if isinstance(value, str):
@@ -650,18 +654,17 @@ def _gpu_ids(value: Any, path: Path) -> list[str] | None:
         raise SuiteError(
             f"suite {path}: gpus must be auto, a GPU index or a list of GPU indices (>= 0), got {value!r}"
         )
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return [str(v) for v in value]
     # indices count the GPUs this process may use, as torch does: map them to what the children may use
-    ids = [v.strip() for v in visible.split(",") if v.strip()]
-    out_of_range = [int(v) for v in value if int(v) >= len(ids)]
+    out_of_range = [int(v) for v in value if int(v) >= len(visible)]
     if out_of_range:
         raise SuiteError(
-            f"suite {path}: gpus {out_of_range} out of range: CUDA_VISIBLE_DEVICES={visible!r} leaves "
-            f"{len(ids)} GPU(s), indices 0..{len(ids) - 1}"
+            f"suite {path}: gpus {out_of_range} out of range: "
+            f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} leaves {len(visible)} GPU(s), "
+            f"indices 0..{len(visible) - 1}"
         )
-    return [ids[int(v)] for v in value]
+    return [visible[int(v)] for v in value]
 
 
 # ---------------------------------------------------------------------- composing runs
