@@ -1378,7 +1378,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan" or getattr(args, "dry_run", False):
         for run in runs:
             print(f"{run_status(run.run_dir):8s} {run.run_id:40s} {run.run_dir}")
-            if getattr(args, "dry_run", False):
+            if getattr(args, "dry_run", False) and run_status(run.run_dir) == "pending":
+                # a finished or running run's config.yaml is the record of what it trained with
                 run.run_dir.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(run.run_dir / CONFIG, yaml.safe_dump(run.config, sort_keys=False))
         print(f"{len(runs)} runs; {sum(run_status(r.run_dir) == 'done' for r in runs)} done")

@@ -22,6 +22,10 @@ How it measures (APT_METHOD.md section 9):
   checking it on the host, which capture forbids (older transformers then build the full mask, and SDPA
   falls back to its slow math kernel). Every model's graph keeps its own memory pool until its batch size
   is done, so under graphs the models' working memories add up on the device (eager needs the largest).
+- torch.compile (`--compile`): each model's forward is compiled by TorchInductor (static shapes, default
+  mode), which fuses the per-token, memory-bound work (bias + GELU, residual add + LayerNorm, softmax
+  scaling) into generated kernels; the matrix products stay cuBLAS calls. Compilation happens in the
+  untimed warm-up; with `--cuda-graphs` the compiled forward is what gets captured.
 - memory: the model's weights (parameter + buffer bytes) plus the peak working memory of the timed passes:
   on CUDA `max_memory_allocated` minus the allocation just before them (other resident models excluded;
   under graphs, the same over the capture: the peak allocated while capturing, which the replays reuse);
@@ -231,6 +235,7 @@ class Runner:
         device: str | torch.device = "cpu",
         seed: int = 0,
         cuda_graphs: bool = False,
+        torch_compile: bool = False,
     ) -> None:
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
@@ -254,7 +259,9 @@ class Runner:
         if cuda_graphs:
             del self.inputs["attention_mask"]
             unpadded_attention(model)
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.torch_compile = cuda_graphs, torch_compile
+        # static shapes: one input shape per runner, so dynamic-shape kernels would only cost speed
+        self.forward = torch.compile(model, dynamic=False) if torch_compile else model
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_output: Any = None
         self.host_times: list[float] = []
@@ -277,7 +284,7 @@ class Runner:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.model(**self.inputs)
+            self.forward(**self.inputs)
 
     def release(self) -> None:
         """Drop the captured graph and its output, so that its memory pool can be freed."""
@@ -290,14 +297,14 @@ class Runner:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # capture needs warmed-up kernels (cuBLAS handles, autotuning)
             for _ in range(3):
-                self.model(**self.inputs)
+                self.forward(**self.inputs)
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.static_output = self.model(**self.inputs)
+            self.static_output = self.forward(**self.inputs)
         torch.cuda.synchronize(dev)
         self.activation_mb = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         self.graph = graph
@@ -306,6 +313,8 @@ class Runner:
     def timed(self, n: int = 1) -> None:
         dev = self.device
         gc.collect(1)  # recent garbage only: a full collection costs ~0.2 s with transformers loaded
+        if self.torch_compile and not self.warmup and not self.times:
+            self.warm(1)  # compile outside the timed passes (captures too, under graphs)
         if self.cuda:
             if self.cuda_graphs and self.graph is None:
                 self._capture()
@@ -355,6 +364,7 @@ class Runner:
             "latency_ms_all": [t * 1e3 for t in self.times],
             "host_ms": statistics.median(self.host_times) * 1e3 if self.host_times else None,
             "cuda_graphs": self.cuda_graphs,
+            "torch_compile": self.torch_compile,
             "warmup": self.warmup,
             "repeats": len(self.times),
             "weights_mb": self.weights_mb,
@@ -374,13 +384,14 @@ def benchmark(
     repeats: int = 5,
     seed: int = 0,
     cuda_graphs: bool = False,
+    torch_compile: bool = False,
 ) -> dict[str, Any]:
     """Time `repeats` back-to-back forward passes on random token ids after `warmup` untimed ones (module
     docstring). Moves and casts `model` in place (like `model.to`); `cuda_graphs` also switches it to
-    unpadded attention."""
+    unpadded attention; `torch_compile` times the TorchInductor-compiled forward."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    runner = Runner(model, batch_size, seq_len, dtype, device, seed, cuda_graphs)
+    runner = Runner(model, batch_size, seq_len, dtype, device, seed, cuda_graphs, torch_compile)
     runner.warm(warmup)
     runner.timed(repeats)
     return runner.result()
@@ -422,6 +433,7 @@ def markdown_table(report: dict) -> str:
     lines = [
         f"apt-bench: {env['device_name']}, {env['dtype']}, seq {env['seq_len']}, "
         f"{env['warmup']} warm-up + {env['repeats']} timed passes ({env['order']}, median"
+        + (", torch.compile" if env.get("torch_compile") else "")
         + (", CUDA graphs)" if env.get("cuda_graphs") else ")"),
         "",
         "| model | params (M) | batch | samples/s | speedup vs dense | latency ms | peak MB "
@@ -448,6 +460,7 @@ def measure_all(
     repeats: int,
     interleave: bool = True,
     cuda_graphs: bool = False,
+    torch_compile: bool = False,
 ) -> list[dict]:
     """Benchmark every model (the first is the dense reference) at every batch size, with a progress bar.
     `interleave`: per batch size, every model runs one timed pass per round, for `repeats` rounds, so load
@@ -461,7 +474,9 @@ def measure_all(
             runners: dict[str, Runner] = {}
             for name, model in models.items():
                 bar.set_postfix_str(f"batch {bs}, {name}")
-                runner = runners[name] = Runner(model, bs, seq_len, dtype, device, cuda_graphs=cuda_graphs)
+                runner = runners[name] = Runner(
+                    model, bs, seq_len, dtype, device, cuda_graphs=cuda_graphs, torch_compile=torch_compile
+                )
                 runner.warm(warmup)
                 if not interleave:
                     runner.timed(repeats)
@@ -559,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graphs",
         action="store_true",
         help="time replays of a captured CUDA graph per model (GPU work without Python dispatch)",
+    )
+    m.add_argument(
+        "--compile",
+        action="store_true",
+        help="time each model's TorchInductor-compiled forward (fused per-token work; compiled in warm-up)",
     )
     m.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", help="write results as JSON here, and a Markdown table next to it (.md)")
@@ -694,6 +714,7 @@ def _main(
         repeats,
         interleave=args.order == "interleaved",
         cuda_graphs=args.cuda_graphs,
+        torch_compile=args.compile,
     )
     import transformers
 
@@ -715,6 +736,7 @@ def _main(
             "order": args.order,
             "attn": args.attn,
             "cuda_graphs": args.cuda_graphs,
+            "torch_compile": args.compile,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,

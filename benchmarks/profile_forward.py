@@ -1,4 +1,5 @@
-"""Where a forward pass spends its GPU time: eager vs CUDA-graph replay, dense vs pruned (apt-bench's models).
+"""Where a forward pass spends its GPU time: eager vs CUDA-graph replay (optionally compiled), dense vs
+pruned.
 
     python benchmarks/profile_forward.py --preset roberta-base --sparsity 0.6 --multiple-of 16 \
         --batch-size 128 --dtype bf16 --out profile.json
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--compile", action="store_true", help="profile the torch.compile'd forwards as well")
     p.add_argument("--out", help="JSON file for the numbers")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -60,8 +62,18 @@ def main(argv: list[str] | None = None) -> dict:
     prune_to_sparsity(pruned, args.sparsity, "magnitude", args.multiple_of)
     report: dict = {"args": vars(args), "device": torch.cuda.get_device_name(), "runs": []}
     for name, model in (("dense", dense), (f"pruned {args.sparsity:g}", pruned)):
-        for graphs in (False, True):
-            runner = Runner(model, args.batch_size, args.seq_len, args.dtype, "cuda", cuda_graphs=graphs)
+        modes = [(False, False), (True, False)] + ([(False, True), (True, True)] if args.compile else [])
+        for graphs, compiled in modes:
+            runner = Runner(
+                model,
+                args.batch_size,
+                args.seq_len,
+                args.dtype,
+                "cuda",
+                seed=0,
+                cuda_graphs=graphs,
+                torch_compile=compiled,
+            )
             runner.warm(5)
             runner.timed(args.repeats)
             result = runner.result()
@@ -69,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
             kernels, kernel_ms = _kernels(runner, 3, args.top)
             run = {
                 "model": name,
-                "mode": "cuda graph" if graphs else "eager",
+                "mode": ("cuda graph" if graphs else "eager") + (", compiled" if compiled else ""),
                 "latency_ms": result["latency_ms"],
                 "host_ms": result["host_ms"],
                 "gpu_kernel_ms_per_pass": kernel_ms,

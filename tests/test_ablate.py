@@ -378,7 +378,7 @@ def test_gpu_suite_plan(tmp_path):
     for name in ("apt", "ft"):
         assert seeds[(name, "sst2")] == seeds[(name, "mnli9k")] == {0, 1, 2}
     assert {v for v, t in seeds if t == "mnli9k"} >= {"apt", "no_distillation", "no_tuning", "ft"}
-    assert {v for v, t in seeds if t == "sst2"} == {p.stem for p in OVERLAYS}
+    assert {v for v, t in seeds if t == "sst2"} == {p.stem for p in OVERLAYS} | {"apt_paper_mu"}
     assert suite.parallel >= 8 and suite.benchmark["seq_len"] == 128
     assert suite.benchmark["batch_size"] == 512  # batch 128 is launch-bound for MiniLM on an H200
     assert runs[0].variant.name == "ft"
@@ -397,17 +397,23 @@ def test_gpu_suite_plan(tmp_path):
 def test_full_schedule_suite_is_the_base_recipe(tmp_path):
     (tmp_path / "sst2").mkdir()
     runs = plan(load_suite(SUITES / "minilm_gpu_full.yaml", data_root=str(tmp_path)))
+    variants = ("apt", "ft", "no_distillation", "apt_paper_mu", "paper_mu_snapshot_on_improvement")
     assert sorted(r.run_id for r in runs) == sorted(
-        [f"{v}/sst2/seed{s}" for v in ("apt", "ft", "apt_snapshot_on_improvement") for s in (0, 1, 2)]
-        + ["no_distillation/sst2/seed0"]
+        f"{v}/sst2/seed{s}" for v in (*variants, "paper_mu_tau_code") for s in (0, 1, 2)
     )
     base = yaml.safe_load(APT_BASE.read_text())
-    apt = next(r.config for r in runs if r.variant.name == "apt")
+    configs = {r.variant.name: r.config for r in runs if r.seed == 0}
+    apt = configs["apt"]
     assert apt["trainer"]["max_epochs"] == base["trainer"]["max_epochs"] == 3  # nothing shortened
     assert _args(apt, "AdaptivePruning") == _args(base, "AdaptivePruning")
-    authors = next(r.config for r in runs if r.variant.name == "apt_snapshot_on_improvement")
-    assert _args(authors, "SelfDistillation")["snapshot"]["class_path"].endswith("OnImprovement")
-    assert _args(authors, "AdaptivePruning") == _args(apt, "AdaptivePruning")
+    assert _args(apt, "SelfDistillation") == _args(base, "SelfDistillation")
+    assert _args(apt, "SelfDistillation")["mu_max"] == 0.5  # the recipe's cap (docs/ablations.md)
+    for name in ("apt_paper_mu", "paper_mu_snapshot_on_improvement", "paper_mu_tau_code"):
+        assert _args(configs[name], "SelfDistillation")["mu_max"] == 1.0, name  # the paper's ramp
+        assert _args(configs[name], "AdaptivePruning") == _args(apt, "AdaptivePruning"), name
+    authors = _args(configs["paper_mu_snapshot_on_improvement"], "SelfDistillation")
+    assert authors["snapshot"]["class_path"].endswith("OnImprovement")
+    assert _args(configs["paper_mu_tau_code"], "SelfDistillation")["tau"] == pytest.approx(2 / 3, abs=1e-4)
 
 
 @needs_glue
@@ -803,3 +809,9 @@ def test_smoke_suite_end_to_end(tmp_path, tiny_backbone_dir, capsys):
     t0 = time.time()
     assert ablate.main([*argv, "--no-report"]) == 0
     assert "0 done, 3 skipped, 0 failed" in capsys.readouterr().out and time.time() - t0 < 60
+
+    # a dry run with other settings lists the runs but leaves the record of finished ones alone
+    config = out / "apt" / "sst2" / "seed0" / "config.yaml"
+    before = config.read_text()
+    assert ablate.main([*argv, "--dry-run", "--set", "trainer.max_steps=99"]) == 0
+    assert "done     apt/sst2/seed0" in capsys.readouterr().out and config.read_text() == before

@@ -141,6 +141,31 @@ def test_cuda_graph_replay_matches_eager(dtype):
     assert r["activation_mb"] > 0 and r["host_ms"] < r["latency_ms"] * 10
 
 
+@pytest.mark.slow
+def test_compiled_forward_matches_eager_and_compiles_outside_the_timed_passes():
+    """Inductor compiles on the first pass; with no warm-up asked for, that pass is an extra untimed one."""
+    model = tiny_model("bert")
+    runner = bench.Runner(model, 2, 16, "fp32", "cpu", torch_compile=True)
+    runner.timed(2)
+    r = runner.result()
+    assert r["torch_compile"] and r["warmup"] == 1 and r["repeats"] == 2
+    with torch.inference_mode():
+        torch.testing.assert_close(runner.forward(**runner.inputs).logits, model(**runner.inputs).logits)
+
+
+@pytest.mark.gpu
+def test_compiled_forward_in_a_cuda_graph_matches_eager():
+    model = tiny_model("roberta")
+    model.set_attn_implementation("sdpa")
+    runner = bench.Runner(model, 4, 16, "bf16", "cuda", cuda_graphs=True, torch_compile=True)
+    runner.timed(2)
+    with torch.inference_mode():
+        eager = model(**runner.inputs).logits
+    torch.testing.assert_close(runner.static_output.logits, eager, atol=2e-2, rtol=2e-2)
+    r = runner.result()
+    assert r["cuda_graphs"] and r["torch_compile"] and r["warmup"] == 1
+
+
 def test_benchmark_rejects_too_long_inputs():
     with pytest.raises(ValueError, match="62 positions"):  # RoBERTa: 64 - (pad 1 + 1)
         benchmark(tiny_model("roberta"), 2, 63)

@@ -300,6 +300,9 @@ def test_mu_ramp_and_snapshot_policies():
     assert [cb.mu_at(s) for s in (0, 2, 4, 6, 10)] == [0.0, 0.0, 0.5, 1.0, 1.0]
     cb.finished = True
     assert cb.mu_at(4) == 0.0
+    capped = SelfDistillation(mu_max=0.5)
+    capped.start, capped.end = 2, 6
+    assert [capped.mu_at(s) for s in (0, 4, 6, 10)] == [0.0, 0.25, 0.5, 0.5]  # the task loss keeps half
     assert EveryEvent().should_snapshot(None, None)
     policy = OnImprovement(monitor="val/accuracy", mode="max")
     metrics: dict = {}
@@ -332,6 +335,8 @@ def test_mu_ramp_and_snapshot_policies():
         ({"layer_weight": -0.1}, "layer_weight"),
         ({"post_lr_scale": 0.0}, "post_lr_scale"),
         ({"distill_epochs": 0}, "distill_epochs"),
+        ({"mu_max": 0.0}, r"mu_max must be in \(0, 1\], got 0.0"),
+        ({"mu_max": 1.5}, "mu_max"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

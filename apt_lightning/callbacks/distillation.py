@@ -73,6 +73,8 @@ class SelfDistillation(Callback):
     pred_weight / layer_weight: L_distill = pred_weight * L_pred + layer_weight * L_layer, each in [0, 1].
     layer_blocks: teacher layers sampled per step (one per block of consecutive layers).
     start_step / end_step: the mu ramp (steps or fractions of the run); default: the pruning phase.
+    mu_max: where the ramp ends, in (0, 1]. 1 (the paper) leaves the task loss out at the end of the ramp;
+        below 1 it keeps a share (1 - mu_max) of the task loss throughout.
     snapshot: a `SnapshotPolicy` (EveryEvent, OnImprovement).
     distill_epochs: epochs with distillation; afterwards task loss only at `post_lr_scale` x LR. None
         ends distillation when mu reaches 1 (at `end_step`): after pruning, a teacher refreshed at
@@ -88,6 +90,7 @@ class SelfDistillation(Callback):
         layer_blocks: int = 4,
         start_step: int | float | None = None,
         end_step: int | float | None = None,
+        mu_max: float = 1.0,
         snapshot: SnapshotPolicy | None = None,
         distill_epochs: int | None = None,
         post_lr_scale: float = 0.1,
@@ -98,13 +101,15 @@ class SelfDistillation(Callback):
         for name, w in (("pred_weight", pred_weight), ("layer_weight", layer_weight)):
             if not 0.0 <= w <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {w}")
+        if not 0.0 < mu_max <= 1.0:
+            raise ValueError(f"mu_max must be in (0, 1], got {mu_max}")
         if not 0.0 < post_lr_scale <= 1.0:
             raise ValueError(f"post_lr_scale must be in (0, 1], got {post_lr_scale}")
         if distill_epochs is not None and distill_epochs < 1:
             raise ValueError(f"distill_epochs must be >= 1 or None, got {distill_epochs}")
         self.tau, self.pred_weight, self.layer_weight = tau, pred_weight, layer_weight
         self.layer_blocks, self.transform_rank = layer_blocks, transform_rank
-        self.start_step, self.end_step = start_step, end_step
+        self.start_step, self.end_step, self.mu_max = start_step, end_step, mu_max
         self.policy = snapshot or EveryEvent()
         self.distill_epochs, self.post_lr_scale = distill_epochs, post_lr_scale
         self.start = self.end = 0
@@ -152,7 +157,7 @@ class SelfDistillation(Callback):
     def mu_at(self, step: int) -> float:
         if self.finished or step < self.start:
             return 0.0
-        return min(1.0, (step - self.start) / (self.end - self.start))
+        return self.mu_max * min(1.0, (step - self.start) / (self.end - self.start))
 
     def _snapshot(self, trainer: Trainer, pl_module: LightningModule, reason: str) -> None:
         pl_module.teacher.snapshot(pl_module.student)
