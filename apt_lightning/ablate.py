@@ -1303,7 +1303,9 @@ def write_suite_meta(suite: Suite, runs: list[RunSpec], argv: list[str] | None) 
     }
     old = _read_json(suite.output_dir / SUITE_META) or {}
     names = {s.name for s in suite.variants}
-    meta["variants"] += [v for v in old.get("variants", []) if v["name"] not in names]
+    # variants of earlier invocations (`--variants` subsets) stay described while their runs exist
+    kept = [v for v in old.get("variants", []) if v["name"] not in names]
+    meta["variants"] += [v for v in kept if (suite.output_dir / v["name"]).is_dir()]
     meta["tasks"] = {**old.get("tasks", {}), **meta["tasks"]}
     write_json_atomic(suite.output_dir / SUITE_META, meta)
 
@@ -1378,7 +1380,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan" or getattr(args, "dry_run", False):
         for run in runs:
             print(f"{run_status(run.run_dir):8s} {run.run_id:40s} {run.run_dir}")
-            if getattr(args, "dry_run", False) and run_status(run.run_dir) == "pending":
+            if getattr(args, "dry_run", False) and run_status(run.run_dir) not in ("done", "running"):
                 # a finished or running run's config.yaml is the record of what it trained with
                 run.run_dir.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(run.run_dir / CONFIG, yaml.safe_dump(run.config, sort_keys=False))

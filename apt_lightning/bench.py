@@ -219,6 +219,15 @@ def unpadded_attention(model: nn.Module) -> str:
     return name
 
 
+def _allow_recompiles(limit: int = 256) -> None:
+    """Every model and input shape recompiles the same `forward` code, and past Dynamo's limit (8) it would
+    silently run eager while the report says compiled: raise the limit and make hitting it an error."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+    dynamo_config.fail_on_recompile_limit_hit = True
+
+
 class Runner:
     """One model at one input shape: `warm` runs untimed passes, `timed` timed ones (tracking the peak
     working memory over them), `result` summarises. Separate calls let several models take turns
@@ -260,6 +269,8 @@ class Runner:
             del self.inputs["attention_mask"]
             unpadded_attention(model)
         self.cuda_graphs, self.torch_compile = cuda_graphs, torch_compile
+        if torch_compile:
+            _allow_recompiles()
         # static shapes: one input shape per runner, so dynamic-shape kernels would only cost speed
         self.forward = torch.compile(model, dynamic=False) if torch_compile else model
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -743,6 +743,18 @@ def _runs_section(rows: list[dict]) -> list[str]:
             f"{_f(r['best_metric'], '.4f')} | {_f(r['sparsity'], '.3f')} | {r['heads_per_layer'] or '–'} | "
             f"{_f(r['train_wall_s'], '.0f')} | `{_rel(r['run_dir'])}` |"
         )
+    renamed = [r for r in rows if (r["_meta"] or {}).get("relabelled_from")]
+    if renamed:  # variants renamed after a recipe change made their configs those of other names
+        lines += [
+            "",
+            "Relabelled runs (trained under another variant name with the same config; `run.json` "
+            "`relabelled_from`): "
+            + ", ".join(
+                f"{r['variant']}/{r['task_key']}/seed{r['seed']} (was {r['_meta']['relabelled_from']})"
+                for r in renamed
+            )
+            + ".",
+        ]
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines += ["", "### Failed runs", ""]

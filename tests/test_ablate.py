@@ -692,6 +692,8 @@ def test_report_from_synthetic_runs(tmp_path, capsys):
     _write_run(root, "no_distillation", 0, 0.80, sparsity=0.6, hist=[(5.0, 0.7), (15.0, 0.8)])
     _write_run(root, "no_distillation", 1, 0.0, failed=True)
     _write_run(root, "lora", 0, 0.85, efficiency=False)  # no efficiency.json: metrics.csv fallback
+    meta_file = root / "apt" / "sst2" / "seed1" / "run.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "relabelled_from": "apt_v2"}))
     (root / "suite.json").write_text(
         json.dumps(
             {
@@ -747,6 +749,7 @@ def test_report_from_synthetic_runs(tmp_path, capsys):
         "apt-fit fit --config",
         "97% of the FT run's best metric",
         "differed by up to 20%",
+        "`relabelled_from`): apt/sst2/seed1 (was apt_v2).",
     ):
         assert needle in md, needle
     for png in ("metric_vs_sparsity.png", "metric_vs_speedup.png", "metric_vs_time.png"):

@@ -153,6 +153,26 @@ def test_compiled_forward_matches_eager_and_compiles_outside_the_timed_passes():
         torch.testing.assert_close(runner.forward(**runner.inputs).logits, model(**runner.inputs).logits)
 
 
+def test_compiled_runners_never_fall_back_to_eager(monkeypatch):
+    """Dynamo recompiles the same forward for every model and input shape; past its default limit (8) it
+    would run eager while the report says compiled. With the limit set to 2, four runners must each compile
+    (tracing only, for speed)."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=False):
+        before = counters["stats"]["unique_graphs"]
+        for i in range(4):
+            runner = bench.Runner(tiny_model("bert", seed=i), 2, 8 + i, "fp32", "cpu", torch_compile=True)
+            runner.warm(1)
+        assert counters["stats"]["unique_graphs"] - before == 4
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 def test_compiled_forward_in_a_cuda_graph_matches_eager():
     model = tiny_model("roberta")

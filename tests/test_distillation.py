@@ -261,12 +261,13 @@ class MuProbe(Callback):
         self.mu.append(pl_module.distill_weight)
 
 
-def test_distillation_through_pruning_run(backbone, tmp_path):
+@pytest.mark.parametrize("mu_max", [1.0, 0.5])
+def test_distillation_through_pruning_run(backbone, tmp_path, mu_max):
     model = make_module(backbone)
     pruning = AdaptivePruning(
         target_sparsity=0.5, start_step=2, end_step=8, num_events=3, decay_steps=1, plot=False
     )
-    distill = SelfDistillation(snapshot=EveryEvent(), layer_blocks=3)
+    distill = SelfDistillation(snapshot=EveryEvent(), layer_blocks=3, mu_max=mu_max)
     tuning = AdaptiveTuning(budget_multiple=2.0)
     probe = MuProbe()
     trainer = quiet_trainer(
@@ -275,7 +276,9 @@ def test_distillation_through_pruning_run(backbone, tmp_path):
     trainer.fit(model, train_dataloaders=repeated_batch_loader(12))
     assert [h["reason"] for h in distill.history] == ["start", "event 0", "event 1", "event 2"]
     assert model.teacher.snapshots == 4
-    assert max(probe.mu) > 0.5 and probe.mu[-1] == 0.0  # mu ramped up, then distillation ended
+    # mu ramps over the pruning phase (steps 2-8) up to mu_max, and distillation ends with the ramp
+    assert probe.mu[:2] == [0.0, 0.0] and max(probe.mu) <= mu_max and probe.mu[7] > 0.5 * mu_max
+    assert probe.mu[8:] == [0.0] * 4
     params = dict(model.student.named_parameters())
     shapes = model.structure.shapes()
     assert sum(shapes.heads) + sum(shapes.neurons) < 3 * 4 + 3 * 48  # it did prune and compact
@@ -303,6 +306,13 @@ def test_mu_ramp_and_snapshot_policies():
     capped = SelfDistillation(mu_max=0.5)
     capped.start, capped.end = 2, 6
     assert [capped.mu_at(s) for s in (0, 4, 6, 10)] == [0.0, 0.25, 0.5, 0.5]  # the task loss keeps half
+    state = capped.state_dict()
+    assert state["mu_max"] == 0.5
+    with pytest.warns(UserWarning, match="trained with mu_max=0.5, this run uses mu_max=1.0"):
+        SelfDistillation().load_state_dict(state)
+    del state["mu_max"]  # a checkpoint from before mu_max ramped to 1
+    with pytest.warns(UserWarning, match="trained with mu_max=1.0"):
+        capped.load_state_dict(state)
     assert EveryEvent().should_snapshot(None, None)
     policy = OnImprovement(monitor="val/accuracy", mode="max")
     metrics: dict = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from apt_lightning.callbacks.events import PruningEvent, find_callback
 from apt_lightning.callbacks.pruning import AdaptivePruning
@@ -77,7 +78,7 @@ class SelfDistillation(Callback):
         below 1 it keeps a share (1 - mu_max) of the task loss throughout.
     snapshot: a `SnapshotPolicy` (EveryEvent, OnImprovement).
     distill_epochs: epochs with distillation; afterwards task loss only at `post_lr_scale` x LR. None
-        ends distillation when mu reaches 1 (at `end_step`): after pruning, a teacher refreshed at
+        ends distillation at the end of the ramp (`end_step`): after pruning, a teacher refreshed at
         every event is the pruned student itself, so distilling further only slows recovery.
     transform_rank: rank of the adapter on the layer transformation Tr.
     """
@@ -195,12 +196,23 @@ class SelfDistillation(Callback):
             pl_module.rebuild_optimizer()
 
     def state_dict(self) -> dict:
-        state = {"finished": self.finished, "history": self.history, "policy": self.policy.state_dict()}
+        state = {
+            "finished": self.finished,
+            "history": self.history,
+            "policy": self.policy.state_dict(),
+            "mu_max": self.mu_max,
+        }
         if self._distiller is not None:  # a resumed run draws the same teacher layers
             state["layer_sampler"] = self._distiller.generator.get_state()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("mu_max", 1.0)  # checkpoints from before mu_max ramped to 1
+        if saved != self.mu_max:
+            rank_zero_warn(
+                f"SelfDistillation: the checkpoint trained with mu_max={saved}, this run uses mu_max="
+                f"{self.mu_max}; the resumed run ramps to {self.mu_max}"
+            )
         self.finished = state["finished"]
         self.history = state["history"]
         self.policy.load_state_dict(state["policy"])

@@ -54,7 +54,8 @@ def select_blocks(
     """0/1 keep decisions whose APT count is at most `budget` and maximal: the next block in density
     order would exceed it. With `multiple_of` > 1 the hidden size is rounded to the nearest multiple
     and each layer's neuron count down to one (head widths are multiples of d_h already); the search
-    then refills the budget around the fixed hidden size, so the count still never exceeds `budget`."""
+    then refills the budget around the fixed hidden size, so the count still never exceeds `budget`,
+    and spends what rounding down freed on whole aligned groups (`_refill`)."""
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
     density, kinds, layers, pos = _flatten(shapes, scores)
@@ -84,7 +85,32 @@ def _aligned(shapes, density, kinds, layers, pos, order, chosen, budget, multipl
         if excess:
             kept = torch.nonzero(mask).flatten()
             mask[kept[torch.argsort(layer_density[kept], stable=True)[:excess]]] = 0.0
+    _refill(keep, shapes, density, budget, multiple_of)
     return keep
+
+
+def _refill(keep: BlockTensors, shapes: ModelShapes, density, budget: int, multiple_of: int) -> None:
+    """Add aligned units to `keep` in place, densest first, while the count stays within `budget`: a pruned
+    head, or the `multiple_of` densest pruned neurons of a layer (then its next group). Without this, rounding
+    each layer's FFN down leaves up to (multiple_of - 1) neurons per layer of the budget unspent."""
+    hidden = int(keep.hidden.sum())
+    left = budget - kept_param_count(keep, shapes.head_dim)
+    head_cost, group_cost = 4 * shapes.head_dim * hidden, 2 * multiple_of * hidden
+    units: list[tuple[float, int, list, list[int]]] = []  # density, cost, mask list, indices
+    offset = 0
+    for masks, cost, size in ((keep.heads, head_cost, 1), (keep.neurons, group_cost, multiple_of)):
+        for mask in masks:
+            layer_density = density[offset : offset + mask.numel()]
+            offset += mask.numel()
+            free = torch.nonzero(mask == 0).flatten()
+            free = free[torch.argsort(layer_density[free], descending=True, stable=True)]
+            for g in range(len(free) // size):
+                group = free[g * size : (g + 1) * size]
+                units.append((float(layer_density[group].mean()), cost, mask, group.tolist()))
+    for _, cost, mask, group in sorted(units, key=lambda u: -u[0]):
+        if cost <= left:
+            mask[group] = 1.0
+            left -= cost
 
 
 def kept_param_count(keep: BlockTensors, head_dim: int) -> int:
