@@ -8,6 +8,8 @@ Usage::
     apt-ablate bench SUITE [...]     # inference benchmarks of finished runs only
     apt-ablate plan SUITE [...]      # list the runs and their status, run nothing
     apt-ablate report SUITE_DIR      # results.csv, runs.csv, RESULTS.md and plots (apt_lightning.report)
+    apt-ablate relabel SUITE OLD:NEW [...]   # finished runs to the variant whose config they have
+                                             # (after a recipe change; apt_lightning.relabel)
 
 Overlay files (``configs/ablations/<variant>.yaml``) change ONE base recipe (an ``apt-fit`` config)::
 
@@ -1362,7 +1364,29 @@ def main(argv: list[str] | None = None) -> int:
     _add_suite_args(p_plan)
     p_report = sub.add_parser("report", help="results.csv, RESULTS.md and plots from a suite's output folder")
     p_report.add_argument("suite_dir")
+    p_relabel = sub.add_parser(
+        "relabel", help="move finished runs to the name of a variant whose config they already have"
+    )
+    p_relabel.add_argument("suite", help="suite YAML (as it is now)")
+    p_relabel.add_argument("renames", nargs="+", metavar="OLD:NEW", help="variant renames, applied together")
+    p_relabel.add_argument("--data-root", help="the data_root the runs trained with")
+    p_relabel.add_argument("--output", help="replaces the suite's output_dir")
     args = parser.parse_args(argv)
+
+    if args.command == "relabel":
+        from apt_lightning.relabel import relabel
+
+        renames = dict(r.split(":", 1) for r in args.renames if ":" in r)
+        if len(renames) != len(args.renames):
+            parser.exit(2, f"apt-ablate: error: renames are OLD:NEW pairs, got {args.renames}\n")
+        try:
+            suite = load_suite(args.suite, data_root=args.data_root, output_dir=args.output)
+            moved = relabel(suite, renames)
+        except SuiteError as err:
+            parser.exit(2, f"apt-ablate: error: {err}\n")
+        write_suite_meta(suite, plan(suite), argv)
+        print(f"relabelled {len(moved)} run(s); the report: apt-ablate report {suite.output_dir}")
+        return 0
 
     if args.command == "report":
         from apt_lightning.report import write_report

@@ -818,3 +818,84 @@ def test_smoke_suite_end_to_end(tmp_path, tiny_backbone_dir, capsys):
     before = config.read_text()
     assert ablate.main([*argv, "--dry-run", "--set", "trainer.max_steps=99"]) == 0
     assert "done     apt/sst2/seed0" in capsys.readouterr().out and config.read_text() == before
+
+
+# ---------------------------------------------------------------------- relabel
+def _relabel_suite(tmp_path: Path, mu_max: float | None, variants: list) -> Path:
+    """A suite on a copy of the APT recipe whose SelfDistillation sets `mu_max` (None: leaves it out)."""
+    base = _base()
+    distill = _args(base, "SelfDistillation")
+    distill.pop("mu_max", None)
+    if mu_max is not None:
+        distill["mu_max"] = mu_max
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "glue" / "sst2").mkdir(parents=True, exist_ok=True)
+    return _suite(
+        tmp_path,
+        base=str(tmp_path / "recipe.yaml"),
+        data_root=str(tmp_path / "glue"),
+        seeds=[0, 1],
+        variants=variants,
+        reference="apt",
+    )
+
+
+def _finish_all(suite_path: Path) -> None:
+    suite = load_suite(suite_path)
+    for run in plan(suite):
+        ablate._prepare(suite, run)
+        (run.run_dir / "done.json").write_text(
+            json.dumps(
+                {"config_digest": ablate.config_digest(run.config), "log_dir": str(run.run_dir / "logs")}
+            )
+        )
+
+
+def test_relabel_after_a_recipe_change(tmp_path, capsys):
+    """The recipe adopts what variant `capped` set: its runs become `apt`, the old `apt` runs (no mu_max
+    in their configs: the argument did not exist) become `paper_mu`. Nothing is retrained."""
+    capped = {
+        "name": "capped",
+        "overlay": "apt",
+        "set": {"trainer.callbacks.SelfDistillation.init_args.mu_max": 0.5},
+    }
+    _finish_all(_relabel_suite(tmp_path, None, ["apt", capped]))
+    paper = {
+        "name": "paper_mu",
+        "overlay": "apt",
+        "set": {"trainer.callbacks.SelfDistillation.init_args.mu_max": 1.0},
+    }
+    new_suite = _relabel_suite(tmp_path, 0.5, ["apt", paper])
+    out = tmp_path / "out"
+    before = {p: (out / p / "sst2" / "seed0" / "done.json").read_text() for p in ("apt", "capped")}
+
+    wrong = ["relabel", str(new_suite), "capped:paper_mu"]  # mu_max 0.5 is not the paper's 1.0
+    with pytest.raises(SystemExit):
+        ablate.main(wrong)
+    assert "mu_max: the run has 0.5, the new variant 1.0" in capsys.readouterr().err
+    assert {p: (out / p / "sst2" / "seed0" / "done.json").read_text() for p in ("apt", "capped")} == before
+
+    assert ablate.main(["relabel", str(new_suite), "apt:paper_mu", "capped:apt"]) == 0
+    assert "relabelled 4 run(s)" in capsys.readouterr().out
+    assert not (out / "capped").exists()
+    suite = load_suite(new_suite)
+    for run in plan(suite):
+        meta = json.loads((run.run_dir / "run.json").read_text())
+        done = json.loads((run.run_dir / "done.json").read_text())
+        assert meta["variant"] == run.variant.name and done["config_digest"] == ablate.config_digest(
+            run.config
+        )
+        assert meta["relabelled_from"] == {"apt": "capped", "paper_mu": "apt"}[run.variant.name]
+        assert done["log_dir"] == str(run.run_dir / "logs")
+        stored = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+        assert _args(stored, "SelfDistillation")["mu_max"] == {"apt": 0.5, "paper_mu": 1.0}[run.variant.name]
+    assert [v["name"] for v in json.loads((out / "suite.json").read_text())["variants"]] == [
+        "apt",
+        "paper_mu",
+    ]
+    assert ablate.main(["run", str(new_suite), "--no-bench", "--no-report"]) == 0  # nothing to train
+    assert "0 done, 4 skipped" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit):
+        ablate.main(["relabel", str(new_suite), "apt-paper_mu"])
+    assert "renames are OLD:NEW pairs" in capsys.readouterr().err
