@@ -1271,7 +1271,8 @@ def bench_runs(
 
 # ---------------------------------------------------------------------- suite metadata
 def write_suite_meta(suite: Suite, runs: list[RunSpec], argv: list[str] | None) -> None:
-    """`suite.json`: what the report needs to describe the suite without the suite file."""
+    """`suite.json`: what the report needs to describe the suite without the suite file. `argv` None
+    keeps the recorded command (a relabel changes names, not how the runs were made)."""
     suite.output_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "name": suite.name,
@@ -1304,6 +1305,8 @@ def write_suite_meta(suite: Suite, runs: list[RunSpec], argv: list[str] | None) 
         "runs": [r.run_id for r in runs],
     }
     old = _read_json(suite.output_dir / SUITE_META) or {}
+    if argv is None:
+        meta["command"] = old.get("command", "")
     names = {s.name for s in suite.variants}
     # variants of earlier invocations (`--variants` subsets) stay described while their runs exist
     kept = [v for v in old.get("variants", []) if v["name"] not in names]
@@ -1371,20 +1374,28 @@ def main(argv: list[str] | None = None) -> int:
     p_relabel.add_argument("renames", nargs="+", metavar="OLD:NEW", help="variant renames, applied together")
     p_relabel.add_argument("--data-root", help="the data_root the runs trained with")
     p_relabel.add_argument("--output", help="replaces the suite's output_dir")
+    p_relabel.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="the --set overrides the runs were made with"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "relabel":
         from apt_lightning.relabel import relabel
 
-        renames = dict(r.split(":", 1) for r in args.renames if ":" in r)
-        if len(renames) != len(args.renames):
+        pairs = [r.split(":", 1) for r in args.renames]
+        if any(len(p) != 2 or not all(p) for p in pairs):
             parser.exit(2, f"apt-ablate: error: renames are OLD:NEW pairs, got {args.renames}\n")
+        renames = dict(pairs)
+        if len(renames) != len(pairs):
+            parser.exit(2, f"apt-ablate: error: a variant is renamed twice: {args.renames}\n")
         try:
-            suite = load_suite(args.suite, data_root=args.data_root, output_dir=args.output)
+            suite = load_suite(
+                args.suite, data_root=args.data_root, output_dir=args.output, cli_set=_parse_sets(args.set)
+            )
             moved = relabel(suite, renames)
         except SuiteError as err:
             parser.exit(2, f"apt-ablate: error: {err}\n")
-        write_suite_meta(suite, plan(suite), argv)
+        write_suite_meta(suite, plan(suite), None)  # keeps the command the runs were made with
         print(f"relabelled {len(moved)} run(s); the report: apt-ablate report {suite.output_dir}")
         return 0
 

@@ -3,17 +3,21 @@
 After a recipe change (the base config now sets what a variant used to set, or a new variant now names
 what the base used to be), finished runs belong under other variant names; retraining them would repeat
 the same configs. Relabelling moves each run folder and rewrites ``config.yaml``, ``run.json`` (variant,
-description, digest, commands, ``relabelled_from``) and ``done.json``. Every run is checked before
-anything moves: its stored config must equal the new variant's composed config up to the run folder's
-own path, the TTA reference it was given at launch, and keys it lacks where the new config holds the
-class's default (an argument added since, at the value the run had).
+description, digest, commands, ``relabelled_from``, ``trained_as``) and ``done.json``.
+
+Every run is checked before anything moves: its stored config must equal the new variant's composed
+config up to the run folder's own path, the TTA reference it was given at launch, and keys that one side
+lacks where the other holds the class's default (an argument added since, at the value the run had). The
+new files are prepared before the moves too, and a failing move puts every folder back.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shlex
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ from apt_lightning import ablate
 from apt_lightning.files import write_json_atomic, write_text_atomic
 
 _ABSENT = object()
+_REFERENCE_ARGS = ("reference", "tta_reference")  # set at launch from the FT run (ablate.set_tta_reference)
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -49,6 +54,14 @@ def _is_class_default(flat: dict[str, Any], key: str, value: Any) -> bool:
         return False
 
 
+def _moved(value: str, old_dir: Path, new_dir: Path) -> str:
+    """`value` with a leading `old_dir` (the folder itself or a path inside it) replaced by `new_dir`."""
+    old = str(old_dir)
+    if value == old or value.startswith(old + "/"):
+        return str(new_dir) + value[len(old) :]
+    return value
+
+
 def differences(stored: dict, wanted: dict, old_dir: Path, new_dir: Path) -> list[str]:
     """Keys where a run's stored config and the new variant's config differ beyond what relabelling allows."""
     a, b = _flat(stored), _flat(wanted)
@@ -57,9 +70,11 @@ def differences(stored: dict, wanted: dict, old_dir: Path, new_dir: Path) -> lis
         va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
         if va == vb:
             continue
-        if isinstance(va, str) and isinstance(vb, str) and va.replace(str(old_dir), str(new_dir)) == vb:
+        if isinstance(va, str) and isinstance(vb, str) and _moved(va, old_dir, new_dir) == vb:
             continue
-        if va is _ABSENT and _is_class_default(b, key, vb):
+        if (va is _ABSENT and _is_class_default(b, key, vb)) or (
+            vb is _ABSENT and _is_class_default(a, key, va)
+        ):
             continue
         shown = ["<absent>" if v is _ABSENT else repr(v) for v in (va, vb)]
         found.append(f"{key}: the run has {shown[0]}, the new variant {shown[1]}")
@@ -71,13 +86,29 @@ def _wanted(run: ablate.RunSpec, stored: dict) -> dict:
     wanted = copy.deepcopy(run.config)
     for new, old in zip(ablate._callbacks(wanted), ablate._callbacks(copy.deepcopy(stored)), strict=False):
         if ablate._class_name(new) == ablate._class_name(old) == "EfficiencyMonitor":
-            new["init_args"] = copy.deepcopy(old.get("init_args") or {})
+            given = {k: v for k, v in (old.get("init_args") or {}).items() if k in _REFERENCE_ARGS}
+            new["init_args"] = {**(new.get("init_args") or {}), **given}
     return wanted
+
+
+def _read(path: Path, problems: list[str]) -> dict | None:
+    try:
+        data = yaml.safe_load(path.read_text()) if path.suffix == ".yaml" else json.loads(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        problems.append(f"{path}: unreadable ({err})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path}: not a mapping")
+        return None
+    return data
 
 
 def relabel(suite: ablate.Suite, renames: dict[str, str], log=print) -> list[tuple[Path, Path]]:
     """Move the finished runs of each old variant to the new variant's folders (module docstring). Raises
     `SuiteError`, with nothing moved, if a run's config does not match or its new folder is taken."""
+    targets = list(renames.values())
+    if len(set(targets)) != len(targets):
+        raise ablate.SuiteError(f"relabel: two variants renamed to the same name: {renames}")
     planned = {(r.variant.name, r.task.key, r.seed): r for r in ablate.plan(suite)}
     finished: dict[str, list[Path]] = {}
     for old, new in renames.items():
@@ -89,63 +120,83 @@ def relabel(suite: ablate.Suite, renames: dict[str, str], log=print) -> list[tup
         if not finished[old]:
             raise ablate.SuiteError(f"relabel {old}:{new}: no finished runs under {suite.output_dir / old}")
     leaving = {d for dirs in finished.values() for d in dirs}
-    moves, problems = [], []
+    plans, problems = [], []
     for old, new in renames.items():
         for old_dir in finished[old]:
             run = planned.get((new, old_dir.parent.name, int(old_dir.name.removeprefix("seed"))))
             if run is None:
                 problems.append(f"{old_dir}: variant {new!r} has no run for this task and seed")
                 continue
-            if (
-                run.run_dir.exists() and run.run_dir not in leaving
-            ):  # a folder being relabelled itself is free
+            if run.run_dir.exists() and run.run_dir not in leaving:  # a folder being relabelled is free
                 problems.append(f"{old_dir}: {run.run_dir} exists (relabel or remove that run first)")
-            stored = yaml.safe_load((old_dir / ablate.CONFIG).read_text())
+            files = [
+                _read(old_dir / name, problems) for name in (ablate.CONFIG, ablate.RUN_META, ablate.DONE)
+            ]
+            if None in files:
+                continue
+            stored, meta, done = files
             wanted = _wanted(run, stored)
             problems += [f"{old_dir}: {d}" for d in differences(stored, wanted, old_dir, run.run_dir)]
-            moves.append((old_dir, run, wanted))
+            plans.append((old_dir, run, _new_files(suite, run, wanted, meta, done, old_dir)))
     if problems:
         raise ablate.SuiteError("cannot relabel, nothing moved:\n  " + "\n  ".join(problems))
-    stage = suite.output_dir / ".relabel"
-    stage.mkdir(exist_ok=True)
-    staged = []
-    for i, (old_dir, run, wanted) in enumerate(moves):  # via a stage: a new folder may be an old one
-        shutil.move(old_dir, stage / str(i))
-        staged.append((stage / str(i), old_dir, run, wanted))
-    done_moves = []
-    for tmp, old_dir, run, wanted in staged:
-        run.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(tmp, run.run_dir)
-        _rewrite(suite, run, wanted, old_dir)
+    _move_all([(old_dir, run.run_dir) for old_dir, run, _ in plans], suite.output_dir)
+    for old_dir, run, (config_text, meta, done) in plans:
+        write_text_atomic(run.run_dir / ablate.CONFIG, config_text)
+        write_json_atomic(run.run_dir / ablate.RUN_META, meta)
+        write_json_atomic(run.run_dir / ablate.DONE, done)
         log(f"{old_dir} -> {run.run_dir}")
-        done_moves.append((old_dir, run.run_dir))
-    shutil.rmtree(stage, ignore_errors=True)
     for old in renames:
         for folder in sorted((suite.output_dir / old).glob("**/"), reverse=True):  # emptied task folders
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-    return done_moves
+    return [(old_dir, run.run_dir) for old_dir, run, _ in plans]
 
 
-def _rewrite(suite: ablate.Suite, run: ablate.RunSpec, wanted: dict, old_dir: Path) -> None:
-    write_text_atomic(run.run_dir / ablate.CONFIG, yaml.safe_dump(wanted, sort_keys=False))
-    meta = json.loads((run.run_dir / ablate.RUN_META).read_text())
+def _move_all(moves: list[tuple[Path, Path]], root: Path) -> None:
+    """Move folders through a fresh stage (a destination may be another move's source); on any error put
+    every folder back where it was. The stage is removed only when empty: it never deletes a run."""
+    stage = Path(tempfile.mkdtemp(prefix=".relabel-", dir=root))
+    staged: list[int] = []
+    placed: list[int] = []
+    try:
+        for i, (src, _) in enumerate(moves):
+            shutil.move(src, stage / str(i))
+            staged.append(i)
+        for i, (_, dst) in enumerate(moves):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(stage / str(i), dst)
+            placed.append(i)
+    except BaseException:
+        for i in reversed(placed):  # back into the stage first: a destination may be another's origin
+            shutil.move(moves[i][1], stage / str(i))
+        for i in reversed(staged):
+            moves[i][0].parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(stage / str(i), moves[i][0])
+        raise
+    finally:
+        if not any(stage.iterdir()):
+            stage.rmdir()
+
+
+def _new_files(
+    suite: ablate.Suite, run: ablate.RunSpec, wanted: dict, meta: dict, done: dict, old_dir: Path
+) -> tuple[str, dict, dict]:
+    """config.yaml text, run.json and done.json of the relabelled run."""
     digest = ablate.config_digest(run.config)
-    meta.update(
-        {
-            "variant": run.variant.name,
-            "description": run.variant.description,
-            "overlay": str(run.variant.overlay_path or ""),
-            "config_digest": digest,
-            "fit_command": "apt-fit " + " ".join(ablate.fit_argv(run, suite.args)),
-            "rerun": ablate.rerun_command(suite, run),
-            "relabelled_from": meta.get("relabelled_from") or meta.get("variant"),
-        }
-    )
-    write_json_atomic(run.run_dir / ablate.RUN_META, meta)
-    done = json.loads((run.run_dir / ablate.DONE).read_text())
-    done["config_digest"] = digest
+    meta = {
+        **meta,
+        "variant": run.variant.name,
+        "description": run.variant.description,
+        "overlay": str(run.variant.overlay_path or ""),
+        "config_digest": digest,
+        "fit_command": "apt-fit " + shlex.join(ablate.fit_argv(run, suite.args)),
+        "rerun": ablate.rerun_command(suite, run),
+        "relabelled_from": meta.get("variant"),
+        "trained_as": meta.get("trained_as") or meta.get("variant"),
+    }
+    done = {**done, "config_digest": digest}
     for key in ("log_dir", "checkpoint"):
         if isinstance(done.get(key), str):
-            done[key] = done[key].replace(str(old_dir), str(run.run_dir))
-    write_json_atomic(run.run_dir / ablate.DONE, done)
+            done[key] = _moved(done[key], old_dir, run.run_dir)
+    return yaml.safe_dump(wanted, sort_keys=False), meta, done

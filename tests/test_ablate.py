@@ -875,7 +875,11 @@ def test_relabel_after_a_recipe_change(tmp_path, capsys):
     assert "mu_max: the run has 0.5, the new variant 1.0" in capsys.readouterr().err
     assert {p: (out / p / "sst2" / "seed0" / "done.json").read_text() for p in ("apt", "capped")} == before
 
-    assert ablate.main(["relabel", str(new_suite), "apt:paper_mu", "capped:apt"]) == 0
+    with pytest.raises(SystemExit):
+        ablate.main(["relabel", str(new_suite), "apt:paper_mu", "capped:paper_mu"])
+    assert "two variants renamed to the same name" in capsys.readouterr().err
+    # apt's folders are the destination of one rename and the source of the other
+    assert ablate.main(["relabel", str(new_suite), "capped:apt", "apt:paper_mu"]) == 0
     assert "relabelled 4 run(s)" in capsys.readouterr().out
     assert not (out / "capped").exists()
     suite = load_suite(new_suite)
@@ -899,3 +903,37 @@ def test_relabel_after_a_recipe_change(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ablate.main(["relabel", str(new_suite), "apt-paper_mu"])
     assert "renames are OLD:NEW pairs" in capsys.readouterr().err
+    assert not list(out.glob(".relabel*"))  # no stage left behind
+
+
+def test_relabel_puts_every_run_back_when_a_move_fails(tmp_path, monkeypatch):
+    from apt_lightning import relabel as relabel_module
+
+    capped = {
+        "name": "capped",
+        "overlay": "apt",
+        "set": {"trainer.callbacks.SelfDistillation.init_args.mu_max": 0.5},
+    }
+    _finish_all(_relabel_suite(tmp_path, None, ["apt", capped]))
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in sorted(out.glob("*/*/seed*/*")) if p.is_file()}
+    paper = {
+        "name": "paper_mu",
+        "overlay": "apt",
+        "set": {"trainer.callbacks.SelfDistillation.init_args.mu_max": 1.0},
+    }
+    suite = load_suite(_relabel_suite(tmp_path, 0.5, ["apt", paper]))
+    moves = []
+    real_move = relabel_module.shutil.move
+
+    def failing_move(src, dst):
+        moves.append(src)
+        if len(moves) == 6:  # all four staged, one placed, then the disk "fails"
+            raise OSError("disk full")
+        return real_move(src, dst)
+
+    monkeypatch.setattr(relabel_module.shutil, "move", failing_move)
+    with pytest.raises(OSError, match="disk full"):
+        relabel_module.relabel(suite, {"capped": "apt", "apt": "paper_mu"})
+    after = {p: p.read_bytes() for p in sorted(out.glob("*/*/seed*/*")) if p.is_file()}
+    assert after == before and not list(out.glob(".relabel*"))

@@ -391,6 +391,10 @@ def test_select_blocks_multiple_of(seed, multiple_of):
         assert kept + 4 * 8 * hidden > budget
     if any(free_groups):
         assert kept + 2 * multiple_of * hidden > budget
+    for masks, layer_scores in ((keep.heads, scores.heads), (keep.neurons, scores.neurons)):
+        for mask, score in zip(masks, layer_scores, strict=True):  # each layer keeps its densest blocks
+            if 0 < mask.sum() < mask.numel():
+                assert score[mask == 1].min() > score[mask == 0].max()
 
 
 def test_select_blocks_rejects_bad_multiple():

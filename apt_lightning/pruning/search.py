@@ -55,7 +55,9 @@ def select_blocks(
     order would exceed it. With `multiple_of` > 1 the hidden size is rounded to the nearest multiple
     and each layer's neuron count down to one (head widths are multiples of d_h already); the search
     then refills the budget around the fixed hidden size, so the count still never exceeds `budget`,
-    and spends what rounding down freed on whole aligned groups (`_refill`)."""
+    and spends what rounding down freed on whole aligned groups (`_refill`). So without alignment the
+    result is a strict density prefix; with it, a prefix plus a greedy fill that may skip a unit that no
+    longer fits for a cheaper, less dense one."""
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
     density, kinds, layers, pos = _flatten(shapes, scores)
