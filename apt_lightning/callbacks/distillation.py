@@ -207,7 +207,7 @@ class SelfDistillation(Callback):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state.get("mu_max", 1.0)  # checkpoints from before mu_max ramped to 1
+        saved = state.get("mu_max", 1.0)  # checkpoints from before mu_max existed ramped to 1
         if saved != self.mu_max:
             rank_zero_warn(
                 f"SelfDistillation: the checkpoint trained with mu_max={saved}, this run uses mu_max="
