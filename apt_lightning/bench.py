@@ -9,10 +9,14 @@ with a full attention mask, run under `torch.inference_mode`.
 
 How it measures (APT_METHOD.md section 9):
 - time: after `warmup` untimed passes per model, each of `repeats` passes is timed on its own, with CUDA
-  events on a GPU and `time.perf_counter` on a CPU; latency is the median, samples/s = batch / median. By
-  default the models take turns pass by pass (`--order interleaved`), so background load on a shared
-  machine slows dense and pruned alike and the speedup stays fair; `sequential` runs each model's passes
-  back to back (on CUDA without a synchronisation between them).
+  events on a GPU and `time.perf_counter` on a CPU, the device idle before it; latency is the median.
+  Throughput (samples/s) is batch / median time per pass of blocks of `--block` passes run back to back
+  (one span per block, the device never waiting for the host: what a server sustains), or, with
+  `--block 0` (the CPU default), of the single passes. On an H200 the two differ by a few percent per
+  model (docs/bench.md), so the speedups from each are reported side by side.
+  By default the models take turns (`--order interleaved`: one single pass, then one block, per model and
+  round), so background load and clock drift hit dense and pruned alike and the speedups stay fair;
+  `sequential` runs each model's passes back to back (on CUDA without a synchronisation between them).
 - CUDA graphs (`--cuda-graphs`): each model's forward is captured once, at its first pass, and every
   later pass replays it, so the time is the GPU's work alone, not Python's kernel-by-kernel dispatch (which
   bounds small or pruned models at moderate batch sizes: compare `host_ms`, the CPU time to issue one pass
@@ -26,6 +30,8 @@ How it measures (APT_METHOD.md section 9):
   mode), which fuses the per-token, memory-bound work (bias + GELU, residual add + LayerNorm, softmax
   scaling) into generated kernels; the matrix products stay cuBLAS calls. Compilation happens in the
   untimed warm-up; with `--cuda-graphs` the compiled forward is what gets captured.
+- fusions (`--fuse qkv gelu`): `fusion.fuse_for_inference` on every model, the dense reference included,
+  after pruning and before timing (one Q/K/V product per layer; GELU in the FFN product's epilogue).
 - memory: the model's weights (parameter + buffer bytes) plus the peak working memory of the timed passes:
   on CUDA `max_memory_allocated` minus the allocation just before them (other resident models excluded;
   under graphs, the same over the capture: the peak allocated while capturing, which the replays reuse);
@@ -54,14 +60,15 @@ from torch import nn
 
 from apt_lightning.callbacks.efficiency import current_rss_mb, peak_rss_mb, reset_peak_rss
 from apt_lightning.files import write_text_atomic
+from apt_lightning.fusion import FUSIONS, fuse_for_inference
 from apt_lightning.pruning import Scorer, build_scorer, kept_param_count, select_blocks
 from apt_lightning.structure import apt_param_count, get_structure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 SCORERS = ("magnitude", "uniform", "random")  # data-free; salience needs training batches
-_CPU_DEFAULTS = (2, 5)  # warmup, repeats
-_CUDA_DEFAULTS = (10, 30)
+_CPU_DEFAULTS = (2, 5, 0)  # warmup, repeats, block
+_CUDA_DEFAULTS = (10, 30, 10)
 
 
 # ---------------------------------------------------------------------- models
@@ -278,6 +285,8 @@ class Runner:
         self.host_times: list[float] = []
         self.weights_mb = _model_bytes(model) / 2**20
         self.times: list[float] = []
+        self.block_times: list[float] = []  # seconds per pass, one entry per back-to-back block
+        self.block_size = 0
         self.warmup = 0
         self.activation_mb: float | None = None
         self.memory_kind = "cuda_max_memory_allocated" if self.cuda else "cpu_peak_rss"
@@ -359,17 +368,46 @@ class Runner:
         if peak is not None and self.memory_kind != "n/a":
             self.activation_mb = max(self.activation_mb or 0.0, peak)
 
+    @torch.inference_mode()
+    def timed_block(self, k: int) -> None:
+        """`k` passes back to back timed as one span (sustained throughput); records the span / k."""
+        if k < 1:
+            raise ValueError(f"a block needs k >= 1 passes, got {k}")
+        if self.torch_compile and not self.warmup and not self.times and not self.block_times:
+            self.warm(1)
+        if self.cuda:
+            if self.cuda_graphs and self.graph is None:
+                self._capture()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(self.device)
+            start.record()
+            for _ in range(k):
+                self.run_once()
+            end.record()
+            torch.cuda.synchronize(self.device)
+            span = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            for _ in range(k):
+                self.run_once()
+            span = time.perf_counter() - t0
+        self.block_times.append(span / k)
+        self.block_size = k
+
     def result(self) -> dict[str, Any]:
         if not self.times:
             raise RuntimeError("no timed passes yet")
         median = statistics.median(self.times)
+        per_pass = statistics.median(self.block_times) if self.block_times else median
         act = self.activation_mb if self.memory_kind != "n/a" else None
         return {
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "dtype": self.dtype,
             "device": str(self.device),
-            "samples_per_s": self.batch_size / median,
+            "samples_per_s": self.batch_size / per_pass,
+            "throughput_from": f"blocks of {self.block_size} passes" if self.block_times else "single passes",
+            "block_ms_per_pass_all": [t * 1e3 for t in self.block_times],
             "latency_ms": median * 1e3,
             "latency_ms_min": min(self.times) * 1e3,
             "latency_ms_all": [t * 1e3 for t in self.times],
@@ -443,19 +481,23 @@ def markdown_table(report: dict) -> str:
     env = report["env"]
     lines = [
         f"apt-bench: {env['device_name']}, {env['dtype']}, seq {env['seq_len']}, "
-        f"{env['warmup']} warm-up + {env['repeats']} timed passes ({env['order']}, median"
+        f"{env['warmup']} warm-up + {env['repeats']} timed passes"
+        + (f" + {env['repeats']} blocks of {env['block']}" if env.get("block") else "")
+        + f" ({env['order']}, median"
         + (", torch.compile" if env.get("torch_compile") else "")
+        + (f", fused {'+'.join(env['fusions'])}" if env.get("fusions") else "")
         + (", CUDA graphs)" if env.get("cuda_graphs") else ")"),
         "",
-        "| model | params (M) | batch | samples/s | speedup vs dense | latency ms | peak MB "
-        "| memory vs dense |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | params (M) | batch | samples/s | speedup vs dense | latency ms | latency speedup "
+        "| peak MB | memory vs dense |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         params = report["models"][r["model"]]["params"] / 1e6
         lines.append(
             f"| {r['model']} | {params:.1f} | {r['batch_size']} | {r['samples_per_s']:.1f} | "
-            f"{_fmt(r['speedup_vs_dense'], '.2f')}x | {r['latency_ms']:.1f} | {_fmt(r['peak_mb'], '.0f')} | "
+            f"{_fmt(r['speedup_vs_dense'], '.2f')}x | {r['latency_ms']:.2f} | "
+            f"{_fmt(r['latency_speedup_vs_dense'], '.2f')}x | {_fmt(r['peak_mb'], '.0f')} | "
             f"{_fmt(r['memory_vs_dense'], '.2f')} |"
         )
     return "\n".join(lines) + "\n"
@@ -472,15 +514,18 @@ def measure_all(
     interleave: bool = True,
     cuda_graphs: bool = False,
     torch_compile: bool = False,
+    block: int = 0,
 ) -> list[dict]:
     """Benchmark every model (the first is the dense reference) at every batch size, with a progress bar.
     `interleave`: per batch size, every model runs one timed pass per round, for `repeats` rounds, so load
-    from other processes hits all models alike; otherwise each model's passes run back to back."""
+    from other processes hits all models alike; otherwise each model's passes run back to back. `block`
+    > 0: each round also times a block of that many back-to-back passes per model (throughput)."""
     from tqdm.auto import tqdm
 
     cuda = torch.device(device).type == "cuda"
     results: list[dict] = []
-    with tqdm(total=len(batch_sizes) * len(models) * repeats, desc="apt-bench", unit="pass") as bar:
+    total = len(batch_sizes) * len(models) * repeats * (1 + block)
+    with tqdm(total=total, desc="apt-bench", unit="pass") as bar:
         for bs in batch_sizes:
             runners: dict[str, Runner] = {}
             for name, model in models.items():
@@ -491,7 +536,9 @@ def measure_all(
                 runner.warm(warmup)
                 if not interleave:
                     runner.timed(repeats)
-                    bar.update(repeats)
+                    for _ in range(repeats if block else 0):
+                        runner.timed_block(block)
+                    bar.update(repeats * (1 + block))
                     if cuda:
                         model.to("cpu")  # free the device for the next model
                         runner.release()  # and its graph's memory pool
@@ -501,10 +548,14 @@ def measure_all(
                     for runner in runners.values():
                         runner.timed(1)
                         bar.update()
+                    for runner in runners.values() if block else ():
+                        runner.timed_block(block)
+                        bar.update(block)
             dense = next(iter(runners.values())).result()
             for name, runner in runners.items():
                 r = {"model": name, **runner.result()}
                 r["speedup_vs_dense"] = _ratio(r["samples_per_s"], dense["samples_per_s"])
+                r["latency_speedup_vs_dense"] = _ratio(dense["latency_ms"], r["latency_ms"])
                 r["memory_vs_dense"] = _ratio(r["peak_mb"], dense["peak_mb"])
                 results.append(r)
             if cuda:
@@ -574,6 +625,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"timed passes (default {_CPU_DEFAULTS[1]} on CPU, {_CUDA_DEFAULTS[1]} on CUDA)",
     )
     m.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="passes per back-to-back block timed for throughput, one block per model and round; 0: "
+        f"throughput from the single passes (default {_CPU_DEFAULTS[2]} on CPU, {_CUDA_DEFAULTS[2]} on CUDA)",
+    )
+    m.add_argument(
         "--order",
         choices=("interleaved", "sequential"),
         default="interleaved",
@@ -590,6 +648,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="time each model's TorchInductor-compiled forward (fused per-token work; compiled in warm-up)",
+    )
+    m.add_argument(
+        "--fuse",
+        nargs="+",
+        choices=FUSIONS,
+        default=[],
+        help="inference fusions applied to every model, dense included (BERT-like encoders): qkv = one "
+        "Q/K/V matrix product per layer; gelu = GELU in the FFN product's cuBLASLt epilogue (tanh "
+        "approximation on CUDA)",
     )
     m.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", help="write results as JSON here, and a Markdown table next to it (.md)")
@@ -624,6 +691,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
         parser.error(f"--out {args.out}: give the JSON path; the Markdown table is written next to it as .md")
     if args.warmup is not None and args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.block is not None and args.block < 0:
+        parser.error(f"--block must be >= 0 (0: no blocks), got {args.block}")
     has_cuda = torch.cuda.is_available()
     if args.device == "cuda" and not has_cuda:
         parser.error(
@@ -707,14 +776,21 @@ def run_cli(argv: list[str] | None = None) -> dict:
 def _main(
     parser: argparse.ArgumentParser, args: argparse.Namespace, device: str, argv: list[str] | None
 ) -> dict:
-    warmup_d, repeats_d = _CUDA_DEFAULTS if device == "cuda" else _CPU_DEFAULTS
+    warmup_d, repeats_d, block_d = _CUDA_DEFAULTS if device == "cuda" else _CPU_DEFAULTS
     warmup = warmup_d if args.warmup is None else args.warmup
     repeats = repeats_d if args.repeats is None else args.repeats
+    block = block_d if args.block is None else args.block
     models, records = _load_models(parser, args)
     limit = min(max_seq_len(m.config) for m in models.values())
     if args.seq_len > limit:
         parser.error(f"--seq-len {args.seq_len} exceeds the model's {limit} position embeddings")
     infos = {name: {**describe(model), "pruning": records.get(name)} for name, model in models.items()}
+    if args.fuse:  # after describe: the fused modules no longer have the layout the structure reads
+        try:
+            for model in models.values():
+                fuse_for_inference(model, args.fuse)
+        except ValueError as err:
+            parser.error(f"--fuse {' '.join(args.fuse)}: {err}")
     results = measure_all(
         models,
         args.batch_sizes,
@@ -726,6 +802,7 @@ def _main(
         interleave=args.order == "interleaved",
         cuda_graphs=args.cuda_graphs,
         torch_compile=args.compile,
+        block=block,
     )
     import transformers
 
@@ -744,10 +821,12 @@ def _main(
             "seq_len": args.seq_len,
             "warmup": warmup,
             "repeats": repeats,
+            "block": block,
             "order": args.order,
             "attn": args.attn,
             "cuda_graphs": args.cuda_graphs,
             "torch_compile": args.compile,
+            "fusions": args.fuse,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from apt_lightning.bench import DTYPES, PRESETS, Runner, model_from_config, preset_config, prune_to_sparsity
 from apt_lightning.files import write_text_atomic
+from apt_lightning.fusion import FUSIONS, fuse_for_inference
 
 
 def _kernels(runner: Runner, passes: int, top: int) -> tuple[list[dict], float]:
@@ -53,14 +54,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--compile", action="store_true", help="profile the torch.compile'd forwards as well")
+    p.add_argument("--fuse", nargs="+", choices=FUSIONS, default=[], help="inference fusions, both models")
     p.add_argument("--out", help="JSON file for the numbers")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     dense = model_from_config(preset_config(args.preset))
     pruned = copy.deepcopy(dense)
-    prune_to_sparsity(pruned, args.sparsity, "magnitude", args.multiple_of)
-    report: dict = {"args": vars(args), "device": torch.cuda.get_device_name(), "runs": []}
+    pruning = prune_to_sparsity(pruned, args.sparsity, "magnitude", args.multiple_of)
+    if args.fuse:
+        for model in (dense, pruned):
+            fuse_for_inference(model, args.fuse)
+    report: dict = {
+        "args": vars(args),
+        "device": torch.cuda.get_device_name(),
+        "pruning": pruning,
+        "runs": [],
+    }
     for name, model in (("dense", dense), (f"pruned {args.sparsity:g}", pruned)):
         # eager modes first: a graph mode switches the model to unpadded attention for good
         modes = [(False, False), (False, True), (True, False), (True, True)]

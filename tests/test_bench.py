@@ -38,6 +38,8 @@ RESULT_KEYS = {
     "activation_mb",
     "memory_kind",
     "latency_ms_all",
+    "latency_speedup_vs_dense",
+    "throughput_from",
 }
 
 
@@ -98,6 +100,23 @@ def test_benchmark_returns_numbers():
     assert r["weights_mb"] > 0
     if r["memory_kind"] != "n/a":
         assert r["peak_mb"] >= r["weights_mb"]
+
+
+def test_throughput_from_back_to_back_blocks():
+    """With blocks, samples/s comes from the blocks' time per pass; latency stays the single passes'."""
+    runner = bench.Runner(tiny_model("bert"), 2, 8)
+    runner.timed(3)
+    single = runner.result()
+    assert single["throughput_from"] == "single passes" and single["block_ms_per_pass_all"] == []
+    for _ in range(3):
+        runner.timed_block(4)
+    r = runner.result()
+    assert r["throughput_from"] == "blocks of 4 passes" and len(r["block_ms_per_pass_all"]) == 3
+    per_pass = sorted(r["block_ms_per_pass_all"])[1] / 1e3
+    assert r["samples_per_s"] == pytest.approx(2 / per_pass)
+    assert r["latency_ms"] == single["latency_ms"]
+    with pytest.raises(ValueError, match="k >= 1"):
+        runner.timed_block(0)
 
 
 def test_unpadded_attention_matches_the_models_own_on_unpadded_inputs(family):
@@ -248,16 +267,37 @@ def test_cli_config_json_several_sparsities(tmp_path):
             "--scorer",
             "random",
             *FAST,
+            "--block",
+            "2",
             "--out",
             str(out),
         ]
     )
     saved = _check_report(report, out)
     assert list(saved["models"]) == ["dense", "pruned 0.3 (x4)", "pruned 0.6 (x4)"]
+    assert all(len(r["block_ms_per_pass_all"]) == 2 for r in saved["results"])  # one block per round
+    assert "+ 2 blocks of 2" in out.with_suffix(".md").read_text()
     rec = saved["models"]["pruned 0.6 (x4)"]["pruning"]
     assert rec["achieved_sparsity"] >= 0.6 and rec["scorer"] == "random" and rec["hidden"] % 4 == 0
     dense_rows = [r for r in saved["results"] if r["model"] == "dense"]
     assert all(r["speedup_vs_dense"] == 1.0 for r in dense_rows)
+
+
+def test_cli_fuse_applies_to_every_model(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny_config("bert", attn_implementation=None).to_dict()))
+    out = tmp_path / "bench.json"
+    report = run_cli(
+        ["--config-json", str(cfg), "--sparsity", "0.5", "--fuse", "qkv", "gelu", *FAST, "--out", str(out)]
+    )
+    saved = _check_report(report, out)
+    assert saved["env"]["fusions"] == ["qkv", "gelu"] and saved["env"]["block"] == 0  # CPU default
+    assert saved["models"]["pruned 0.5"]["pruning"]["achieved_sparsity"] >= 0.5  # described before fusing
+    assert "fused qkv+gelu" in out.with_suffix(".md").read_text()
+    cfg.write_text(json.dumps(tiny_config("bert", attn_implementation=None, hidden_act="relu").to_dict()))
+    with pytest.raises(SystemExit):
+        run_cli(["--config-json", str(cfg), "--sparsity", "0.5", "--fuse", "gelu", *FAST])
+    assert "--fuse gelu: the 'gelu' fusion needs a GELU activation" in capsys.readouterr().err
 
 
 def test_cli_checkpoint(tmp_path, tiny_backbone_dir):
@@ -335,6 +375,8 @@ P = ["--preset", "minilm-l6", "--sparsity", "0.5"]
         ([*P, "--out", "x.md"], "give the JSON path"),
         (["--sparsity", "0.5"], "one of the arguments"),
         ([*P, "--backbone", "minilm-l6"], "not allowed with"),
+        ([*P, "--fuse", "rope"], "invalid choice: 'rope'"),
+        ([*P, "--block", "-1"], "--block must be >= 0"),
     ],
 )
 def test_cli_errors(argv, needle, capsys, no_cuda, monkeypatch):

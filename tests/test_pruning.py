@@ -364,7 +364,7 @@ def test_select_blocks_within_budget_and_maximal(seed):
     assert kept == count(order[:k])
 
 
-@pytest.mark.parametrize("multiple_of", [4, 8])
+@pytest.mark.parametrize("multiple_of", [4, 8, 16, 32])
 @pytest.mark.parametrize("seed", range(5))
 def test_select_blocks_multiple_of(seed, multiple_of):
     g = torch.Generator().manual_seed(100 + seed)
@@ -382,13 +382,15 @@ def test_select_blocks_multiple_of(seed, multiple_of):
     heads, neurons, hidden = keep.counts()
     assert hidden % multiple_of == 0 and hidden > 0
     assert all(n % multiple_of == 0 for n in neurons), neurons
+    head_group = max(1, multiple_of // 8)  # attention widths (heads x d_h = 8) aligned too
+    assert all(h % head_group == 0 for h in heads), heads
     kept = kept_param_count(keep, 8)
     assert kept <= budget
-    # maximal: no pruned head and no aligned group of pruned neurons would still fit
-    free_heads = sum(int(m.numel()) - int(m.sum()) for m in keep.heads)
+    # maximal: no aligned group of pruned heads or pruned neurons would still fit
+    free_heads = [(int(m.numel()) - int(m.sum())) // head_group for m in keep.heads]
     free_groups = [(int(m.numel()) - int(m.sum())) // multiple_of for m in keep.neurons]
-    if free_heads:
-        assert kept + 4 * 8 * hidden > budget
+    if any(free_heads):
+        assert kept + head_group * 4 * 8 * hidden > budget
     if any(free_groups):
         assert kept + 2 * multiple_of * hidden > budget
     for masks, layer_scores in ((keep.heads, scores.heads), (keep.neurons, scores.neurons)):

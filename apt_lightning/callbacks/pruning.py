@@ -43,7 +43,8 @@ class AdaptivePruning(Callback):
         decay_steps / decay_alpha: after each event's search, masks move by `decay_alpha` per step for
             `decay_steps` steps towards their new 0/1 values, then are set hard.
         scorer: a `Scorer` or a registered name (salience, random, uniform, magnitude).
-        multiple_of: round kept hidden size and per-layer FFN widths to a multiple (hardware alignment).
+        multiple_of: round kept hidden size and per-layer FFN and attention widths to a multiple (hardware
+            alignment; attention widths move in whole heads, so x128 with d_h 64 keeps heads in pairs).
         compact_at: when pruned blocks are removed physically: "event" compacts the blocks masked by one
             event at the start of the next (before listeners such as the teacher snapshot act) and after
             the last event's window; "end" only after the last window; "never" keeps masks only. Compacting

@@ -3,6 +3,8 @@ prefix whose APT parameter count fits the budget, optionally with hardware-frien
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from apt_lightning.pruning.blocks import BlockTensors, block_costs
@@ -53,11 +55,11 @@ def select_blocks(
 ) -> BlockTensors:
     """0/1 keep decisions whose APT count is at most `budget` and maximal: the next block in density
     order would exceed it. With `multiple_of` > 1 the hidden size is rounded to the nearest multiple
-    and each layer's neuron count down to one (head widths are multiples of d_h already); the search
-    then refills the budget around the fixed hidden size, so the count still never exceeds `budget`,
-    and spends what rounding down freed on whole aligned groups (`_refill`). So without alignment the
-    result is a strict density prefix; with it, a prefix plus a greedy fill that may skip a unit that no
-    longer fits for a cheaper, less dense one."""
+    and each layer's neuron count and attention width (heads x d_h) down to one (`_head_group`); the
+    search then refills the budget around the fixed hidden size, so the count still never exceeds
+    `budget`, and spends what rounding down freed on whole aligned groups (`_refill`). So without
+    alignment the result is a strict density prefix; with it, a prefix plus a greedy fill that may skip a
+    unit that no longer fits for a cheaper, less dense one."""
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
     density, kinds, layers, pos = _flatten(shapes, scores)
@@ -79,28 +81,37 @@ def _aligned(shapes, density, kinds, layers, pos, order, chosen, budget, multipl
     width = torch.cumsum((kinds[rest] == _HEAD) * 4.0 * shapes.head_dim + (kinds[rest] == _NEURON) * 2.0, 0)
     k = int(torch.searchsorted(width.double(), torch.tensor(a_budget, dtype=torch.float64), right=True))
     keep = _to_blocks(shapes, kinds, layers, pos, torch.cat([hidden_order, rest[:k]]))
-    offset = sum(shapes.heads)
-    for mask in keep.neurons:
-        layer_density = density[offset : offset + mask.numel()]
-        offset += mask.numel()
-        excess = int(mask.sum()) % multiple_of
-        if excess:
-            kept = torch.nonzero(mask).flatten()
-            mask[kept[torch.argsort(layer_density[kept], stable=True)[:excess]]] = 0.0
-    _refill(keep, shapes, density, budget, multiple_of)
+    sizes = (_head_group(shapes.head_dim, multiple_of), multiple_of)
+    offset = 0
+    for masks, size in zip((keep.heads, keep.neurons), sizes, strict=True):
+        for mask in masks:
+            layer_density = density[offset : offset + mask.numel()]
+            offset += mask.numel()
+            excess = int(mask.sum()) % size
+            if excess:
+                kept = torch.nonzero(mask).flatten()
+                mask[kept[torch.argsort(layer_density[kept], stable=True)[:excess]]] = 0.0
+    _refill(keep, shapes, density, budget, sizes)
     return keep
 
 
-def _refill(keep: BlockTensors, shapes: ModelShapes, density, budget: int, multiple_of: int) -> None:
-    """Add aligned units to `keep` in place, densest first, while the count stays within `budget`: a pruned
-    head, or the `multiple_of` densest pruned neurons of a layer (then its next group). Without this, rounding
-    each layer's FFN down leaves up to (multiple_of - 1) neurons per layer of the budget unspent."""
+def _head_group(head_dim: int, multiple_of: int) -> int:
+    """Fewest heads whose width is a multiple of `multiple_of`: 1 while d_h is one (x8, x64 with d_h 64),
+    2 for x128 with d_h 64, so that every matrix dimension of an aligned prune is a multiple (on its own
+    a small effect on an H200: docs/bench.md)."""
+    return multiple_of // math.gcd(multiple_of, head_dim)
+
+
+def _refill(keep: BlockTensors, shapes: ModelShapes, density, budget: int, sizes: tuple[int, int]) -> None:
+    """Add aligned units to `keep` in place, densest first, while the count stays within `budget`: the
+    `sizes[0]` densest pruned heads of a layer, or its `sizes[1]` densest pruned neurons (then the next
+    group). Without this, rounding each layer down leaves up to one group per layer of the budget unspent."""
     hidden = int(keep.hidden.sum())
     left = budget - kept_param_count(keep, shapes.head_dim)
-    head_cost, group_cost = 4 * shapes.head_dim * hidden, 2 * multiple_of * hidden
+    unit_cost = (4 * shapes.head_dim * hidden, 2 * hidden)
     units: list[tuple[float, int, list, list[int]]] = []  # density, cost, mask list, indices
     offset = 0
-    for masks, cost, size in ((keep.heads, head_cost, 1), (keep.neurons, group_cost, multiple_of)):
+    for masks, cost, size in zip((keep.heads, keep.neurons), unit_cost, sizes, strict=True):
         for mask in masks:
             layer_density = density[offset : offset + mask.numel()]
             offset += mask.numel()
@@ -108,7 +119,7 @@ def _refill(keep: BlockTensors, shapes: ModelShapes, density, budget: int, multi
             free = free[torch.argsort(layer_density[free], descending=True, stable=True)]
             for g in range(len(free) // size):
                 group = free[g * size : (g + 1) * size]
-                units.append((float(layer_density[group].mean()), cost, mask, group.tolist()))
+                units.append((float(layer_density[group].mean()), cost * size, mask, group.tolist()))
     for _, cost, mask, group in sorted(units, key=lambda u: -u[0]):
         if cost <= left:
             mask[group] = 1.0
