@@ -370,7 +370,8 @@ class Runner:
 
     @torch.inference_mode()
     def timed_block(self, k: int) -> None:
-        """`k` passes back to back timed as one span (sustained throughput); records the span / k."""
+        """`k` passes back to back timed as one span (sustained throughput); records the span / k. `result`
+        also needs single passes (`timed`): latency and memory come from those."""
         if k < 1:
             raise ValueError(f"a block needs k >= 1 passes, got {k}")
         if self.torch_compile and not self.warmup and not self.times and not self.block_times:

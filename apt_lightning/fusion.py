@@ -1,20 +1,24 @@
 """Inference-time fusions for BERT-like encoders (BERT, RoBERTa, MiniLM): fewer, larger kernels per layer.
 
-- `qkv`: one matrix product for the query, key and value projections instead of three (exact: the same
-  weights, concatenated). A pruned layer's three products are narrow (heads x d_h columns each) and use the
-  GPU poorly; the fused one is three times wider.
+- `qkv`: one matrix product for the query, key and value projections instead of three (the same function:
+  the weights concatenated; results agree up to floating-point rounding, as another matrix-product kernel
+  may run). A pruned layer's three products are narrow (heads x d_h columns each) and use the GPU poorly;
+  the fused one is three times wider.
 - `gelu`: the FFN's first projection and its GELU in one cuBLASLt call (bias + GELU epilogue), so the wide
   FFN activation is written once instead of written, read and written again. On CUDA the epilogue computes
   the tanh approximation of GELU: for models trained with exact GELU ("gelu") each activation differs by at
-  most 5e-4, below bf16's resolution for values above 0.13. On CPU the model's own activation runs.
+  most 5e-4, below bf16's resolution for values above 0.13. On CPU, or where gradients are needed (the
+  epilogue has no backward), the model's own activation runs.
 
-Apply to a merged, compacted model (after `apt-export` / `compact_for_inference`): pruning needs the
-original module layout, so fuse last. `apt-bench --fuse` fuses the dense reference and the pruned models
-alike.
+Fusion is for serving. Apply it to a merged, compacted model (after `apt-export` / `compact_for_inference`):
+pruning needs the original module layout, so fuse last; and save the unfused model (the fused one's state
+dict has `qkv` keys that `from_pretrained` does not know). `apt-bench --fuse` fuses the dense reference and
+the pruned models alike.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterable
 
@@ -28,16 +32,18 @@ _GELUS = ("gelu", "gelu_new", "gelu_pytorch_tanh")
 
 class FusedSelfAttention(nn.Module):
     """BERT-style self-attention whose Q/K/V projections are one `nn.Linear` (outputs stacked q, k, v);
-    attention runs through the model's configured implementation, like the module it replaces."""
+    attention runs through the model's configured implementation, like the module it replaces. Built
+    through `fused_attention(attn)`, whose class also subclasses the replaced one: transformers records
+    `output_attentions` from modules of that class."""
 
     def __init__(self, attn: nn.Module) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not the replaced class's __init__: it would build q, k and v again
         q, k, v = attn.query, attn.key, attn.value
-        self.config = attn.config
-        self.attention_head_size = attn.attention_head_size
-        self.scaling = attn.scaling
-        self.is_causal = attn.is_causal
-        self.dropout = attn.dropout
+        for name in ("config", "attention_head_size", "scaling", "is_causal", "dropout"):
+            setattr(self, name, getattr(attn, name))
+        for name in ("num_attention_heads", "all_head_size", "layer_idx", "is_decoder"):
+            if hasattr(attn, name):
+                setattr(self, name, getattr(attn, name))
         self._eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
         self.qkv = nn.Linear(q.in_features, 3 * q.out_features, device=q.weight.device, dtype=q.weight.dtype)
         with torch.no_grad():
@@ -80,7 +86,38 @@ class FusedSelfAttention(nn.Module):
         return out.reshape(b, t, -1).contiguous(), weights
 
 
-@torch.library.custom_op("apt_lightning::linear_gelu", mutates_args=())
+@functools.cache
+def _fused_class(cls: type[nn.Module]) -> type[FusedSelfAttention]:
+    return type(f"Fused{cls.__name__}", (FusedSelfAttention, cls), {"__module__": __name__})
+
+
+def fused_attention(attn: nn.Module) -> FusedSelfAttention:
+    """`attn` (a BERT-style self-attention) with its Q/K/V projections fused; see `FusedSelfAttention`."""
+    return _take_over_hooks(attn, _fused_class(type(attn))(attn))
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _take_over_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Give `new` the forward hooks of the module it replaces: transformers installs its output-recording
+    hooks (`output_attentions`) once per model, at the first forward, so a module swapped in later would
+    otherwise be skipped; users' own hooks carry over too."""
+    for name in _HOOK_DICTS:
+        getattr(new, name).update(getattr(old, name))
+    return new
+
+
+# the schema spelled out: older torch cannot read it from postponed (string) annotations
+@torch.library.custom_op(
+    "apt_lightning::linear_gelu", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor bias) -> Tensor"
+)
 def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """bias + x @ weight.T, then GELU, in one cuBLASLt call. Registered as an op so that TorchInductor keeps
     the call whole instead of splitting it back into a matrix product and a pointwise kernel."""
@@ -94,7 +131,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor
 
 class LinearGelu(nn.Module):
     """A BERT-style FFN input block (`dense` then GELU) with the GELU in the matrix product's epilogue on
-    CUDA (tanh approximation, module docstring); elsewhere the model's own activation."""
+    CUDA without gradients (tanh approximation, module docstring); otherwise the model's own activation."""
 
     def __init__(self, intermediate: nn.Module) -> None:
         super().__init__()
@@ -103,7 +140,8 @@ class LinearGelu(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         w, b = self.dense.weight, self.dense.bias
-        if not hidden_states.is_cuda:
+        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or w.requires_grad)
+        if not hidden_states.is_cuda or needs_grad:
             return self.act(F.linear(hidden_states, w, b))
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         return _linear_gelu(flat, w, b).view(*hidden_states.shape[:-1], w.shape[0])
@@ -138,7 +176,7 @@ def fuse_for_inference(model: nn.Module, fusions: Iterable[str] = FUSIONS) -> di
         if "qkv" in fusions and all(
             isinstance(getattr(attn, n, None), nn.Linear) for n in ("query", "key", "value")
         ):
-            layer.attention.self = FusedSelfAttention(attn)
+            layer.attention.self = fused_attention(attn)
             done["qkv"] += 1
         inter = layer.intermediate
         if (

@@ -37,6 +37,33 @@ def test_fused_model_computes_what_the_original_does(family, attn, pruned):
     torch.testing.assert_close(_logits(fused, batch), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("ran_before_fusing", [True, False])
+def test_fused_attention_still_reports_attentions(ran_before_fusing):
+    """transformers records `output_attentions` through hooks on modules of the replaced class, installed at
+    the model's first forward: the fused module is of that class and takes over hooks already installed."""
+    model = tiny_model("roberta")
+    batch = tiny_batch()
+    with torch.no_grad():
+        expected = copy.deepcopy(model)(**batch, output_attentions=True).attentions
+        if ran_before_fusing:
+            model(**batch, output_attentions=True)
+    fuse_for_inference(model, ["qkv"])
+    with torch.no_grad():
+        got = model(**batch, output_attentions=True).attentions
+    assert len(got) == len(expected) == 3
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_model_trains():
+    """Gradients reach the fused projection (the GELU epilogue, which has none, is skipped under autograd)."""
+    model = tiny_model("bert")
+    fuse_for_inference(model)
+    model.train()
+    model(**tiny_batch(), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+    assert model.bert.encoder.layer[0].attention.self.qkv.weight.grad.abs().sum() > 0
+
+
 def test_fusing_twice_changes_nothing():
     model = tiny_model("bert")
     assert fuse_for_inference(model) == {"qkv": 3, "gelu": 3}
@@ -85,7 +112,7 @@ def test_relu_models_still_fuse_qkv():
 
 
 def test_linear_gelu_op_registration():
-    """The custom op's fake kernel, schema and autograd registration agree with its real kernel."""
+    """The custom op's schema and fake kernel agree with its real kernel (exact GELU on a CPU)."""
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(6, 5, generator=g), torch.randn(7, 5, generator=g), torch.randn(7, generator=g)
     torch.library.opcheck(_linear_gelu, (x, w, b), test_utils=("test_schema", "test_faketensor"))
@@ -103,3 +130,5 @@ def test_fused_model_on_cuda_matches_within_the_gelu_approximation(compiled):
     fuse_for_inference(model)
     forward = torch.compile(model, dynamic=False) if compiled else model
     torch.testing.assert_close(_logits(forward, batch), expected, atol=5e-3, rtol=5e-3)
+    if not compiled:  # under autograd the epilogue is skipped: exact GELU again, and gradients flow
+        torch.testing.assert_close(forward(**batch).logits, expected, atol=1e-5, rtol=1e-5)

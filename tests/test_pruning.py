@@ -399,6 +399,17 @@ def test_select_blocks_multiple_of(seed, multiple_of):
                 assert score[mask == 1].min() > score[mask == 0].max()
 
 
+@pytest.mark.parametrize("head_dim, multiple_of", [(26, 64), (64, 512)])
+def test_select_blocks_leaves_heads_unaligned_when_groups_cannot_fit(head_dim, multiple_of):
+    """TinyBERT-like d_h 26 at x64 would need groups of 32 heads, x512 with d_h 64 groups of 8; neither
+    divides 12 heads, so heads stay unaligned (with a warning) instead of being dropped at sparsity 0."""
+    shapes = ModelShapes([12, 12], [1024, 1024], 1024, head_dim)
+    full = apt_param_count(shapes.heads, shapes.neurons, shapes.hidden, head_dim)
+    with pytest.warns(UserWarning, match="attention widths are left unaligned"):
+        keep = select_blocks(BlockTensors.full(shapes), shapes, full, multiple_of=multiple_of)
+    assert keep.counts()[0] == [12, 12]
+
+
 def test_select_blocks_rejects_bad_multiple():
     shapes = ModelShapes([2], [4], 8, 4)
     with pytest.raises(ValueError, match="multiple_of"):

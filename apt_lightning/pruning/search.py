@@ -4,6 +4,7 @@ prefix whose APT parameter count fits the budget, optionally with hardware-frien
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -81,7 +82,7 @@ def _aligned(shapes, density, kinds, layers, pos, order, chosen, budget, multipl
     width = torch.cumsum((kinds[rest] == _HEAD) * 4.0 * shapes.head_dim + (kinds[rest] == _NEURON) * 2.0, 0)
     k = int(torch.searchsorted(width.double(), torch.tensor(a_budget, dtype=torch.float64), right=True))
     keep = _to_blocks(shapes, kinds, layers, pos, torch.cat([hidden_order, rest[:k]]))
-    sizes = (_head_group(shapes.head_dim, multiple_of), multiple_of)
+    sizes = (_head_group(shapes, multiple_of), multiple_of)
     offset = 0
     for masks, size in zip((keep.heads, keep.neurons), sizes, strict=True):
         for mask in masks:
@@ -95,11 +96,21 @@ def _aligned(shapes, density, kinds, layers, pos, order, chosen, budget, multipl
     return keep
 
 
-def _head_group(head_dim: int, multiple_of: int) -> int:
+def _head_group(shapes: ModelShapes, multiple_of: int) -> int:
     """Fewest heads whose width is a multiple of `multiple_of`: 1 while d_h is one (x8, x64 with d_h 64),
     2 for x128 with d_h 64, so that every matrix dimension of an aligned prune is a multiple (on its own
-    a small effect on an H200: docs/bench.md)."""
-    return multiple_of // math.gcd(multiple_of, head_dim)
+    a small effect on an H200: docs/bench.md). 1 (heads unaligned, with a warning) where that group does
+    not divide every layer's full head count: otherwise a layer could never keep all of its heads."""
+    group = multiple_of // math.gcd(multiple_of, shapes.head_dim)
+    if group > 1 and any(n % group for n in shapes.full_heads):
+        warnings.warn(
+            f"multiple_of {multiple_of} would keep heads (d_h {shapes.head_dim}) in groups of {group}, which "
+            f"do not divide the layers' head counts {sorted(set(shapes.full_heads))}; attention widths are "
+            "left unaligned",
+            stacklevel=3,
+        )
+        return 1
+    return group
 
 
 def _refill(keep: BlockTensors, shapes: ModelShapes, density, budget: int, sizes: tuple[int, int]) -> None:
