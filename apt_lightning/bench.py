@@ -329,15 +329,19 @@ class Runner:
         self.activation_mb = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         self.graph = graph
 
+    def _prepare(self) -> None:
+        """Compile and capture outside the timed passes: one extra untimed pass if none ran yet."""
+        if self.torch_compile and not (self.warmup or self.times or self.block_times):
+            self.warm(1)
+        if self.cuda_graphs and self.graph is None:
+            self._capture()
+
     @torch.inference_mode()
     def timed(self, n: int = 1) -> None:
         dev = self.device
         gc.collect(1)  # recent garbage only: a full collection costs ~0.2 s with transformers loaded
-        if self.torch_compile and not self.warmup and not self.times:
-            self.warm(1)  # compile outside the timed passes (captures too, under graphs)
+        self._prepare()
         if self.cuda:
-            if self.cuda_graphs and self.graph is None:
-                self._capture()
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
@@ -374,11 +378,8 @@ class Runner:
         also needs single passes (`timed`): latency and memory come from those."""
         if k < 1:
             raise ValueError(f"a block needs k >= 1 passes, got {k}")
-        if self.torch_compile and not self.warmup and not self.times and not self.block_times:
-            self.warm(1)
+        self._prepare()
         if self.cuda:
-            if self.cuda_graphs and self.graph is None:
-                self._capture()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(self.device)
             start.record()
@@ -549,9 +550,10 @@ def measure_all(
                     for runner in runners.values():
                         runner.timed(1)
                         bar.update()
-                    for runner in runners.values() if block else ():
-                        runner.timed_block(block)
-                        bar.update(block)
+                    if block:
+                        for runner in runners.values():
+                            runner.timed_block(block)
+                            bar.update(block)
             dense = next(iter(runners.values())).result()
             for name, runner in runners.items():
                 r = {"model": name, **runner.result()}

@@ -83,17 +83,23 @@ def _aligned(shapes, density, kinds, layers, pos, order, chosen, budget, multipl
     k = int(torch.searchsorted(width.double(), torch.tensor(a_budget, dtype=torch.float64), right=True))
     keep = _to_blocks(shapes, kinds, layers, pos, torch.cat([hidden_order, rest[:k]]))
     sizes = (_head_group(shapes, multiple_of), multiple_of)
-    offset = 0
-    for masks, size in zip((keep.heads, keep.neurons), sizes, strict=True):
-        for mask in masks:
-            layer_density = density[offset : offset + mask.numel()]
-            offset += mask.numel()
-            excess = int(mask.sum()) % size
-            if excess:
-                kept = torch.nonzero(mask).flatten()
-                mask[kept[torch.argsort(layer_density[kept], stable=True)[:excess]]] = 0.0
+    for _, mask, layer_density, size in _layer_masks(keep, density, sizes):
+        excess = int(mask.sum()) % size
+        if excess:
+            kept = torch.nonzero(mask).flatten()
+            mask[kept[torch.argsort(layer_density[kept], stable=True)[:excess]]] = 0.0
     _refill(keep, shapes, density, budget, sizes)
     return keep
+
+
+def _layer_masks(keep: BlockTensors, density: torch.Tensor, sizes: tuple[int, int]):
+    """(kind, mask, densities of its blocks, group size) for every layer's heads (kind 0), then every
+    layer's neurons (kind 1): the flat density vector holds heads first, then neurons (`_flatten`)."""
+    offset = 0
+    for kind, (masks, size) in enumerate(zip((keep.heads, keep.neurons), sizes, strict=True)):
+        for mask in masks:
+            yield kind, mask, density[offset : offset + mask.numel()], size
+            offset += mask.numel()
 
 
 def _head_group(shapes: ModelShapes, multiple_of: int) -> int:
@@ -120,17 +126,13 @@ def _refill(keep: BlockTensors, shapes: ModelShapes, density, budget: int, sizes
     hidden = int(keep.hidden.sum())
     left = budget - kept_param_count(keep, shapes.head_dim)
     unit_cost = (4 * shapes.head_dim * hidden, 2 * hidden)
-    units: list[tuple[float, int, list, list[int]]] = []  # density, cost, mask list, indices
-    offset = 0
-    for masks, cost, size in zip((keep.heads, keep.neurons), unit_cost, sizes, strict=True):
-        for mask in masks:
-            layer_density = density[offset : offset + mask.numel()]
-            offset += mask.numel()
-            free = torch.nonzero(mask == 0).flatten()
-            free = free[torch.argsort(layer_density[free], descending=True, stable=True)]
-            for g in range(len(free) // size):
-                group = free[g * size : (g + 1) * size]
-                units.append((float(layer_density[group].mean()), cost * size, mask, group.tolist()))
+    units: list[tuple[float, int, torch.Tensor, list[int]]] = []  # density, cost, mask, indices
+    for kind, mask, layer_density, size in _layer_masks(keep, density, sizes):
+        free = torch.nonzero(mask == 0).flatten()
+        free = free[torch.argsort(layer_density[free], descending=True, stable=True)]
+        for g in range(len(free) // size):
+            group = free[g * size : (g + 1) * size]
+            units.append((float(layer_density[group].mean()), unit_cost[kind] * size, mask, group.tolist()))
     for _, cost, mask, group in sorted(units, key=lambda u: -u[0]):
         if cost <= left:
             mask[group] = 1.0
