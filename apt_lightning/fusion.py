@@ -49,6 +49,7 @@ class FusedSelfAttention(nn.Module):
         with torch.no_grad():
             self.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
             self.qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        self.train(attn.training)  # a new module starts in training mode: attention dropout would run
 
     def forward(
         self,

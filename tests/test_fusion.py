@@ -20,7 +20,8 @@ def _logits(model, batch):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("pruned", [False, True])
 def test_fused_model_computes_what_the_original_does(family, attn, pruned):
-    model = tiny_model(family, seed=3)
+    # with attention dropout configured, as in real checkpoints: an eval model must not apply it
+    model = tiny_model(family, seed=3, attention_probs_dropout_prob=0.5)
     if pruned:  # per-layer head counts differ; at 0.6 the search may also drop a whole sublayer
         prune_to_sparsity(model, 0.6, "random")
     model.set_attn_implementation(attn)
@@ -56,10 +57,14 @@ def test_fused_attention_still_reports_attentions(ran_before_fusing):
 
 
 def test_fused_model_trains():
-    """Gradients reach the fused projection (the GELU epilogue, which has none, is skipped under autograd)."""
-    model = tiny_model("bert")
+    """Gradients reach the fused projection (the GELU epilogue, which has none, is skipped under autograd)
+    and `train()` / `eval()` switch the fused attention's dropout like the original's."""
+    model = tiny_model("bert", attention_probs_dropout_prob=0.5)
     fuse_for_inference(model)
+    attn = model.bert.encoder.layer[0].attention.self
+    assert not attn.training
     model.train()
+    assert attn.training
     model(**tiny_batch(), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
     assert model.bert.encoder.layer[0].attention.self.qkv.weight.grad.abs().sum() > 0
 
