@@ -138,6 +138,7 @@ class LinearGelu(nn.Module):
         super().__init__()
         self.dense = intermediate.dense
         self.act = intermediate.intermediate_act_fn
+        self.train(intermediate.training)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         w, b = self.dense.weight, self.dense.bias

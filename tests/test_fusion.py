@@ -61,10 +61,10 @@ def test_fused_model_trains():
     and `train()` / `eval()` switch the fused attention's dropout like the original's."""
     model = tiny_model("bert", attention_probs_dropout_prob=0.5)
     fuse_for_inference(model)
-    attn = model.bert.encoder.layer[0].attention.self
-    assert not attn.training
+    layer = model.bert.encoder.layer[0]
+    assert not layer.attention.self.training and not layer.intermediate.training  # like the model
     model.train()
-    assert attn.training
+    assert layer.attention.self.training
     model(**tiny_batch(), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
     assert model.bert.encoder.layer[0].attention.self.qkv.weight.grad.abs().sum() > 0
 
