@@ -54,6 +54,12 @@ def tiny_batch(seed: int = 0, batch: int = 4, length: int = 10, vocab: int = 100
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def logits(model, batch):
+    """The model's logits on `batch`, without autograd."""
+    with torch.no_grad():
+        return model(**batch).logits
+
+
 @pytest.fixture(params=["bert", "roberta"])
 def family(request):
     return request.param

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_model
+from conftest import logits, tiny_batch, tiny_model
 from torch import nn
 
 from apt_lightning.adapters import AdapterConfig, APTLinear, adapter_modules, inject_adapters, merge_adapters
@@ -23,11 +23,6 @@ def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.2) -> Non
     with torch.no_grad():
         for m in adapter_modules(model).values():
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 # ---------------------------------------------------------------- the layer

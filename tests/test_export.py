@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_batch, tiny_model
+from conftest import REPO, logits, tiny_batch, tiny_model
 from safetensors.torch import load_file
 from torch import nn
 
@@ -29,11 +29,6 @@ def pick(n_total: int, n_keep: int, g: torch.Generator) -> torch.Tensor:
     m = torch.zeros(n_total)
     m[torch.randperm(n_total, generator=g)[:n_keep]] = 1.0
     return m
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def pruned_adapted_model(seed=0, heads=(3, 2, 3), neurons=(24, 30, 0), hidden=24, **overrides):

@@ -4,17 +4,12 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_model
+from conftest import logits, tiny_batch, tiny_model
 
 from apt_lightning.bench import prune_to_sparsity
 from apt_lightning.fusion import FusedSelfAttention, LinearGelu, _linear_gelu, fuse_for_inference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -26,7 +21,7 @@ def test_fused_model_computes_what_the_original_does(family, attn, pruned):
         prune_to_sparsity(model, 0.6, "random")
     model.set_attn_implementation(attn)
     batch = tiny_batch()  # row 0 is padded: the fused attention must honour the mask
-    expected = _logits(model, batch)
+    expected = logits(model, batch)
     fused = copy.deepcopy(model)
     counts = fuse_for_inference(fused)
     layers = fused.base_model.encoder.layer
@@ -35,7 +30,7 @@ def test_fused_model_computes_what_the_original_does(family, attn, pruned):
     )
     assert counts["gelu"] == sum(isinstance(x.intermediate, LinearGelu) for x in layers)
     assert counts["qkv"] > 0 and counts["gelu"] > 0
-    torch.testing.assert_close(_logits(fused, batch), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(fused, batch), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("ran_before_fusing", [True, False])
@@ -72,9 +67,9 @@ def test_fused_model_trains():
 def test_fusing_twice_changes_nothing():
     model = tiny_model("bert")
     assert fuse_for_inference(model) == {"qkv": 3, "gelu": 3}
-    before = _logits(model, tiny_batch())
+    before = logits(model, tiny_batch())
     assert fuse_for_inference(model) == {"qkv": 0, "gelu": 0}
-    torch.testing.assert_close(_logits(model, tiny_batch()), before)
+    torch.testing.assert_close(logits(model, tiny_batch()), before)
 
 
 def test_one_fusion_at_a_time():
@@ -111,9 +106,9 @@ def test_fuse_errors(make, fusions, match):
 
 def test_relu_models_still_fuse_qkv():
     model = tiny_model("bert", hidden_act="relu")
-    expected = _logits(model, tiny_batch())
+    expected = logits(model, tiny_batch())
     assert fuse_for_inference(model, ["qkv"]) == {"qkv": 3}
-    torch.testing.assert_close(_logits(model, tiny_batch()), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, tiny_batch()), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_linear_gelu_op_registration():
@@ -131,9 +126,9 @@ def test_fused_model_on_cuda_matches_within_the_gelu_approximation(compiled):
     model = tiny_model("roberta", seed=1).cuda()
     model.set_attn_implementation("sdpa")
     batch = {k: v.cuda() for k, v in tiny_batch().items()}
-    expected = _logits(model, batch)
+    expected = logits(model, batch)
     fuse_for_inference(model)
     forward = torch.compile(model, dynamic=False) if compiled else model
-    torch.testing.assert_close(_logits(forward, batch), expected, atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(logits(forward, batch), expected, atol=5e-3, rtol=5e-3)
     if not compiled:  # under autograd the epilogue is skipped: exact GELU again, and gradients flow
         torch.testing.assert_close(forward(**batch).logits, expected, atol=1e-5, rtol=1e-5)
