@@ -240,7 +240,8 @@ class Runner:
     working memory over them), `result` summarises. Separate calls let several models take turns
     (`measure_all`), so on a shared machine each sees the same background load. `cuda_graphs`: time
     replays of one forward captured at the first pass (module docstring). Moves and casts `model` in place
-    and, with `cuda_graphs`, switches it to unpadded attention (`unpadded_attention`)."""
+    and, with `cuda_graphs`, switches it to unpadded attention (`unpadded_attention`). `compile_mode`: the
+    `torch.compile` mode with `torch_compile` (None: the default mode)."""
 
     def __init__(
         self,
@@ -252,6 +253,7 @@ class Runner:
         seed: int = 0,
         cuda_graphs: bool = False,
         torch_compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
@@ -279,7 +281,7 @@ class Runner:
         if torch_compile:
             _allow_recompiles()
         # static shapes: one input shape per runner, so dynamic-shape kernels would only cost speed
-        self.forward = torch.compile(model, dynamic=False) if torch_compile else model
+        self.forward = torch.compile(model, dynamic=False, mode=compile_mode) if torch_compile else model
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_output: Any = None
         self.host_times: list[float] = []

@@ -56,9 +56,7 @@ def _runner(model, fusions=(), mode: str | None = None) -> Runner:
     model = copy.deepcopy(model)
     if fusions:
         fuse_for_inference(model, fusions)
-    runner = Runner(model, 128, 128, "bf16", "cuda", cuda_graphs=True, torch_compile=True)
-    runner.forward = torch.compile(model, dynamic=False, mode=mode)  # Runner compiles in default mode
-    return runner
+    return Runner(model, 128, 128, "bf16", "cuda", cuda_graphs=True, torch_compile=True, compile_mode=mode)
 
 
 def _time(runners: list[Runner], rounds: int = 4, block: int = 10) -> list[float]:

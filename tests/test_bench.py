@@ -172,6 +172,13 @@ def test_compiled_forward_matches_eager_and_compiles_outside_the_timed_passes():
         torch.testing.assert_close(runner.forward(**runner.inputs).logits, model(**runner.inputs).logits)
 
 
+def test_runner_passes_the_compile_mode(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
+    bench.Runner(tiny_model("bert"), 2, 8, torch_compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert seen == {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}
+
+
 def test_compiled_runners_never_fall_back_to_eager(monkeypatch):
     """Dynamo recompiles the same forward for every model and input shape; past its default limit (8) it
     would run eager while the report says compiled. With the limit set to 2, four runners must each compile
