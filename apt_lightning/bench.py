@@ -10,13 +10,16 @@ with a full attention mask, run under `torch.inference_mode`.
 How it measures (APT_METHOD.md section 9):
 - time: after `warmup` untimed passes per model, each of `repeats` passes is timed on its own, with CUDA
   events on a GPU and `time.perf_counter` on a CPU, the device idle before it; latency is the median.
-  Throughput (samples/s) is batch / median time per pass of blocks of `--block` passes run back to back
-  (one span per block, the device never waiting for the host: what a server sustains), or, with
-  `--block 0` (the CPU default), of the single passes. On an H200 the two differ by a few percent per
-  model (docs/bench.md), so the speedups from each are reported side by side.
-  By default the models take turns (`--order interleaved`: one single pass, then one block, per model and
-  round), so background load and clock drift hit dense and pruned alike and the speedups stay fair;
-  `sequential` runs each model's passes back to back (on CUDA without a synchronisation between them).
+  Throughput (samples/s) is batch / median time per pass of blocks of passes run back to back (one span
+  per block, the device never waiting for the host: what a server sustains): `--block N` passes, or
+  `--block-seconds S` (the CUDA default, 0.25 s: sized per model from its single-pass time), or, with
+  `--block 0` (the CPU default), of the single passes. Blocks must last long enough for a GPU's clocks to
+  settle: at its power limit an H200 runs a dense bf16 encoder at lower clocks than its pruned form, and
+  short blocks inherit the clocks the previous model left (docs/bench.md). On CUDA the SM clock and power
+  are sampled throughout (`telemetry.ClockSampler`, NVML) and their medians reported per model.
+  By default the models take turns (`--order interleaved`: one single pass per model, then one block per
+  model, each round), so background load and slow drift hit dense and pruned alike and the speedups stay
+  fair; `sequential` runs each model's passes back to back (on CUDA without a synchronisation between them).
 - CUDA graphs (`--cuda-graphs`): each model's forward is captured once, at its first pass, and every
   later pass replays it, so the time is the GPU's work alone, not Python's kernel-by-kernel dispatch (which
   bounds small or pruned models at moderate batch sizes: compare `host_ms`, the CPU time to issue one pass
@@ -47,6 +50,7 @@ import copy
 import ctypes
 import gc
 import json
+import math
 import platform
 import shlex
 import statistics
@@ -63,12 +67,15 @@ from apt_lightning.files import write_text_atomic
 from apt_lightning.fusion import FUSIONS, fuse_for_inference
 from apt_lightning.pruning import Scorer, build_scorer, kept_param_count, select_blocks
 from apt_lightning.structure import apt_param_count, get_structure
+from apt_lightning.telemetry import ClockSampler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 SCORERS = ("magnitude", "uniform", "random")  # data-free; salience needs training batches
-_CPU_DEFAULTS = (2, 5, 0)  # warmup, repeats, block
-_CUDA_DEFAULTS = (10, 30, 10)
+_CPU_DEFAULTS = (2, 5, 0, 0.0)  # warmup, repeats, block passes, block seconds
+# blocks of ~0.25 s: long enough for a GPU's clocks to settle at the level each model sustains (docs/bench.md)
+_CUDA_DEFAULTS = (10, 30, 0, 0.25)
+_MIN_BLOCK = 10
 
 
 # ---------------------------------------------------------------------- models
@@ -289,6 +296,8 @@ class Runner:
         self.times: list[float] = []
         self.block_times: list[float] = []  # seconds per pass, one entry per back-to-back block
         self.block_size = 0
+        # host-clock spans of the timed work, to match with clock samples (telemetry.ClockSampler.during)
+        self.windows: dict[str, list[tuple[float, float]]] = {"single": [], "blocks": []}
         self.warmup = 0
         self.activation_mb: float | None = None
         self.memory_kind = "cuda_max_memory_allocated" if self.cuda else "cpu_peak_rss"
@@ -350,6 +359,7 @@ class Runner:
             events = [
                 (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)
             ]
+            t_start = time.perf_counter()
             for start, end in events:
                 start.record()
                 t0 = time.perf_counter()
@@ -357,6 +367,7 @@ class Runner:
                 self.host_times.append(time.perf_counter() - t0)
                 end.record()
             torch.cuda.synchronize(dev)
+            self.windows["single"].append((t_start, time.perf_counter()))
             self.times += [start.elapsed_time(end) / 1e3 for start, end in events]
             # replays allocate nothing: the capture measured the working memory
             peak: float | None = None if self.graph else (torch.cuda.max_memory_allocated(dev) - base) / 2**20
@@ -384,11 +395,13 @@ class Runner:
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(self.device)
+            t_start = time.perf_counter()
             start.record()
             for _ in range(k):
                 self.run_once()
             end.record()
             torch.cuda.synchronize(self.device)
+            self.windows["blocks"].append((t_start, time.perf_counter()))
             span = start.elapsed_time(end) / 1e3
         else:
             t0 = time.perf_counter()
@@ -397,6 +410,12 @@ class Runner:
             span = time.perf_counter() - t0
         self.block_times.append(span / k)
         self.block_size = k
+
+    def passes_for(self, seconds: float) -> int:
+        """Passes that fill about `seconds` at the median single-pass time so far (at least 10)."""
+        if not self.times:
+            raise RuntimeError("no timed passes yet: time single passes before sizing a block")
+        return max(_MIN_BLOCK, math.ceil(seconds / statistics.median(self.times)))
 
     def result(self) -> dict[str, Any]:
         if not self.times:
@@ -487,6 +506,7 @@ def markdown_table(report: dict) -> str:
         f"apt-bench: {env['device_name']}, {env['dtype']}, seq {env['seq_len']}, "
         f"{env['warmup']} warm-up + {env['repeats']} timed passes"
         + (f" + {env['repeats']} blocks of {env['block']}" if env.get("block") else "")
+        + (f" + {env['repeats']} blocks of ~{env['block_seconds']:g} s" if env.get("block_seconds") else "")
         + f" ({env['order']}, median"
         + (", torch.compile" if env.get("torch_compile") else "")
         + (f", fused {'+'.join(env['fusions'])}" if env.get("fusions") else "")
@@ -504,7 +524,18 @@ def markdown_table(report: dict) -> str:
             f"{_fmt(r['latency_speedup_vs_dense'], '.2f')}x | {_fmt(r['peak_mb'], '.0f')} | "
             f"{_fmt(r['memory_vs_dense'], '.2f')} |"
         )
+    clocks = [_clock_note(r) for r in report["results"] if r.get("gpu_clocks")]
+    if clocks:
+        lines += ["", "Median SM clock / power (single passes; blocks): " + "; ".join(clocks)]
     return "\n".join(lines) + "\n"
+
+
+def _clock_note(r: dict) -> str:
+    def one(c: dict | None) -> str:
+        return "n/a" if c is None else f"{c['sm_clock_mhz']:.0f} MHz {c['power_w']:.0f} W"
+
+    c = r["gpu_clocks"]
+    return f"{r['model']} (batch {r['batch_size']}): {one(c['single'])}; {one(c['blocks'])}"
 
 
 def measure_all(
@@ -519,17 +550,30 @@ def measure_all(
     cuda_graphs: bool = False,
     torch_compile: bool = False,
     block: int = 0,
+    block_seconds: float = 0.0,
 ) -> list[dict]:
     """Benchmark every model (the first is the dense reference) at every batch size, with a progress bar.
     `interleave`: per batch size, every model runs one timed pass per round, for `repeats` rounds, so load
     from other processes hits all models alike; otherwise each model's passes run back to back. `block`
-    > 0: each round also times a block of that many back-to-back passes per model (throughput)."""
+    > 0: each round also times a block of that many back-to-back passes per model (throughput);
+    `block_seconds` > 0 instead: as many passes as fill that time (`Runner.passes_for`, sized once per
+    model at its first block)."""
     from tqdm.auto import tqdm
 
+    if block and block_seconds:
+        raise ValueError(f"give block ({block} passes) or block_seconds ({block_seconds}), not both")
     cuda = torch.device(device).type == "cuda"
     results: list[dict] = []
-    total = len(batch_sizes) * len(models) * repeats * (1 + block)
-    with tqdm(total=total, desc="apt-bench", unit="pass") as bar:
+    blocks = bool(block or block_seconds)
+    sizes: dict[Runner, int] = {}
+
+    def time_block(runner: Runner) -> None:
+        if runner not in sizes:
+            sizes[runner] = block or runner.passes_for(block_seconds)
+        runner.timed_block(sizes[runner])
+
+    total = len(batch_sizes) * len(models) * repeats  # turns: a model's single pass and its block
+    with tqdm(total=total, desc="apt-bench", unit="turn") as bar, ClockSampler(device) as clocks:
         for bs in batch_sizes:
             runners: dict[str, Runner] = {}
             for name, model in models.items():
@@ -540,9 +584,9 @@ def measure_all(
                 runner.warm(warmup)
                 if not interleave:
                     runner.timed(repeats)
-                    for _ in range(repeats if block else 0):
-                        runner.timed_block(block)
-                    bar.update(repeats * (1 + block))
+                    for _ in range(repeats if blocks else 0):
+                        time_block(runner)
+                    bar.update(repeats)
                     if cuda:
                         model.to("cpu")  # free the device for the next model
                         runner.release()  # and its graph's memory pool
@@ -551,17 +595,18 @@ def measure_all(
                 for _ in range(repeats):
                     for runner in runners.values():
                         runner.timed(1)
+                    for runner in runners.values():
+                        if blocks:
+                            time_block(runner)
                         bar.update()
-                    if block:
-                        for runner in runners.values():
-                            runner.timed_block(block)
-                            bar.update(block)
             dense = next(iter(runners.values())).result()
             for name, runner in runners.items():
                 r = {"model": name, **runner.result()}
                 r["speedup_vs_dense"] = _ratio(r["samples_per_s"], dense["samples_per_s"])
                 r["latency_speedup_vs_dense"] = _ratio(dense["latency_ms"], r["latency_ms"])
                 r["memory_vs_dense"] = _ratio(r["peak_mb"], dense["peak_mb"])
+                if clocks.available:  # medians while the single passes and the blocks ran
+                    r["gpu_clocks"] = {kind: clocks.during(w) for kind, w in runner.windows.items()}
                 results.append(r)
             if cuda:
                 for model in models.values():
@@ -612,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--random-weights", action="store_true", help="--backbone: its architecture with random weights"
     )
+    prune.add_argument(
+        "--seed", type=int, default=0, help="seed of the random weights (the search's choices depend on them)"
+    )
     m = p.add_argument_group("measurement")
     m.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[128])
     m.add_argument("--seq-len", type=_positive_int, default=128)
@@ -629,12 +677,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"timed passes (default {_CPU_DEFAULTS[1]} on CPU, {_CUDA_DEFAULTS[1]} on CUDA)",
     )
-    m.add_argument(
+    sized = m.add_mutually_exclusive_group()
+    sized.add_argument(
         "--block",
         type=int,
         default=None,
         help="passes per back-to-back block timed for throughput, one block per model and round; 0: "
-        f"throughput from the single passes (default {_CPU_DEFAULTS[2]} on CPU, {_CUDA_DEFAULTS[2]} on CUDA)",
+        "throughput from the single passes (the CPU default)",
+    )
+    sized.add_argument(
+        "--block-seconds",
+        type=float,
+        default=None,
+        help="size each model's blocks to about this many seconds instead (the CUDA default: "
+        f"{_CUDA_DEFAULTS[3]}, so the clocks settle at each model's own level; at least {_MIN_BLOCK} passes)",
     )
     m.add_argument(
         "--order",
@@ -698,6 +754,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.block is not None and args.block < 0:
         parser.error(f"--block must be >= 0 (0: no blocks), got {args.block}")
+    if args.block_seconds is not None and not args.block_seconds > 0:
+        parser.error(f"--block-seconds must be > 0, got {args.block_seconds}")
     has_cuda = torch.cuda.is_available()
     if args.device == "cuda" and not has_cuda:
         parser.error(
@@ -722,6 +780,7 @@ def _load_models(
     from apt_lightning.backbone import BackboneNotFoundError, resolve_backbone
 
     records: dict[str, dict] = {}
+    torch.manual_seed(args.seed)  # random weights (presets, --random-weights), hence the pruned structure
     if args.model_dir or args.checkpoint:
         if args.model_dir:
             from apt_lightning.export import load_pruned
@@ -781,10 +840,13 @@ def run_cli(argv: list[str] | None = None) -> dict:
 def _main(
     parser: argparse.ArgumentParser, args: argparse.Namespace, device: str, argv: list[str] | None
 ) -> dict:
-    warmup_d, repeats_d, block_d = _CUDA_DEFAULTS if device == "cuda" else _CPU_DEFAULTS
+    warmup_d, repeats_d, block_d, seconds_d = _CUDA_DEFAULTS if device == "cuda" else _CPU_DEFAULTS
     warmup = warmup_d if args.warmup is None else args.warmup
     repeats = repeats_d if args.repeats is None else args.repeats
-    block = block_d if args.block is None else args.block
+    if args.block is None and args.block_seconds is None:
+        block, block_seconds = block_d, seconds_d
+    else:
+        block, block_seconds = args.block or 0, args.block_seconds or 0.0
     models, records = _load_models(parser, args)
     limit = min(max_seq_len(m.config) for m in models.values())
     if args.seq_len > limit:
@@ -808,6 +870,7 @@ def _main(
         cuda_graphs=args.cuda_graphs,
         torch_compile=args.compile,
         block=block,
+        block_seconds=block_seconds,
     )
     import transformers
 
@@ -827,6 +890,7 @@ def _main(
             "warmup": warmup,
             "repeats": repeats,
             "block": block,
+            "block_seconds": block_seconds,
             "order": args.order,
             "attn": args.attn,
             "cuda_graphs": args.cuda_graphs,
@@ -847,6 +911,7 @@ def _main(
                 "scorer",
                 "multiple_of",
                 "random_weights",
+                "seed",
             )
         },
         "models": infos,

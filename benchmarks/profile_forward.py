@@ -55,10 +55,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--compile", action="store_true", help="profile the torch.compile'd forwards as well")
     p.add_argument("--fuse", nargs="+", choices=FUSIONS, default=[], help="inference fusions, both models")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights, as in apt-bench")
     p.add_argument("--out", help="JSON file for the numbers")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
+    torch.manual_seed(args.seed)  # the same structure as `apt-bench --preset ... --seed` prunes to
     dense = model_from_config(preset_config(args.preset))
     pruned = copy.deepcopy(dense)
     pruning = prune_to_sparsity(pruned, args.sparsity, "magnitude", args.multiple_of)

@@ -119,6 +119,37 @@ def test_throughput_from_back_to_back_blocks():
         runner.timed_block(0)
 
 
+def test_blocks_sized_by_time_fill_about_that_time():
+    """`passes_for` sizes a block from the median single pass; measure_all sizes each model once."""
+    runner = bench.Runner(tiny_model("bert"), 2, 8)
+    with pytest.raises(RuntimeError, match="no timed passes yet"):
+        runner.passes_for(0.1)
+    runner.timed(3)
+    per_pass = sorted(runner.times)[1]
+    assert runner.passes_for(per_pass * 37.5) == 38
+    assert runner.passes_for(per_pass / 2) == bench._MIN_BLOCK  # never fewer than 10
+    models = {"dense": tiny_model("bert"), "small": tiny_model("bert", intermediate_size=8)}
+    results = bench.measure_all(models, [2], 8, "fp32", "cpu", warmup=1, repeats=3, block_seconds=0.02)
+    for r in results:
+        passes = int(r["throughput_from"].removeprefix("blocks of ").removesuffix(" passes"))
+        assert passes >= bench._MIN_BLOCK and len(r["block_ms_per_pass_all"]) == 3
+    with pytest.raises(ValueError, match="not both"):
+        bench.measure_all(models, [2], 8, "fp32", "cpu", warmup=0, repeats=1, block=2, block_seconds=0.1)
+
+
+def test_random_weights_follow_the_seed():
+    """Same --seed, same random weights, hence the same pruned structure; another seed, another structure."""
+
+    def structure(seed: int) -> dict:
+        argv = ["--preset", "minilm-l6", "--sparsity", "0.6", "--batch-sizes", "1", "--seq-len", "8"]
+        argv += ["--warmup", "0", "--repeats", "1", "--device", "cpu", "--seed", str(seed)]
+        rec = run_cli(argv)["models"]["pruned 0.6"]["pruning"]
+        return {k: rec[k] for k in ("heads_per_layer", "neurons_per_layer", "hidden")}
+
+    assert structure(3) == structure(3)
+    assert structure(3) != structure(4)
+
+
 def test_unpadded_attention_matches_the_models_own_on_unpadded_inputs(family):
     attn = "sdpa"
     model = tiny_model(family)
@@ -384,6 +415,8 @@ P = ["--preset", "minilm-l6", "--sparsity", "0.5"]
         ([*P, "--backbone", "minilm-l6"], "not allowed with"),
         ([*P, "--fuse", "rope"], "invalid choice: 'rope'"),
         ([*P, "--block", "-1"], "--block must be >= 0"),
+        ([*P, "--block-seconds", "0"], "--block-seconds must be > 0, got 0.0"),
+        ([*P, "--block", "5", "--block-seconds", "0.1"], "not allowed with"),
     ],
 )
 def test_cli_errors(argv, needle, capsys, no_cuda, monkeypatch):
