@@ -565,12 +565,9 @@ def measure_all(
     cuda = torch.device(device).type == "cuda"
     results: list[dict] = []
     blocks = bool(block or block_seconds)
-    sizes: dict[Runner, int] = {}
 
-    def time_block(runner: Runner) -> None:
-        if runner not in sizes:
-            sizes[runner] = block or runner.passes_for(block_seconds)
-        runner.timed_block(sizes[runner])
+    def time_block(runner: Runner) -> None:  # a time-sized block keeps the size of the model's first one
+        runner.timed_block(block or runner.block_size or runner.passes_for(block_seconds))
 
     total = len(batch_sizes) * len(models) * repeats  # turns: a model's single pass and its block
     with tqdm(total=total, desc="apt-bench", unit="turn") as bar, ClockSampler(device) as clocks:
