@@ -7,7 +7,7 @@ project's own block search (`--backbone`, `--preset`, `--config-json` with `--sp
 The dense reference is the same architecture, uncompacted. Inputs are random token ids of `--seq-len`
 with a full attention mask, run under `torch.inference_mode`.
 
-How it measures (APT_METHOD.md section 9):
+How it measures (docs/method.md section 9):
 - time: after `warmup` untimed passes per model, each of `repeats` passes is timed on its own, with CUDA
   events on a GPU and `time.perf_counter` on a CPU, the device idle before it; latency is the median.
   Throughput (samples/s) is batch / median time per pass of blocks of passes run back to back (one span

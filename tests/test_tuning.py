@@ -61,7 +61,7 @@ def test_growth_leaves_output_unchanged(backbone):
     new = ranks_of(model)
     grown = [n for n in new if new[n] > old[n]]
     assert grown and all(new[n] >= old[n] for n in new)
-    torch.testing.assert_close(logits(model, batch), before, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(model, batch), before)
     for name in grown:  # new A rows random, new B columns zero
         m = model.adapters()[name]
         assert float(m.lora_A[old[name] :].abs().sum()) > 0

@@ -13,7 +13,7 @@ from apt_lightning.adapters.linear import APTLinear
 class AdapterConfig:
     """Which Linears get adapters (matched by name suffix at a `.` boundary) and their initial shape.
 
-    Defaults follow APT for encoders: query, value and FFN-in, rank 8, alpha 16 (APT_METHOD.md section 2).
+    Defaults follow APT for encoders: query, value and FFN-in, rank 8, alpha 16 (docs/method.md section 2).
     """
 
     targets: list[str] = field(default_factory=lambda: ["query", "value", "intermediate.dense"])

@@ -1,5 +1,5 @@
 """`APTLinear`: a frozen Linear with a LoRA-style adapter whose rank can grow and whose rows/columns
-can be removed physically (APT_METHOD.md section 2)."""
+can be removed physically (docs/method.md section 2)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class APTLinear(nn.Linear):
 
     Subclasses `nn.Linear` so the state-dict keys `weight` / `bias` stay those of the wrapped layer and
     code that slices Linears handles adapters too. The scaling `s` is fixed at creation: rank growth
-    keeps it (APT_METHOD.md section 2), so growing never changes the output.
+    keeps it (docs/method.md section 2), so growing never changes the output.
     """
 
     def __init__(

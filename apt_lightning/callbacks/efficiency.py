@@ -1,4 +1,4 @@
-"""`EfficiencyMonitor`: the training-efficiency numbers of APT_METHOD.md section 9, for any LightningModule.
+"""`EfficiencyMonitor`: the training-efficiency numbers of docs/method.md section 9, for any LightningModule.
 
 Records, over one `fit`:
 - peak memory: `torch.cuda.max_memory_allocated` (reset at fit start) on a GPU; on a CPU the peak resident

@@ -1,4 +1,4 @@
-"""`AdaptivePruning`: the decisions of APT's structured pruning (APT_METHOD.md sections 4-5).
+"""`AdaptivePruning`: the decisions of APT's structured pruning (docs/method.md sections 4-5).
 
 When, what and how much: salience collection during the pruning phase, the cubic schedule of events,
 the block search, mask-decay windows, compaction. The mechanics (masks, slicing) live in

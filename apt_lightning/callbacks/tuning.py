@@ -1,4 +1,4 @@
-"""`AdaptiveTuning`: grow the ranks of the most salient adapters (APT_METHOD.md section 6).
+"""`AdaptiveTuning`: grow the ranks of the most salient adapters (docs/method.md section 6).
 
 Adapter salience is sum_{ij} |B_ij * dL/dB_ij| per adapter (the paper's form), read from the gradients
 right before each optimizer step and EMA'd. The tuning budget grows linearly from the initial adapter

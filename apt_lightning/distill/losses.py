@@ -1,4 +1,4 @@
-"""Self-distillation losses (APT_METHOD.md section 7).
+"""Self-distillation losses (docs/method.md section 7).
 
 L_distill = w_pred * L_pred + w_layer * L_layer, with
 - L_pred: tau^2 * KL(softmax(t / tau) || softmax(s / tau)) (MSE for regression);

@@ -3,7 +3,7 @@
 No second model exists: the teacher forward is `torch.func.functional_call` on the student with the
 snapshot tensors substituted for the adapters and head, so every frozen weight is the same storage.
 It runs without gradients, in eval mode, with pruning masks off (full width at the current physical
-shape, APT_METHOD.md section 7). Compaction slice logs keep the snapshot's shapes in step.
+shape, docs/method.md section 7). Compaction slice logs keep the snapshot's shapes in step.
 """
 
 from __future__ import annotations

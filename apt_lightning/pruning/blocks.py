@@ -41,7 +41,7 @@ class BlockTensors:
 
 
 def block_costs(shapes: ModelShapes) -> BlockTensors:
-    """Parameters each block carries in the APT count (APT_METHOD.md section 5): a head 4 D d_h, a
+    """Parameters each block carries in the APT count (docs/method.md section 5): a head 4 D d_h, a
     neuron 2 D, a hidden dim sum_l (4 H_l d_h + 2 F_l), at the current widths."""
     d, dh = shapes.hidden, shapes.head_dim
     per_hidden = sum(4 * h * dh + 2 * f for h, f in zip(shapes.heads, shapes.neurons, strict=True))

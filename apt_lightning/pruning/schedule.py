@@ -1,4 +1,4 @@
-"""The cubic sparsity schedule over discrete pruning events (APT_METHOD.md section 5)."""
+"""The cubic sparsity schedule over discrete pruning events (docs/method.md section 5)."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def _fisher_kurtosis(x: torch.Tensor) -> torch.Tensor:
 
 @register_scorer("salience")
 class OutlierAwareSalience(Scorer):
-    """APT's salience (APT_METHOD.md section 4): per channel, (sum_{b,t} |x|) * (sum_{b,t} |dL/dx|)
+    """APT's salience (docs/method.md section 4): per channel, (sum_{b,t} |x|) * (sum_{b,t} |dL/dx|)
     from the live batch, summed over a head's channels; a hidden dim sums over every mask site.
     Reduction happens before the product so only O(width) vectors are kept. EMA over steps.
     With `kurtosis`, sqrt(max(0, Kurt(O))) is added per block, O being the block's weight columns

@@ -1,4 +1,4 @@
-"""Block search (APT_METHOD.md section 5): sort blocks by density = score / cost and keep the longest
+"""Block search (docs/method.md section 5): sort blocks by density = score / cost and keep the longest
 prefix whose APT parameter count fits the budget, optionally with hardware-friendly widths."""
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ class ModelShapes:
 def apt_param_count(heads: list[int], neurons: list[int], hidden: int, head_dim: int) -> int:
     """The APT count C = D * sum_l (4 H_l d_h + 2 F_l): the weight matrices of q, k, v, the attention
     output, FFN-in and FFN-out of every encoder layer. Biases, LayerNorms, embeddings and the
-    classification head are not counted (APT_METHOD.md section 5)."""
+    classification head are not counted (docs/method.md section 5)."""
     return hidden * sum(4 * h * head_dim + 2 * f for h, f in zip(heads, neurons, strict=True))
 
 

@@ -1,6 +1,6 @@
 """Pruning masks for heads, FFN neurons and hidden dimensions, and the masked LayerNorm they need.
 
-Mask semantics (APT_METHOD.md section 3), for values m in [0, 1]:
+Mask semantics (docs/method.md section 3), for values m in [0, 1]:
 - head mask m_h multiplies head h's context vector before the attention output projection;
 - neuron mask m_j multiplies FFN activation j before the FFN output projection;
 - hidden mask m_k multiplies dimension k of the embedding output and of every sublayer output, and

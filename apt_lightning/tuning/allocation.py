@@ -1,4 +1,4 @@
-"""Rank allocation strategies for adaptive tuning (APT_METHOD.md section 6).
+"""Rank allocation strategies for adaptive tuning (docs/method.md section 6).
 
 A strategy gets every adapter's rank, size and salience plus a budget of tuning parameters and returns
 the new ranks. Costs: an adapter of rank r on an (out x in) Linear has r * (in + out) parameters.
