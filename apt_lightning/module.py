@@ -106,7 +106,8 @@ class APTModule(LightningModule):
         if adapters is not None:
             self.student.requires_grad_(False)
             inject_adapters(self.student, adapters)
-            for name in head_modules if head_modules is not None else ["classifier", "pooler"]:
+            names = head_modules if head_modules is not None else get_structure(self.student).head_modules
+            for name in names:
                 head = getattr(self.student, name, None) or getattr(self.student.base_model, name, None)
                 if head is None and head_modules is not None:
                     raise ValueError(f"head module {name!r} not found in {type(self.student).__name__}")

@@ -24,7 +24,7 @@ import torch
 from apt_lightning.bench import Runner, model_from_config, preset_config, prune_to_sparsity
 from apt_lightning.files import write_text_atomic
 from apt_lightning.fusion import fuse_for_inference
-from apt_lightning.structure import ModelShapes, apt_param_count, get_structure
+from apt_lightning.structure import ModelShapes, get_structure
 
 # name: (fusions, TorchInductor config patch, torch.compile mode)
 OPTIONS = {
@@ -95,12 +95,13 @@ def options_study(dense, pruned) -> list[dict]:
 
 
 def structures_study(dense) -> list[dict]:
-    full = apt_param_count([12] * 12, [3072] * 12, 768, 64)
+    full = get_structure(dense).shapes().counted_params()
     rows, runners = [], []
     for name, (heads, neurons, hidden) in STRUCTURES.items():
         model = copy.deepcopy(dense)
-        get_structure(model).reshape(ModelShapes(heads, neurons, hidden, 64))
-        sparsity = 1 - apt_param_count(heads, neurons, hidden, 64) / full
+        structure = get_structure(model)
+        structure.reshape(ModelShapes(heads, neurons, hidden, 64, structure.costs))
+        sparsity = 1 - structure.shapes().counted_params() / full
         for fusions in (("qkv", "gelu"), ()):
             rows.append({"structure": name, "fusions": list(fusions), "sparsity": sparsity})
             runners.append(_runner(model, fusions))

@@ -19,7 +19,6 @@ import torch  # noqa: E402
 from apt_lightning.data import GLUEDataModule  # noqa: E402
 from apt_lightning.module import APTModule  # noqa: E402
 from apt_lightning.pruning import OutlierAwareSalience, block_costs, select_blocks  # noqa: E402
-from apt_lightning.structure import apt_param_count  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +47,7 @@ def main() -> None:
         optimizer.zero_grad()
     masks.observer = None
     shapes = structure.shapes()
-    full = apt_param_count(shapes.heads, shapes.neurons, shapes.hidden, shapes.head_dim)
+    full = shapes.counted_params()
     costs = block_costs(shapes)
     for kurtosis in (False, True):
         scorer.kurtosis = kurtosis

@@ -101,3 +101,37 @@ def backbone(tiny_backbone_dir):
     from helpers_apt import check_backbone
 
     return check_backbone(tiny_backbone_dir)
+
+
+# ---------------------------------------------------------------- BERT costs, written out by hand
+def bert_shapes(heads, neurons, hidden, head_dim, full_heads=(), full_neurons=(), full_hidden=0):
+    """`ModelShapes` with the BERT family's unit costs (a head 4 d_h, a neuron 2 per hidden dim)."""
+    from apt_lightning.structure import ModelShapes, UnitCosts
+
+    return ModelShapes(
+        list(heads),
+        list(neurons),
+        hidden,
+        head_dim,
+        UnitCosts(4 * head_dim, 0, 2),
+        full_heads=list(full_heads),
+        full_neurons=list(full_neurons),
+        full_hidden=full_hidden,
+    )
+
+
+def bert_count(heads, neurons, hidden, head_dim):
+    """The APT count of a BERT-like encoder: D * sum_l (4 H_l d_h + 2 F_l)."""
+    return hidden * sum(4 * h * head_dim + 2 * f for h, f in zip(heads, neurons, strict=True))
+
+
+def bert_exact_count(heads, neurons, hidden, head_dim):
+    """Every encoder-layer parameter of a compacted BERT-like model: the APT count plus biases and the two
+    LayerNorms per layer; a skipped sublayer (0 heads or 0 neurons) has none."""
+    total = bert_count(heads, neurons, hidden, head_dim)
+    for h, f in zip(heads, neurons, strict=True):
+        if h:
+            total += 3 * h * head_dim + hidden + 2 * hidden
+        if f:
+            total += f + hidden + 2 * hidden
+    return total

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, logits, tiny_batch, tiny_model
+from conftest import REPO, bert_count, logits, tiny_batch, tiny_model
 from safetensors.torch import load_file
 from torch import nn
 
 from apt_lightning.adapters import AdapterConfig, adapter_modules, inject_adapters
 from apt_lightning.export import SIDECAR, export_pruned, load_pruned, main, module_from_checkpoint
-from apt_lightning.structure import apt_param_count, get_structure
+from apt_lightning.structure import get_structure
 
 ATOL = 1e-5
 
@@ -71,8 +71,8 @@ torch.save({
 def test_round_trip_40_percent_with_tokenizer_in_a_new_process(tmp_path, minilm_tokenizer):
     tok = minilm_tokenizer
     heads, neurons, hidden = [3, 2, 3], [24, 30, 0], 24
-    full = apt_param_count([4] * 3, [48] * 3, 32, 8)
-    kept_fraction = apt_param_count(heads, neurons, hidden, 8) / full
+    full = bert_count([4] * 3, [48] * 3, 32, 8)
+    kept_fraction = bert_count(heads, neurons, hidden, 8) / full
     assert abs(kept_fraction - 0.4) <= 0.05
     model = pruned_adapted_model(
         seed=3, heads=heads, neurons=neurons, hidden=hidden, vocab_size=len(tok), num_labels=2

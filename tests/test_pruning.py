@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import GLUE_DIR, REPO
+from conftest import GLUE_DIR, REPO, bert_count, bert_shapes
 from helpers_apt import (
     CountingScorer,
     CountSteps,
@@ -36,7 +36,7 @@ from apt_lightning.pruning import (
     select_blocks,
 )
 from apt_lightning.pruning.schedule import resolve_step
-from apt_lightning.structure import MaskedLayerNorm, ModelShapes, apt_param_count
+from apt_lightning.structure import MaskedLayerNorm, ModelShapes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -297,11 +297,11 @@ def random_case(seed: int):
 
     layers = randint(1, 4)
     dh = [4, 8][randint(0, 1)]
-    shapes = ModelShapes(
+    shapes = bert_shapes(
         [randint(0, 6) for _ in range(layers)], [randint(0, 40) for _ in range(layers)], randint(8, 48), dh
     )
     scores = BlockTensors.full(shapes).map(lambda t: torch.rand(t.shape, generator=g))
-    full = apt_param_count(shapes.heads, shapes.neurons, shapes.hidden, dh)
+    full = bert_count(shapes.heads, shapes.neurons, shapes.hidden, dh)
     budget = int(float(torch.rand((), generator=g)) * 1.1 * full)
     return shapes, scores, budget
 
@@ -333,7 +333,7 @@ def reference_prefix(shapes: ModelShapes, scores: BlockTensors, budget: int):
                 neurons[layer] += 1
             else:
                 hidden += 1
-        return apt_param_count(heads, neurons, hidden, dh)
+        return bert_count(heads, neurons, hidden, dh)
 
     k = 0
     while k < len(order) and count(order[: k + 1]) <= budget:
@@ -356,7 +356,7 @@ def test_select_blocks_within_budget_and_maximal(seed):
     shapes, scores, budget = random_case(seed)
     keep = select_blocks(scores, shapes, budget)
     blocks, order, k, count = reference_prefix(shapes, scores, budget)
-    kept = kept_param_count(keep, shapes.head_dim)
+    kept = kept_param_count(keep, shapes)
     assert kept <= budget
     assert as_sets(keep) == {blocks[i][1:] for i in order[:k]}  # exactly the longest prefix in density order
     if k < len(order):
@@ -369,14 +369,14 @@ def test_select_blocks_within_budget_and_maximal(seed):
 def test_select_blocks_multiple_of(seed, multiple_of):
     g = torch.Generator().manual_seed(100 + seed)
     layers = 3
-    shapes = ModelShapes(
+    shapes = bert_shapes(
         [4] * layers,
         [int(torch.randint(20, 64, (1,), generator=g)) for _ in range(layers)],
         8 * int(torch.randint(3, 7, (1,), generator=g)),
         8,
     )
     scores = BlockTensors.full(shapes).map(lambda t: torch.rand(t.shape, generator=g))
-    full = apt_param_count(shapes.heads, shapes.neurons, shapes.hidden, 8)
+    full = bert_count(shapes.heads, shapes.neurons, shapes.hidden, 8)
     budget = int((0.25 + 0.6 * float(torch.rand((), generator=g))) * full)
     keep = select_blocks(scores, shapes, budget, multiple_of=multiple_of)
     heads, neurons, hidden = keep.counts()
@@ -384,7 +384,7 @@ def test_select_blocks_multiple_of(seed, multiple_of):
     assert all(n % multiple_of == 0 for n in neurons), neurons
     head_group = max(1, multiple_of // 8)  # attention widths (heads x d_h = 8) aligned too
     assert all(h % head_group == 0 for h in heads), heads
-    kept = kept_param_count(keep, 8)
+    kept = kept_param_count(keep, shapes)
     assert kept <= budget
     # maximal: no aligned group of pruned heads or pruned neurons would still fit
     free_heads = [(int(m.numel()) - int(m.sum())) // head_group for m in keep.heads]
@@ -403,15 +403,15 @@ def test_select_blocks_multiple_of(seed, multiple_of):
 def test_select_blocks_leaves_heads_unaligned_when_groups_cannot_fit(head_dim, multiple_of):
     """TinyBERT-like d_h 26 at x64 would need groups of 32 heads, x512 with d_h 64 groups of 8; neither
     divides 12 heads, so heads stay unaligned (with a warning) instead of being dropped at sparsity 0."""
-    shapes = ModelShapes([12, 12], [1024, 1024], 1024, head_dim)
-    full = apt_param_count(shapes.heads, shapes.neurons, shapes.hidden, head_dim)
+    shapes = bert_shapes([12, 12], [1024, 1024], 1024, head_dim)
+    full = bert_count(shapes.heads, shapes.neurons, shapes.hidden, head_dim)
     with pytest.warns(UserWarning, match="attention widths are left unaligned"):
         keep = select_blocks(BlockTensors.full(shapes), shapes, full, multiple_of=multiple_of)
     assert keep.counts()[0] == [12, 12]
 
 
 def test_select_blocks_rejects_bad_multiple():
-    shapes = ModelShapes([2], [4], 8, 4)
+    shapes = bert_shapes([2], [4], 8, 4)
     with pytest.raises(ValueError, match="multiple_of"):
         select_blocks(BlockTensors.full(shapes), shapes, 10, multiple_of=0)
 
@@ -419,10 +419,10 @@ def test_select_blocks_rejects_bad_multiple():
 @pytest.mark.parametrize("heads,neurons", [([4, 4, 4], [48, 48, 48]), ([4, 2, 3], [48, 24, 36])])
 @pytest.mark.parametrize("sparsity", [0.3, 0.6])
 def test_uniform_scores_keep_equal_fractions(heads, neurons, sparsity):
-    shapes = ModelShapes(heads, neurons, 32, 8)
+    shapes = bert_shapes(heads, neurons, 32, 8)
     structure = SimpleNamespace(shapes=lambda: shapes)
     scores = UniformScorer().compute(structure)
-    full = apt_param_count(heads, neurons, 32, 8)
+    full = bert_count(heads, neurons, 32, 8)
     keep = select_blocks(scores, shapes, int((1 - sparsity) * full))
     kh, kn, kd = keep.counts()
     fh = [k / n for k, n in zip(kh, heads, strict=True)]

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_batch, tiny_model
+from conftest import bert_count, bert_exact_count, bert_shapes, tiny_batch, tiny_model
 from torch import nn
 
 from apt_lightning.adapters import AdapterConfig, adapter_modules, inject_adapters, merge_adapters
@@ -14,11 +14,9 @@ from apt_lightning.structure import (
     MaskedLayerNorm,
     ModelShapes,
     PruningMasks,
-    apt_param_count,
-    exact_encoder_param_count,
     get_structure,
 )
-from apt_lightning.structure.bert import SkippedAttention, SkippedFFNOutput
+from apt_lightning.structure.families.bert import SkippedAttention, SkippedFFNOutput
 
 ALL_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 ATOL = 1e-5
@@ -300,13 +298,13 @@ def test_counters_on_the_full_model(family):
     model = tiny_model(family)
     s = get_structure(model).shapes()
     assert (
-        apt_param_count(s.heads, s.neurons, s.hidden, s.head_dim)
+        bert_count(s.heads, s.neurons, s.hidden, s.head_dim)
         == HIDDEN * LAYERS * (4 * HEADS * HEAD_DIM + 2 * NEURONS)
         == 21504
     )
     assert encoder_counts(model) == (
-        apt_param_count(s.heads, s.neurons, s.hidden, s.head_dim),
-        exact_encoder_param_count(s.heads, s.neurons, s.hidden, s.head_dim),
+        bert_count(s.heads, s.neurons, s.hidden, s.head_dim),
+        bert_exact_count(s.heads, s.neurons, s.hidden, s.head_dim),
     )
 
 
@@ -319,24 +317,24 @@ def test_counters_match_compacted_models(family, seed, zero_heads, zero_neurons)
     masks = structure.install_masks()
     kept = random_hard_masks(masks, seed, zero_heads, zero_neurons)
     expected = (
-        apt_param_count(kept["heads"], kept["neurons"], kept["hidden"], HEAD_DIM),
-        exact_encoder_param_count(kept["heads"], kept["neurons"], kept["hidden"], HEAD_DIM),
+        bert_count(kept["heads"], kept["neurons"], kept["hidden"], HEAD_DIM),
+        bert_exact_count(kept["heads"], kept["neurons"], kept["hidden"], HEAD_DIM),
     )
     structure.compact()
     structure.remove_masks()
     merge_adapters(model)
     assert encoder_counts(model) == expected
     s = structure.shapes()
-    assert apt_param_count(s.heads, s.neurons, s.hidden, s.head_dim) == expected[0]
-    assert exact_encoder_param_count(s.heads, s.neurons, s.hidden, s.head_dim) == expected[1]
+    assert s.counted_params() == expected[0]  # the family's count, from its unit costs
+    assert structure.exact_param_count() == expected[1]
     assert expected[0] < 21504
 
 
 def test_model_shapes_dict_round_trip():
-    s = ModelShapes([2, 0], [5, 7], 6, 4, [4, 4], [8, 8], 8)
+    s = bert_shapes([2, 0], [5, 7], 6, 4, [4, 4], [8, 8], 8)
     assert ModelShapes.from_dict(s.to_dict()) == s
     assert s.num_layers == 2
-    fresh = ModelShapes([2, 3], [5, 7], 6, 4)
+    fresh = bert_shapes([2, 3], [5, 7], 6, 4)
     assert (fresh.full_heads, fresh.full_neurons, fresh.full_hidden) == ([2, 3], [5, 7], 6)
 
 
@@ -361,9 +359,9 @@ def test_reshape_a_fresh_model_then_load_a_compacted_state_dict(family):
 def test_reshape_rejects_mismatched_shapes():
     structure = get_structure(tiny_model("bert"))
     with pytest.raises(ValueError, match="shapes describe 2 layers, the model has 3"):
-        structure.reshape(ModelShapes([4, 4], [48, 48], 32, 8))
+        structure.reshape(bert_shapes([4, 4], [48, 48], 32, 8))
     with pytest.raises(ValueError, match="heads of layer 1: 5 exceeds the model's 4"):
-        structure.reshape(ModelShapes([4, 5, 4], [48, 48, 48], 32, 8))
+        structure.reshape(bert_shapes([4, 5, 4], [48, 48, 48], 32, 8))
 
 
 # ---------------------------------------------------------------- registry and bad input

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -13,16 +13,17 @@ from apt_lightning.adapters.linear import APTLinear
 class AdapterConfig:
     """Which Linears get adapters (matched by name suffix at a `.` boundary) and their initial shape.
 
-    Defaults follow APT for encoders: query, value and FFN-in, rank 8, alpha 16 (docs/method.md section 2).
+    `targets` None takes the model family's defaults (BERT: query, value, FFN-in; LLaMA: q_proj, v_proj);
+    rank 8, alpha 16 (docs/method.md section 2).
     """
 
-    targets: list[str] = field(default_factory=lambda: ["query", "value", "intermediate.dense"])
+    targets: list[str] | None = None
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.targets:
+        if self.targets is not None and not self.targets:
             raise ValueError(
                 "adapter targets must name at least one module (use `adapters: null` for full FT)"
             )
@@ -40,7 +41,12 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, APTLin
     linears = {
         n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, APTLinear)
     }
-    for target in config.targets:
+    targets = config.targets
+    if targets is None:
+        from apt_lightning.structure import get_structure
+
+        targets = get_structure(model).default_adapter_targets
+    for target in targets:
         if not any(_matches(n, target) for n in linears):
             examples = ", ".join(
                 sorted({n.split(".")[-1] for n in linears} | {".".join(n.split(".")[-2:]) for n in linears})[
@@ -53,7 +59,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, APTLin
             )
     added = {}
     for name, linear in linears.items():
-        if any(_matches(name, t) for t in config.targets):
+        if any(_matches(name, t) for t in targets):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             adapter = APTLinear.from_linear(

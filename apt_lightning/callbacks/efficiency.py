@@ -312,7 +312,8 @@ class EfficiencyMonitor(Callback):
     def _structure(pl_module: LightningModule) -> dict | None:
         """Kept APT parameter count of the student (`pl_module.student`, else the module itself), if it
         has a prunable structure; hard masks that were not compacted yet count as pruned."""
-        from apt_lightning.structure import apt_param_count, get_structure
+        from apt_lightning.pruning.blocks import BlockTensors, kept_param_count
+        from apt_lightning.structure import get_structure
 
         model = getattr(pl_module, "student", pl_module)
         try:
@@ -322,12 +323,16 @@ class EfficiencyMonitor(Callback):
         s = structure.shapes()
         heads, neurons, hidden = list(s.heads), list(s.neurons), s.hidden
         masks = structure.masks
+        kept = s.counted_params()
         if masks is not None:
-            heads = [int((masks.head(i) > 0).sum()) for i in range(masks.num_layers)]
-            neurons = [int((masks.neuron(i) > 0).sum()) for i in range(masks.num_layers)]
-            hidden = int((masks.hidden > 0).sum())
-        kept = apt_param_count(heads, neurons, hidden, s.head_dim)
-        full = apt_param_count(s.full_heads, s.full_neurons, s.full_hidden, s.head_dim)
+            keep = BlockTensors(
+                [(masks.head(i) > 0).float().cpu() for i in range(masks.num_layers)],
+                [(masks.neuron(i) > 0).float().cpu() for i in range(masks.num_layers)],
+                (masks.hidden > 0).float().cpu(),
+            )
+            heads, neurons, hidden = keep.counts()
+            kept = kept_param_count(keep, s)
+        full = s.full().counted_params()
         return {
             "params_kept": kept,
             "params_full": full,

@@ -27,14 +27,13 @@ from apt_lightning.pruning import (
     select_blocks,
 )
 from apt_lightning.pruning.schedule import resolve_step
-from apt_lightning.structure import apt_param_count
 
 _COMPACT_AT = ("event", "end", "never")
 
 
 class AdaptivePruning(Callback):
     """Prune heads, FFN neurons and hidden dims of the student to `target_sparsity` of its APT parameter
-    count (see `apt_lightning.structure.apt_param_count`).
+    count (`ModelShapes.counted_params`: the attention and FFN weight matrices, at the family's costs).
 
     Args:
         target_sparsity: final fraction of counted parameters removed, in [0, 1).
@@ -110,7 +109,7 @@ class AdaptivePruning(Callback):
         structure.install_masks()
         self.scorer.attach(structure)
         full = structure.shapes()
-        self.full_count = apt_param_count(full.full_heads, full.full_neurons, full.full_hidden, full.head_dim)
+        self.full_count = full.full().counted_params()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         masks = pl_module.structure.masks
@@ -214,7 +213,7 @@ class AdaptivePruning(Callback):
         if self.compact_at != "never" and self.next_event >= self.num_events:
             self._compact(pl_module)
         heads, neurons, hidden = keep.counts()
-        kept_count = kept_param_count(keep, structure.shapes().head_dim)
+        kept_count = kept_param_count(keep, structure.shapes())
         record = self.history[-1]
         record.update(
             {

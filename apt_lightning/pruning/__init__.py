@@ -1,6 +1,7 @@
 """Deciding what to prune: scorers, the block search, the sparsity schedule."""
 
-from apt_lightning.pruning.blocks import BlockTensors, block_costs
+from apt_lightning.pruning.blocks import BlockTensors, block_costs, kept_param_count
+from apt_lightning.pruning.oneshot import DATA_FREE_SCORERS, prune_to_sparsity
 from apt_lightning.pruning.schedule import CubicSchedule
 from apt_lightning.pruning.scorers import (
     MagnitudeScorer,
@@ -11,9 +12,10 @@ from apt_lightning.pruning.scorers import (
     build_scorer,
     register_scorer,
 )
-from apt_lightning.pruning.search import kept_param_count, select_blocks
+from apt_lightning.pruning.search import select_blocks
 
 __all__ = [
+    "DATA_FREE_SCORERS",
     "BlockTensors",
     "CubicSchedule",
     "MagnitudeScorer",
@@ -24,6 +26,7 @@ __all__ = [
     "block_costs",
     "build_scorer",
     "kept_param_count",
+    "prune_to_sparsity",
     "register_scorer",
     "select_blocks",
 ]

@@ -41,12 +41,30 @@ class BlockTensors:
 
 
 def block_costs(shapes: ModelShapes) -> BlockTensors:
-    """Parameters each block carries in the APT count (docs/method.md section 5): a head 4 D d_h, a
-    neuron 2 D, a hidden dim sum_l (4 H_l d_h + 2 F_l), at the current widths."""
-    d, dh = shapes.hidden, shapes.head_dim
-    per_hidden = sum(4 * h * dh + 2 * f for h, f in zip(shapes.heads, shapes.neurons, strict=True))
+    """Parameters each block carries in the APT count (docs/method.md section 5), from the family's unit
+    costs at the current widths: a query head its own cost plus its share of its key/value head's, a neuron
+    its cost, a hidden dim the whole count divided by D. The search's exact count (`kept_param_count`)
+    charges a key/value head once, with the first query head of its group that is kept."""
+    d, c = shapes.hidden, shapes.costs
+    heads = []
+    for layer, h in enumerate(shapes.heads):
+        groups = shapes.head_groups(layer)
+        size = torch.tensor([float(groups.count(g)) for g in groups]) if h else torch.zeros(0)
+        heads.append(d * (c.head + c.kv_head / size.clamp_min(1.0)))
     return BlockTensors(
-        [torch.full((h,), float(4 * d * dh)) for h in shapes.heads],
-        [torch.full((f,), float(2 * d)) for f in shapes.neurons],
-        torch.full((d,), float(per_hidden)),
+        heads,
+        [torch.full((f,), float(d * c.neuron)) for f in shapes.neurons],
+        torch.full((d,), float(shapes.counted_params() // max(d, 1))),
     )
+
+
+def kept_param_count(keep: BlockTensors, shapes: ModelShapes) -> int:
+    """The APT count of a 0/1 keep decision on a model of `shapes`: a key/value head counts while any query
+    head of its group is kept."""
+    c = shapes.costs
+    per_dim = 0
+    for layer, (h, f) in enumerate(zip(keep.heads, keep.neurons, strict=True)):
+        kept = torch.nonzero(h > 0).flatten().tolist()
+        groups = shapes.head_groups(layer)
+        per_dim += c.head * len(kept) + c.kv_head * len({groups[i] for i in kept}) + c.neuron * int(f.sum())
+    return int(keep.hidden.sum()) * per_dim

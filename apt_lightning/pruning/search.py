@@ -1,5 +1,10 @@
 """Block search (docs/method.md section 5): sort blocks by density = score / cost and keep the longest
-prefix whose APT parameter count fits the budget, optionally with hardware-friendly widths."""
+prefix whose APT parameter count fits the budget, optionally with hardware-friendly widths.
+
+The search knows no architecture: blocks come with the family's unit costs (`ModelShapes.costs`). The
+count of a prefix is D' * A', D' its hidden dims and A' the sum of its heads' and neurons' unit costs plus
+one key/value head for the first query head of each group in the prefix, so it grows with the prefix and
+the longest prefix within the budget is found by binary search."""
 
 from __future__ import annotations
 
@@ -8,33 +13,56 @@ import warnings
 
 import torch
 
-from apt_lightning.pruning.blocks import BlockTensors, block_costs
-from apt_lightning.structure import ModelShapes, apt_param_count
+from apt_lightning.pruning.blocks import BlockTensors, block_costs, kept_param_count
+from apt_lightning.structure import ModelShapes
 
 _HEAD, _NEURON, _HIDDEN = 0, 1, 2
 
 
 def _flatten(shapes: ModelShapes, scores: BlockTensors):
-    """Flat vectors: density, kind, layer and position of every block."""
+    """Flat vectors: density, kind, layer, position and key/value group (a global id; -1 for neurons and
+    hidden dims) of every block."""
     costs = block_costs(shapes)
-    kinds, layers, pos = [], [], []
-    for kind, groups in ((_HEAD, shapes.heads), (_NEURON, shapes.neurons)):
-        for layer, n in enumerate(groups):
+    kinds, layers, pos, groups = [], [], [], []
+    offset = 0
+    for kind, widths in ((_HEAD, shapes.heads), (_NEURON, shapes.neurons)):
+        for layer, n in enumerate(widths):
             kinds.append(torch.full((n,), kind))
             layers.append(torch.full((n,), layer))
             pos.append(torch.arange(n))
+            if kind == _HEAD:
+                g = torch.tensor(shapes.head_groups(layer), dtype=torch.long).reshape(n)
+                groups.append(g + offset)
+                offset += int(g.max()) + 1 if n else 0
+            else:
+                groups.append(torch.full((n,), -1))
     kinds.append(torch.full((shapes.hidden,), _HIDDEN))
     layers.append(torch.full((shapes.hidden,), -1))
     pos.append(torch.arange(shapes.hidden))
+    groups.append(torch.full((shapes.hidden,), -1))
     density = scores.flat().double() / costs.flat().double()
-    return density, torch.cat(kinds), torch.cat(layers), torch.cat(pos)
+    return density, torch.cat(kinds), torch.cat(layers), torch.cat(pos), torch.cat(groups)
 
 
-def _prefix_counts(kinds: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """APT count of every prefix: C_k = D'_k * A'_k with A' = sum(4 d_h per head, 2 per neuron)."""
+def _unit_widths(kinds: torch.Tensor, groups: torch.Tensor, shapes: ModelShapes) -> torch.Tensor:
+    """Per block in the given order, what it adds to A' (the count per kept hidden dim): a head its own
+    unit cost, plus a key/value head's if it is the first of its group in this order; a neuron its cost."""
+    c = shapes.costs
+    first = torch.zeros(len(kinds), dtype=torch.bool)
+    heads = torch.nonzero(groups >= 0).flatten()
+    if len(heads):
+        _, inverse = torch.unique(groups[heads], return_inverse=True)
+        earliest = torch.full((int(inverse.max()) + 1,), len(kinds), dtype=torch.long)
+        earliest = earliest.scatter_reduce(0, inverse, heads, reduce="amin")
+        first[earliest] = True
+    heads_cost = (kinds == _HEAD) * float(c.head) + first * float(c.kv_head)
+    return (heads_cost + (kinds == _NEURON) * float(c.neuron)).double()
+
+
+def _prefix_counts(kinds: torch.Tensor, groups: torch.Tensor, shapes: ModelShapes) -> torch.Tensor:
+    """APT count of every prefix: C_k = D'_k * A'_k."""
     d = torch.cumsum(kinds == _HIDDEN, 0).double()
-    a = torch.cumsum((kinds == _HEAD) * 4.0 * head_dim + (kinds == _NEURON) * 2.0, 0).double()
-    return d * a
+    return d * torch.cumsum(_unit_widths(kinds, groups, shapes), 0)
 
 
 def _to_blocks(shapes: ModelShapes, kinds, layers, pos, chosen: torch.Tensor) -> BlockTensors:
@@ -63,24 +91,24 @@ def select_blocks(
     unit that no longer fits for a cheaper, less dense one."""
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
-    density, kinds, layers, pos = _flatten(shapes, scores)
+    density, kinds, layers, pos, groups = _flatten(shapes, scores)
     order = torch.sort(density, descending=True, stable=True).indices
-    counts = _prefix_counts(kinds[order], shapes.head_dim)
+    counts = _prefix_counts(kinds[order], groups[order], shapes)
     k = int(torch.searchsorted(counts, torch.tensor(float(budget), dtype=torch.float64), right=True))
     chosen = order[:k]
     if multiple_of == 1:
         return _to_blocks(shapes, kinds, layers, pos, chosen)
-    return _aligned(shapes, density, kinds, layers, pos, order, chosen, budget, multiple_of)
+    return _aligned(shapes, density, kinds, layers, pos, groups, order, chosen, budget, multiple_of)
 
 
-def _aligned(shapes, density, kinds, layers, pos, order, chosen, budget, multiple_of) -> BlockTensors:
+def _aligned(shapes, density, kinds, layers, pos, groups, order, chosen, budget, multiple_of) -> BlockTensors:
     n_hidden = int((kinds[chosen] == _HIDDEN).sum())
     n_hidden = min(shapes.hidden, max(multiple_of, multiple_of * round(n_hidden / multiple_of)))
     hidden_order = order[kinds[order] == _HIDDEN][:n_hidden]
     rest = order[kinds[order] != _HIDDEN]
     a_budget = budget / n_hidden
-    width = torch.cumsum((kinds[rest] == _HEAD) * 4.0 * shapes.head_dim + (kinds[rest] == _NEURON) * 2.0, 0)
-    k = int(torch.searchsorted(width.double(), torch.tensor(a_budget, dtype=torch.float64), right=True))
+    width = torch.cumsum(_unit_widths(kinds[rest], groups[rest], shapes), 0)
+    k = int(torch.searchsorted(width, torch.tensor(a_budget, dtype=torch.float64), right=True))
     keep = _to_blocks(shapes, kinds, layers, pos, torch.cat([hidden_order, rest[:k]]))
     sizes = (_head_group(shapes, multiple_of), multiple_of)
     for _, mask, layer_density, size in _layer_masks(keep, density, sizes):
@@ -122,23 +150,16 @@ def _head_group(shapes: ModelShapes, multiple_of: int) -> int:
 def _refill(keep: BlockTensors, shapes: ModelShapes, density, budget: int, sizes: tuple[int, int]) -> None:
     """Add aligned units to `keep` in place, densest first, while the count stays within `budget`: the
     `sizes[0]` densest pruned heads of a layer, or its `sizes[1]` densest pruned neurons (then the next
-    group). Without this, rounding each layer down leaves up to one group per layer of the budget unspent."""
-    hidden = int(keep.hidden.sum())
-    left = budget - kept_param_count(keep, shapes.head_dim)
-    unit_cost = (4 * shapes.head_dim * hidden, 2 * hidden)
-    units: list[tuple[float, int, torch.Tensor, list[int]]] = []  # density, cost, mask, indices
-    for kind, mask, layer_density, size in _layer_masks(keep, density, sizes):
+    group). Without this, rounding each layer down leaves up to one group per layer of the budget unspent.
+    Each unit is checked with the exact count (a unit that revives a key/value head pays for it)."""
+    units: list[tuple[float, torch.Tensor, list[int]]] = []  # density, mask, indices
+    for _, mask, layer_density, size in _layer_masks(keep, density, sizes):
         free = torch.nonzero(mask == 0).flatten()
         free = free[torch.argsort(layer_density[free], descending=True, stable=True)]
         for g in range(len(free) // size):
             group = free[g * size : (g + 1) * size]
-            units.append((float(layer_density[group].mean()), unit_cost[kind] * size, mask, group.tolist()))
-    for _, cost, mask, group in sorted(units, key=lambda u: -u[0]):
-        if cost <= left:
-            mask[group] = 1.0
-            left -= cost
-
-
-def kept_param_count(keep: BlockTensors, head_dim: int) -> int:
-    heads, neurons, hidden = keep.counts()
-    return apt_param_count(heads, neurons, hidden, head_dim)
+            units.append((float(layer_density[group].mean()), mask, group.tolist()))
+    for _, mask, group in sorted(units, key=lambda u: -u[0]):
+        mask[group] = 1.0
+        if kept_param_count(keep, shapes) > budget:
+            mask[group] = 0.0

@@ -1,26 +1,31 @@
-"""Prunable structure of model families: masks, compaction, parameter counting."""
+"""Prunable structure of model families: masks, compaction, parameter costs and counts."""
 
-from apt_lightning.structure import bert  # noqa: F401  (registers the BERT-like family)
+from apt_lightning.structure import families  # noqa: F401  (registers the built-in families)
 from apt_lightning.structure.base import (
     ModelShapes,
     PrunableStructure,
-    apt_param_count,
-    exact_encoder_param_count,
+    UnitCosts,
+    family_of,
     get_structure,
+    preset_config,
+    preset_names,
     register_family,
 )
-from apt_lightning.structure.masks import MaskedLayerNorm, PruningMasks
+from apt_lightning.structure.masks import MaskedLayerNorm, MaskedRMSNorm, PruningMasks
 from apt_lightning.structure.slicing import SliceLog, SliceOp
 
 __all__ = [
     "MaskedLayerNorm",
+    "MaskedRMSNorm",
     "ModelShapes",
     "PrunableStructure",
     "PruningMasks",
     "SliceLog",
     "SliceOp",
-    "apt_param_count",
-    "exact_encoder_param_count",
+    "UnitCosts",
+    "family_of",
     "get_structure",
+    "preset_config",
+    "preset_names",
     "register_family",
 ]

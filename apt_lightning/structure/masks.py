@@ -149,3 +149,34 @@ class MaskedLayerNorm(nn.LayerNorm):
         if masks.observing():
             masks.observer.observe("hidden", self.site, out)
         return out
+
+
+class MaskedRMSNorm(nn.Module):
+    """RMSNorm (LLaMA, Mistral, Qwen2: weight * x / rms(x), computed in fp32) whose mean square is
+    weighted by the hidden mask and whose output is multiplied by it; `to_norm` gives the original back."""
+
+    def __init__(self, norm: nn.Module, masks: PruningMasks, site: int) -> None:
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+        object.__setattr__(self, "masks", masks)  # shared, not a submodule: saved once, by the model
+        object.__setattr__(self, "norm_class", type(norm))
+        self.site = site
+
+    def to_norm(self) -> nn.Module:
+        norm = self.norm_class(self.weight.shape[0], eps=self.eps)
+        norm.weight = self.weight
+        return norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masks, dtype = self.masks, x.dtype
+        h = x.float()
+        if not masks.enabled or masks.hidden_full:
+            out = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        else:
+            m = masks.hidden.float()
+            var = (h.pow(2) * m).sum(-1, keepdim=True) / m.sum()
+            out = self.weight * (h * torch.rsqrt(var + self.eps)).to(dtype) * m.to(dtype)
+        if masks.observing():
+            masks.observer.observe("hidden", self.site, out)
+        return out

@@ -8,12 +8,17 @@ dense layer (RoBERTa).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
-from apt_lightning.structure.base import ModelShapes, register_family
+from apt_lightning.structure.base import ModelShapes, UnitCosts, first_n, register_family
+from apt_lightning.structure.hooks import (
+    MaskHooks,
+    head_channels,
+    new_masks,
+    residual_input,
+    start_compaction,
+)
 from apt_lightning.structure.masks import MaskedLayerNorm, PruningMasks
 from apt_lightning.structure.slicing import SliceLog, slice_embedding, slice_layernorm, slice_linear
 
@@ -32,9 +37,50 @@ class SkippedFFNOutput(nn.Module):
         return input_tensor
 
 
-@register_family("bert", "roberta")
+def _preset(
+    cls_name: str,
+    hidden: int,
+    layers: int,
+    heads: int,
+    ffn: int,
+    vocab: int,
+    positions: int,
+    types: int,
+    **extra,
+):
+    def build(num_labels: int = 2):
+        import transformers
+
+        return getattr(transformers, cls_name)(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
+            vocab_size=vocab,
+            max_position_embeddings=positions,
+            type_vocab_size=types,
+            num_labels=num_labels,
+            **extra,
+        )
+
+    return build
+
+
+@register_family
 class BertStructure:
-    """Masks and compaction for BERT-like encoders (see `PrunableStructure`)."""
+    """Masks and compaction for BERT-like encoders (see `PrunableStructure`).
+
+    Costs per hidden dim: a head 4 d_h (its q, k, v rows and o columns), a GELU FFN neuron 2 (its FFN-in
+    row and FFN-out column)."""
+
+    model_types = ("bert", "roberta")
+    default_adapter_targets = ["query", "value", "intermediate.dense"]
+    head_modules = ["classifier", "pooler"]
+    presets = {
+        "roberta-base": _preset("RobertaConfig", 768, 12, 12, 3072, 50265, 514, 1, pad_token_id=1),
+        "bert-base": _preset("BertConfig", 768, 12, 12, 3072, 30522, 512, 2),
+        "minilm-l6": _preset("BertConfig", 384, 6, 12, 1536, 30522, 512, 2),
+    }
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -42,8 +88,9 @@ class BertStructure:
         self.layers = self.base.encoder.layer
         config = model.config
         self.head_dim = config.hidden_size // config.num_attention_heads
+        self.costs = UnitCosts(head=4 * self.head_dim, kv_head=0, neuron=2)
         self.masks: PruningMasks | None = None
-        self._hooks: list = []
+        self.hooks = MaskHooks(self)
         self._full = None
         self._full = self.shapes()
 
@@ -72,10 +119,21 @@ class BertStructure:
         hidden = self.base.embeddings.word_embeddings.embedding_dim
         full = self._full
         if full is None:
-            return ModelShapes(heads, neurons, hidden, self.head_dim)
+            return ModelShapes(heads, neurons, hidden, self.head_dim, self.costs)
         return ModelShapes(
-            heads, neurons, hidden, self.head_dim, full.full_heads, full.full_neurons, full.full_hidden
+            heads,
+            neurons,
+            hidden,
+            self.head_dim,
+            self.costs,
+            full_heads=full.full_heads,
+            full_neurons=full.full_neurons,
+            full_hidden=full.full_hidden,
         )
+
+    def exact_param_count(self) -> int:
+        """Every parameter inside the encoder layers: the APT count plus biases and LayerNorms."""
+        return sum(p.numel() for p in self.layers.parameters())
 
     def head_output_weight(self, layer: int) -> torch.Tensor | None:
         mod = self.layers[layer]
@@ -107,88 +165,33 @@ class BertStructure:
         if self.masks is not None:
             return self.masks
         s = self.shapes()
-        masks = PruningMasks(s.heads, s.neurons, s.hidden).to(
-            self.base.embeddings.word_embeddings.weight.device
-        )
-        self.model.apt_masks = masks
-        self.masks = masks
+        device = self.base.embeddings.word_embeddings.weight.device
+        masks = self.masks = new_masks(self.model, s.heads, s.neurons, s.hidden, device)
         emb = self.base.embeddings
         emb.LayerNorm = MaskedLayerNorm.from_layernorm(emb.LayerNorm, masks, 0)
         for i, layer in enumerate(self.layers):
             if self._has_attention(layer):
                 out = layer.attention.output
                 out.LayerNorm = MaskedLayerNorm.from_layernorm(out.LayerNorm, masks, 2 * i + 1)
-                self._hooks.append(out.dense.register_forward_pre_hook(self._mask_hook("head", i)))
-                self._hooks.append(out.register_forward_hook(self._skip_hook("head", i)))
+                self.hooks.mask_input(out.dense, "head", i)
+                self.hooks.skip_output(out, "head", i, residual_input)
             if self._has_ffn(layer):
                 out = layer.output
                 out.LayerNorm = MaskedLayerNorm.from_layernorm(out.LayerNorm, masks, 2 * i + 2)
-                self._hooks.append(out.dense.register_forward_pre_hook(self._mask_hook("neuron", i)))
-                self._hooks.append(out.register_forward_hook(self._skip_hook("neuron", i)))
+                self.hooks.mask_input(out.dense, "neuron", i)
+                self.hooks.skip_output(out, "neuron", i, residual_input)
         return masks
-
-    # The hooks are partials of bound methods, not closures: `copy.deepcopy` of a masked model then binds
-    # the copy's hooks to the copy's structure and masks (a closure would keep reading the original's).
-    def _mask_hook(self, kind: str, layer: int):
-        return functools.partial(self._apply_mask, kind, layer)
-
-    def _apply_mask(self, kind: str, layer: int, module: nn.Module, args: tuple) -> tuple:
-        x, masks = args[0], self.masks
-        if masks.enabled and not (masks.head_full if kind == "head" else masks.neuron_full)[layer]:
-            m = masks.get(kind, layer).to(x.dtype)
-            x = x * (m.repeat_interleave(self.head_dim) if kind == "head" else m)
-        if masks.observing():
-            masks.observer.observe(kind, layer, x)
-        return (x, *args[1:])
-
-    def _skip_hook(self, kind: str, layer: int):
-        return functools.partial(self._apply_skip, kind, layer)
-
-    def _apply_skip(self, kind: str, layer: int, module: nn.Module, args: tuple, output: torch.Tensor):
-        masks = self.masks
-        if masks.enabled and (masks.head_zero if kind == "head" else masks.neuron_zero)[layer]:
-            return args[1]  # the residual input: the sublayer is skipped
-        return output
-
-    def _drop_hooks(self, *modules: nn.Module) -> None:
-        """Remove the mask hooks of modules about to be replaced: their handles would otherwise point at
-        freed hook dicts, and `copy.deepcopy` of the model (export) fails on such dead handles."""
-        dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
-        keep = []
-        for handle in self._hooks:
-            if any(handle.hooks_dict_ref() is d for d in dicts):
-                handle.remove()
-            else:
-                keep.append(handle)
-        self._hooks = keep
 
     def remove_masks(self) -> None:
         """Drop hooks and masks and restore plain LayerNorms (for export)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        for module in list(self.model.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, MaskedLayerNorm):
-                    setattr(module, name, child.to_layernorm())
-        if hasattr(self.model, "apt_masks"):
-            del self.model.apt_masks
+        self.hooks.remove_all(self.model)
         self.masks = None
 
     # ----------------------------------------------------------------- compaction
     def compact(self) -> SliceLog:
         """Physically remove every block whose mask is 0; masks must be hard (0/1). Returns the slice log."""
         masks = self.masks
-        if masks is None:
-            raise RuntimeError("compact() needs installed masks (call install_masks first)")
-        if not masks.is_hard():
-            raise ValueError("compact() needs hard 0/1 masks; finish the mask-decay window first")
-        names = {m: n for n, m in self.model.named_modules()}
-        log = SliceLog()
-
-        def cut(module: nn.Module, ops: list) -> None:
-            log.record(names[module], ops)
-
+        log, cut = start_compaction(self.model, masks)
         hid = None if masks.hidden_full else masks.kept("hidden")
         if hid is not None:
             emb = self.base.embeddings
@@ -214,16 +217,14 @@ class BertStructure:
     def _compact_attention(self, i: int, layer: nn.Module, hid: torch.Tensor | None, cut) -> None:
         masks = self.masks
         if masks.head_zero[i]:
-            self._drop_hooks(layer.attention.output, layer.attention.output.dense)
+            self.hooks.drop(layer.attention.output, layer.attention.output.dense)
             layer.attention = SkippedAttention()
             return
         att, out = layer.attention.self, layer.attention.output
         chan = None
         if not masks.head_full[i]:
             heads = masks.kept("head", i)
-            chan = (
-                heads[:, None] * self.head_dim + torch.arange(self.head_dim, device=heads.device)
-            ).flatten()
+            chan = head_channels(heads, self.head_dim)
             att.num_attention_heads = len(heads)
             att.all_head_size = len(chan)
         if chan is None and hid is None:
@@ -237,7 +238,7 @@ class BertStructure:
     def _compact_ffn(self, i: int, layer: nn.Module, hid: torch.Tensor | None, cut) -> None:
         masks = self.masks
         if masks.neuron_zero[i]:
-            self._drop_hooks(layer.output, layer.output.dense)
+            self.hooks.drop(layer.output, layer.output.dense)
             layer.intermediate, layer.output = nn.Identity(), SkippedFFNOutput()
             return
         neurons = None if masks.neuron_full[i] else masks.kept("neuron", i)
@@ -258,25 +259,11 @@ class BertStructure:
             )
         had_masks = self.masks is not None
         masks = self.install_masks()
-
-        def first(n: int, total: int, what: str) -> torch.Tensor:
-            if n > total:
-                raise ValueError(f"{what}: {n} exceeds the model's {total}")
-            return (torch.arange(total) < n).float()
-
         for i in range(shapes.num_layers):
-            masks.set("head", first(shapes.heads[i], current.heads[i], f"heads of layer {i}"), i)
-            masks.set("neuron", first(shapes.neurons[i], current.neurons[i], f"neurons of layer {i}"), i)
-        masks.set("hidden", first(shapes.hidden, current.hidden, "hidden size"))
+            masks.set("head", first_n(shapes.heads[i], current.heads[i], f"heads of layer {i}"), i)
+            masks.set("neuron", first_n(shapes.neurons[i], current.neurons[i], f"neurons of layer {i}"), i)
+        masks.set("hidden", first_n(shapes.hidden, current.hidden, "hidden size"))
         self.compact()
-        self._full = ModelShapes(
-            self.shapes().heads,
-            self.shapes().neurons,
-            shapes.hidden,
-            self.head_dim,
-            shapes.full_heads,
-            shapes.full_neurons,
-            shapes.full_hidden,
-        )
+        self._full = shapes
         if not had_masks:
             self.remove_masks()
