@@ -102,6 +102,10 @@ def _smollm2_path() -> str:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # not a concurrent conversion that finished first
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -146,5 +150,9 @@ def resolve_backbone(name: str) -> str:
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """Load the tokenizer for a backbone name as understood by :func:`resolve_backbone`."""
-    return AutoTokenizer.from_pretrained(resolve_backbone(name))
+    """Load the tokenizer for a backbone name as understood by :func:`resolve_backbone`. A tokenizer without
+    a padding token (decoders) pads with its end-of-sequence token, so batches can be padded."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(name))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

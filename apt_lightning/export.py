@@ -101,7 +101,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
         for k, v in state.items()
         if k in expected and expected[k].shape != v.shape
     ]
-    missing = sorted(set(expected) - set(state) - _non_persistent(model))
+    missing = sorted(set(expected) - set(state) - _non_persistent(model) - _tied_copies(model, state))
     unexpected = sorted(set(state) - set(expected))  # e.g. weights of a sublayer the sidecar says is skipped
     if bad or missing or unexpected:
         raise ValueError(
@@ -112,6 +112,14 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
         )
     model.load_state_dict(state, strict=False)
     return model.to(dtype).eval()
+
+
+def _tied_copies(model: nn.Module, present) -> set[str]:
+    """Names of parameters that share their tensor with a saved one (tied embeddings are saved once)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+    return {n for names in by_tensor.values() if any(m in present for m in names) for n in names}
 
 
 def _non_persistent(model: nn.Module) -> set[str]:

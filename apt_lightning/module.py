@@ -99,6 +99,10 @@ class APTModule(LightningModule):
             self.student = AutoModelForSequenceClassification.from_config(
                 AutoConfig.from_pretrained(path, **kw)
             )
+        if self.student.config.pad_token_id is None:  # decoders: the classifier reads the last non-pad token
+            from apt_lightning.backbone import load_tokenizer
+
+            self.student.config.pad_token_id = load_tokenizer(backbone).pad_token_id
         self.optimizer_factory = optimizer
         self.scheduler_factory = _checked_scheduler_factory(lr_scheduler)
         self.lr_scale = 1.0

@@ -209,11 +209,10 @@ class AdaptivePruning(Callback):
             self._finish_event(trainer, pl_module, keep)
 
     def _finish_event(self, trainer: Trainer, pl_module: LightningModule, keep: BlockTensors) -> None:
-        structure = pl_module.structure
+        kept_count = kept_param_count(keep, pl_module.structure.shapes())  # `keep` has the pre-compaction widths
         if self.compact_at != "never" and self.next_event >= self.num_events:
             self._compact(pl_module)
         heads, neurons, hidden = keep.counts()
-        kept_count = kept_param_count(keep, structure.shapes())
         record = self.history[-1]
         record.update(
             {

@@ -1,0 +1,297 @@
+"""The LLaMA family (grouped-query attention, SwiGLU, RMSNorm, tied embeddings) on tiny random decoders:
+masked == compacted, exact counts, the GQA-aware search, export round trip, greedy generation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, logits
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, Qwen2Config
+
+from apt_lightning.adapters import AdapterConfig, adapter_modules, inject_adapters, merge_adapters
+from apt_lightning.export import SIDECAR, export_pruned, load_pruned
+from apt_lightning.pruning import BlockTensors, kept_param_count, select_blocks
+from apt_lightning.structure import ModelShapes, UnitCosts, get_structure
+from apt_lightning.structure.families.llama import SkippedMLP, SkippedSelfAttention
+
+LAYERS, HEADS, KV, HEAD_DIM, HIDDEN, FFN, VOCAB = 4, 6, 3, 8, 48, 40, 120
+ATOL = 1e-4  # fp32, several layers of products and fp32 RMSNorms
+
+
+def tiny_decoder(kind: str = "causal", tied: bool = True, arch: str = "llama", seed: int = 0, **overrides):
+    kw = dict(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV,
+        head_dim=HEAD_DIM,
+        intermediate_size=FFN,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+        num_labels=3,
+        pad_token_id=0,
+        initializer_range=0.2,
+        attn_implementation="eager",
+    )
+    kw.update(overrides)
+    config = Qwen2Config(**kw) if arch == "qwen2" else LlamaConfig(**kw)
+    torch.manual_seed(seed)
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    return auto.from_config(config).eval()
+
+
+def batch(seed: int = 0, n: int = 3, length: int = 9) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[0, 6:] = 0
+    ids[0, 6:] = 0  # right padding with the pad id (sequence classification reads the last real token)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def with_adapters(model: nn.Module, seed: int = 0) -> nn.Module:
+    inject_adapters(model, AdapterConfig(rank=4, alpha=8.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in adapter_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
+    return model
+
+
+def hard_masks(model: nn.Module, seed: int = 0) -> dict:
+    """Layer 0 loses every head, layer 1 every neuron and one whole KV group, layer 2 keeps uneven groups,
+    layer 3 keeps everything but some neurons; a quarter of the hidden dims go."""
+    masks = get_structure(model).install_masks()
+    g = torch.Generator().manual_seed(seed)
+    heads = {0: [], 1: [2, 3, 5], 2: [0, 2, 3, 4, 5], 3: list(range(HEADS))}  # groups of 2: (0,1) (2,3) (4,5)
+    for layer, keep in heads.items():
+        m = torch.zeros(HEADS)
+        m[keep] = 1.0
+        masks.set("head", m, layer)
+        n = torch.ones(FFN) if layer != 1 else torch.zeros(FFN)
+        if layer in (0, 2, 3):
+            n[torch.randperm(FFN, generator=g)[: FFN // 3]] = 0.0
+        masks.set("neuron", n, layer)
+    h = torch.ones(HIDDEN)
+    h[torch.randperm(HIDDEN, generator=g)[: HIDDEN // 4]] = 0.0
+    masks.set("hidden", h)
+    return {"heads": [len(v) for v in heads.values()]}
+
+
+CASES = [("causal", True, "llama"), ("causal", False, "llama"), ("seqcls", True, "llama"), ("causal", True, "qwen2")]
+
+
+@pytest.mark.parametrize("kind, tied, arch", CASES)
+def test_masked_equals_compacted(kind, tied, arch):
+    model = with_adapters(tiny_decoder(kind, tied, arch, attention_bias=arch == "qwen2"))
+    x = batch()
+    dense = logits(model, x)
+    hard_masks(model)
+    masked = logits(model, x)
+    assert (masked - dense).abs().max() > 1e-3  # the masks matter
+    structure = get_structure(model)
+    structure.compact()
+    layers = model.model.layers
+    assert isinstance(layers[0].self_attn, SkippedSelfAttention) and isinstance(layers[1].mlp, SkippedMLP)
+    torch.testing.assert_close(logits(model, x), masked, rtol=0, atol=ATOL)
+    s = structure.shapes()
+    assert s.heads == [0, 3, 5, 6] and s.kv_groups == [[], [2, 1], [1, 2, 2], [2, 2, 2]]
+    assert layers[1].self_attn.k_proj.out_features == 2 * HEAD_DIM  # the KV head of the dead group is gone
+    assert layers[2].self_attn.apt_kv_index.tolist() == [0, 1, 1, 2, 2]  # uneven groups: gathered k/v
+    assert layers[3].self_attn.num_key_value_groups == 2 and not hasattr(layers[3].self_attn, "apt_kv_index")
+    if tied and kind == "causal":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    structure.remove_masks()
+    merge_adapters(model)
+    torch.testing.assert_close(logits(model, x), masked, rtol=0, atol=ATOL)
+
+
+def test_counted_parameters_are_the_real_tensor_sizes():
+    model = with_adapters(tiny_decoder())
+    structure = get_structure(model)
+    full = structure.shapes()
+    assert full.costs == UnitCosts(head=2 * HEAD_DIM, kv_head=2 * HEAD_DIM, neuron=3)
+    hard_masks(model)
+    structure.compact()
+    structure.remove_masks()
+    merge_adapters(model)
+    s = structure.shapes()
+    weights = sum(
+        p.numel()
+        for name, p in model.model.layers.named_parameters()
+        if name.endswith("proj.weight")
+    )
+    assert s.counted_params() == weights
+    norms = model.model.norm.weight.numel()
+    assert structure.exact_param_count() == sum(p.numel() for p in model.model.layers.parameters()) + norms
+    assert full.full().counted_params() == HIDDEN * LAYERS * (2 * HEADS * HEAD_DIM + 2 * KV * HEAD_DIM + 3 * FFN)
+
+
+def test_greedy_generation_of_compacted_equals_masked():
+    model = with_adapters(tiny_decoder())
+    hard_masks(model)
+    prompt = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        masked = model.generate(prompt, **kw)
+        get_structure(model).compact()
+        compacted = model.generate(prompt, **kw)
+    assert torch.equal(masked, compacted)
+
+
+def test_export_round_trip_in_a_fresh_process(tmp_path):
+    model = with_adapters(tiny_decoder(tied=True))
+    hard_masks(model)
+    x = batch(seed=4)
+    expected = logits(model, x)
+    folder = export_pruned(model, tmp_path / "exported")
+    sidecar = json.loads((folder / SIDECAR).read_text())
+    assert sidecar["shapes"]["kv_groups"] == [[], [2, 1], [1, 2, 2], [2, 2, 2]]
+    torch.save(x, tmp_path / "batch.pt")
+    code = (
+        "import sys, torch\nfrom apt_lightning.export import load_pruned\n"
+        "m = load_pruned(sys.argv[1])\nx = torch.load(sys.argv[2])\n"
+        "assert m.lm_head.weight is m.model.embed_tokens.weight\n"
+        "with torch.no_grad():\n    torch.save(m(**x).logits, sys.argv[3])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "logits.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(folder), str(tmp_path / "batch.pt"), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.testing.assert_close(torch.load(out), expected, rtol=0, atol=ATOL)
+    torch.testing.assert_close(logits(load_pruned(folder), x), expected, rtol=0, atol=ATOL)
+
+
+def test_defaults_adapters_on_q_and_v_and_the_score_head():
+    from apt_lightning.structure import family_of
+
+    model = tiny_decoder("seqcls")
+    added = inject_adapters(model, AdapterConfig())
+    assert sorted({n.rsplit(".", 1)[-1] for n in added}) == ["q_proj", "v_proj"]
+    assert family_of("llama").head_modules == ["score"]
+
+
+# ---------------------------------------------------------------- the search under grouped-query attention
+def gqa_shapes(heads_per_group: list[list[int]], neurons: list[int], hidden: int, dh: int = 4) -> ModelShapes:
+    return ModelShapes(
+        [sum(g) for g in heads_per_group],
+        neurons,
+        hidden,
+        dh,
+        UnitCosts(2 * dh, 2 * dh, 3),
+        kv_groups=heads_per_group,
+    )
+
+
+def reference_prefix(shapes: ModelShapes, scores: BlockTensors, budget: int):
+    """Blocks in density order and the longest prefix within the budget, a KV head charged with the first
+    query head of its group (computed block by block)."""
+    costs = [c.tolist() for c in __import__("apt_lightning.pruning", fromlist=["x"]).block_costs(shapes).heads]
+    d, c = shapes.hidden, shapes.costs
+    blocks = []
+    for layer, h in enumerate(shapes.heads):
+        groups = shapes.head_groups(layer)
+        for j in range(h):
+            blocks.append((float(scores.heads[layer][j]) / costs[layer][j], "head", layer, j, groups[j]))
+    for layer, f in enumerate(shapes.neurons):
+        blocks += [(float(scores.neurons[layer][j]) / (c.neuron * d), "neuron", layer, j, None) for j in range(f)]
+    per_dim = shapes.counted_params() / d
+    blocks += [(float(scores.hidden[j]) / per_dim, "hidden", -1, j, None) for j in range(d)]
+    order = sorted(range(len(blocks)), key=lambda i: -blocks[i][0])
+
+    def count(prefix):
+        width, hidden, groups = 0, 0, set()
+        for i in prefix:
+            _, kind, layer, _, group = blocks[i]
+            if kind == "head":
+                width += c.head + (c.kv_head if (layer, group) not in groups else 0)
+                groups.add((layer, group))
+            elif kind == "neuron":
+                width += c.neuron
+            else:
+                hidden += 1
+        return hidden * width
+
+    k = 0
+    while k < len(order) and count(order[: k + 1]) <= budget:
+        k += 1
+    return blocks, order, k, count
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_search_charges_a_kv_head_with_the_first_query_head_of_its_group(seed):
+    g = torch.Generator().manual_seed(seed)
+    groups = [[3, 3, 3], [1, 2, 3], [2, 2]]
+    shapes = gqa_shapes(groups, [12, 0, 7], 16)
+    scores = BlockTensors.full(shapes).map(lambda t: torch.rand(t.shape, generator=g))
+    budget = int((0.2 + 0.6 * float(torch.rand((), generator=g))) * shapes.counted_params())
+    keep = select_blocks(scores, shapes, budget)
+    blocks, order, k, count = reference_prefix(shapes, scores, budget)
+    kept = {(b[1], b[2], b[3]) for b in (blocks[i] for i in order[:k])}
+    got = set()
+    for layer, t in enumerate(keep.heads):
+        got |= {("head", layer, int(j)) for j in torch.nonzero(t).flatten()}
+    for layer, t in enumerate(keep.neurons):
+        got |= {("neuron", layer, int(j)) for j in torch.nonzero(t).flatten()}
+    got |= {("hidden", -1, int(j)) for j in torch.nonzero(keep.hidden).flatten()}
+    assert got == kept
+    assert kept_param_count(keep, shapes) == count(order[:k]) <= budget
+    if k < len(order):
+        assert count(order[: k + 1]) > budget
+
+
+def test_aligned_search_stays_within_budget_with_kv_heads():
+    g = torch.Generator().manual_seed(7)
+    shapes = gqa_shapes([[2, 2, 2]] * 4, [64] * 4, 64, dh=8)
+    scores = BlockTensors.full(shapes).map(lambda t: torch.rand(t.shape, generator=g))
+    budget = int(0.5 * shapes.counted_params())
+    keep = select_blocks(scores, shapes, budget, multiple_of=16)
+    heads, neurons, hidden = keep.counts()
+    assert hidden % 16 == 0 and all(n % 16 == 0 for n in neurons) and all(h % 2 == 0 for h in heads)
+    assert 0.9 * budget < kept_param_count(keep, shapes) <= budget
+
+
+# ---------------------------------------------------------------- real weights
+@pytest.mark.slow
+def test_smollm2_masked_equals_compacted_and_generates():
+    from apt_lightning.backbone import load_tokenizer, resolve_backbone
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_backbone("smollm2-135m"), dtype=torch.float32).eval()
+    tok = load_tokenizer("smollm2-135m")
+    structure = get_structure(model)
+    assert structure.shapes().kv_groups[0] == [3, 3, 3] and structure._tied()
+    masks = structure.install_masks()
+    g = torch.Generator().manual_seed(0)
+    for layer in range(30):
+        keep = (torch.rand(9, generator=g) > 0.4).float()
+        if layer == 3:
+            keep.zero_()
+        if layer == 5:
+            keep[:3] = 0.0  # a whole KV group
+        masks.set("head", keep, layer)
+        masks.set("neuron", (torch.rand(1536, generator=g) > (1.0 if layer == 7 else 0.3)).float(), layer)
+    h = torch.ones(576)
+    h[torch.randperm(576, generator=g)[:64]] = 0.0
+    masks.set("hidden", h)
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        masked = model(ids).logits
+        masked_gen = model.generate(ids, max_new_tokens=6, do_sample=False)
+        structure.compact()
+        torch.testing.assert_close(model(ids).logits, masked, rtol=0, atol=1e-3)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), masked_gen)
+    structure.remove_masks()
+    s = structure.shapes()
+    weights = sum(p.numel() for n, p in model.model.layers.named_parameters() if n.endswith("proj.weight"))
+    assert s.counted_params() == weights
