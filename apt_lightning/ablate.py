@@ -1099,9 +1099,9 @@ def _versions() -> dict:
 
 # ---------------------------------------------------------------------- inference phase
 def load_benchmark() -> Callable[..., dict] | None:
-    """`apt_lightning.bench.benchmark`, or None when it is not available (tests replace this seam)."""
+    """`apt_lightning.tools.bench.benchmark`, or None when it is not available (tests replace this seam)."""
     try:
-        from apt_lightning.bench import benchmark
+        from apt_lightning.tools.bench import benchmark
     except ImportError:
         return None
     return benchmark
@@ -1111,7 +1111,7 @@ _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float3
 
 
 def bench_settings(options: dict) -> tuple[str, str]:
-    """(dtype, device) for `apt_lightning.bench.benchmark`: `auto` is bf16 on CUDA, fp32 on the CPU."""
+    """(dtype, device) for `apt_lightning.tools.bench.benchmark`: `auto` is bf16 on CUDA, fp32 on the CPU."""
     import torch
 
     device = str(options["device"])
@@ -1213,7 +1213,7 @@ def bench_runs(
         return result
     bench = load_benchmark()
     if bench is None:
-        log("[bench] apt_lightning.bench is not available: inference efficiency not measured")
+        log("[bench] apt_lightning.tools.bench is not available: inference efficiency not measured")
         return result
     import torch
     import transformers

@@ -6,8 +6,8 @@ Inputs (per run folder ``<suite_dir>/<variant>/<task>/seed<N>/``, written by `ap
 ``run.json`` (what the run is), ``done.json`` / ``failed.json`` (status), ``logs/efficiency.json``
 (EfficiencyMonitor: memory, step time, metric history, pruning overhead), ``logs/pruning.json``
 (AdaptivePruning events), ``logs/metrics.csv`` (CSVLogger; the fallback for the metric history),
-``inference.json`` (the exported model and the dense model under `apt_lightning.bench.benchmark`), and the
-suite folder's ``suite.json`` (descriptions, the FT reference variant). Missing pieces leave blanks.
+``inference.json`` (the exported model and the dense model under `apt_lightning.tools.bench.benchmark`),
+and the suite folder's ``suite.json`` (descriptions, the FT reference variant). Missing pieces leave blanks.
 
 Outputs, each written atomically: ``runs.csv`` (one row per run), ``results.csv`` (one row per variant
 and task: mean, spread and ratios), ``RESULTS.md`` (readable on its own), ``metric_vs_sparsity.png``,
@@ -721,9 +721,9 @@ def _definitions(bench: dict | None, inf_device: str | None) -> list[str]:
         "- **score+search**: seconds spent computing block scores and searching the blocks to keep, summed "
         "over training; **of step time**: that total over the summed step time.",
         "- **inference**: the final checkpoint with adapters merged and pruned blocks physically removed, "
-        f"timed by `apt_lightning.bench.benchmark` on random token ids{at}{on}, against the unpruned model "
-        "of the same backbone and task measured the same way. Speedup = samples/s ratio; latency = median "
-        "forward time of one batch; peak mem = weights + activations.",
+        f"timed by `apt_lightning.tools.bench.benchmark` on random token ids{at}{on}, against the unpruned "
+        "model of the same backbone and task measured the same way. Speedup = samples/s ratio; latency = "
+        "median forward time of one batch; peak mem = weights + activations.",
         "- Runs trained in parallel share one device: training times and memory compare within the suite, "
         "not with a run alone on a device. Inference is measured after all training, one model at a time.",
         "",
