@@ -2,7 +2,7 @@
 
 Usage: ``apt-ablate report SUITE_DIR`` or ``python -m apt_lightning.report SUITE_DIR``.
 
-Inputs (per run folder ``<suite_dir>/<variant>/<task>/seed<N>/``, written by `apt_lightning.ablate`):
+Inputs (per run folder ``<suite_dir>/<variant>/<task>/seed<N>/``, written by `apt_lightning.tools.suite`):
 ``run.json`` (what the run is), ``done.json`` / ``failed.json`` (status), ``logs/efficiency.json``
 (EfficiencyMonitor: memory, step time, metric history, pruning overhead), ``logs/pruning.json``
 (AdaptivePruning events), ``logs/metrics.csv`` (CSVLogger; the fallback for the metric history),
