@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import GLUE_DIR, REPO
 
-from apt_lightning.report import collect_runs, effects, paper_scores, write_report
+from apt_lightning.tools.report import collect_runs, effects, paper_scores, write_report
 from apt_lightning.tools.suite import cli, compose, inference, layout, train
 from apt_lightning.tools.suite.compose import plan
 from apt_lightning.tools.suite.load import load_suite, parse_sets

@@ -1,2 +1,2 @@
-"""The command-line tools built on the library (`bench`: apt-bench; `suite`: apt-ablate). They import the
-library; the library never imports them."""
+"""The command-line tools built on the library: `bench` (apt-bench), `suite` (apt-ablate) and `report` (the
+ablation report). They import the library; the library never imports them."""

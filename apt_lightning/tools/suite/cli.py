@@ -7,14 +7,14 @@ Usage::
                [--force] [--strict] [--no-bench] [--dry-run]
     apt-ablate bench SUITE [...]     # inference benchmarks of finished runs only
     apt-ablate plan SUITE [...]      # list the runs and their status, run nothing
-    apt-ablate report SUITE_DIR      # results.csv, runs.csv, RESULTS.md and plots (apt_lightning.report)
+    apt-ablate report SUITE_DIR      # results.csv, runs.csv, RESULTS.md and plots (tools.report)
     apt-ablate relabel SUITE OLD:NEW [...]   # finished runs to the variant whose config they have
                                              # (after a recipe change; tools.suite.relabel)
 
 The parts: the overlay language (`overlay`), the suite file (`load`, into `spec`), each run's config
 (`compose`), the run folder's files (`layout`), GPU selection (`gpus`), the training processes
 (`train`), the inference measurements (`inference`), ``suite.json`` (`meta`), renaming finished runs
-(`relabel`); the report lives in `apt_lightning.report`.
+(`relabel`); the report lives in `apt_lightning.tools.report`.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "report":
-        from apt_lightning.report import write_report
+        from apt_lightning.tools.report import write_report
 
         if not Path(args.suite_dir).is_dir():
             parser.exit(2, f"apt-ablate: error: suite folder {args.suite_dir} not found\n")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         benched = bench_runs(suite, runs, force=args.force)
         failed += benched["failed"]
     if args.command == "run" and not args.no_report:
-        from apt_lightning.report import write_report
+        from apt_lightning.tools.report import write_report
 
         print(f"report: {write_report(suite.output_dir)}")
     if failed:
