@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from apt_lightning.bench import Runner, model_from_config, preset_config, prune_to_sparsity
 from apt_lightning.files import write_text_atomic
 from apt_lightning.fusion import fuse_for_inference
-from apt_lightning.structure import ModelShapes, get_structure
+from apt_lightning.pruning import prune_to_sparsity
+from apt_lightning.structure import ModelShapes, get_structure, preset_config
+from apt_lightning.tools.bench import Runner, model_from_config
 
 # name: (fusions, TorchInductor config patch, torch.compile mode)
 OPTIONS = {

@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from apt_lightning.bench import DTYPES, PRESETS, Runner, model_from_config, preset_config, prune_to_sparsity
 from apt_lightning.files import write_text_atomic
 from apt_lightning.fusion import FUSIONS, fuse_for_inference
+from apt_lightning.pruning import prune_to_sparsity
+from apt_lightning.structure import preset_config
+from apt_lightning.tools.bench import DTYPES, PRESETS, Runner, model_from_config
 
 
 def _kernels(runner: Runner, passes: int, top: int) -> tuple[list[dict], float]:

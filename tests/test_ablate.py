@@ -11,9 +11,12 @@ import pytest
 import yaml
 from conftest import GLUE_DIR, REPO
 
-from apt_lightning import ablate
-from apt_lightning.ablate import SuiteError, apply_overlay, load_overlay, load_suite, plan, set_dotted
-from apt_lightning.report import collect_runs, effects, paper_scores, write_report
+from apt_lightning.tools.report import collect_runs, effects, paper_scores, write_report
+from apt_lightning.tools.suite import cli, compose, inference, layout, train
+from apt_lightning.tools.suite.compose import plan
+from apt_lightning.tools.suite.load import load_suite, parse_sets
+from apt_lightning.tools.suite.overlay import apply_overlay, load_overlay, set_dotted
+from apt_lightning.tools.suite.spec import SuiteError
 
 ABLATIONS = REPO / "configs" / "ablations"
 SUITES = REPO / "configs" / "suites"
@@ -328,11 +331,11 @@ def test_missing_suite_and_cli_errors(tmp_path, capsys):
     with pytest.raises(SuiteError, match="suite file .*nope.yaml not found"):
         load_suite(tmp_path / "nope.yaml")
     with pytest.raises(SystemExit) as exit_info:
-        ablate.main(["run", str(tmp_path / "nope.yaml")])
+        cli.main(["run", str(tmp_path / "nope.yaml")])
     assert exit_info.value.code == 2
     assert "apt-ablate: error: suite file" in capsys.readouterr().err
     with pytest.raises(SuiteError, match="--set expects KEY=VALUE"):
-        ablate._parse_sets(["novalue"])
+        parse_sets(["novalue"])
 
 
 @needs_glue
@@ -446,7 +449,7 @@ def fake_worker(monkeypatch, tmp_path):
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE_WORKER)
     monkeypatch.setattr(
-        ablate, "worker_command", lambda run_dir, extra: [sys.executable, str(script), str(run_dir)]
+        train, "worker_command", lambda run_dir, extra: [sys.executable, str(script), str(run_dir)]
     )
 
 
@@ -455,7 +458,7 @@ def test_runner_survives_failure_skips_finished_and_is_strict_on_request(tmp_pat
     variants = ["ft", "apt", {"name": "broken", "overlay": "apt"}, "no_distillation"]
     path = _suite(tmp_path, variants=variants, parallel=1)
     argv = ["run", str(path), "--no-bench", "--no-report"]
-    assert ablate.main(argv) == 0  # failures are recorded, not fatal
+    assert cli.main(argv) == 0  # failures are recorded, not fatal
     out = tmp_path / "out"
     assert all((out / v / "sst2" / "seed0" / "done.json").is_file() for v in ("ft", "apt", "no_distillation"))
     failed = json.loads((out / "broken" / "sst2" / "seed0" / "failed.json").read_text())
@@ -466,10 +469,10 @@ def test_runner_survives_failure_skips_finished_and_is_strict_on_request(tmp_pat
     assert _args(apt_config, "EfficiencyMonitor")["reference"] == 0.9
     assert json.loads((out / "apt" / "sst2" / "seed0" / "run.json").read_text())["tta_reference"] == 0.9
 
-    assert ablate.main([*argv, "--strict"]) == 1  # only the failed run is retried
+    assert cli.main([*argv, "--strict"]) == 1  # only the failed run is retried
     text = capsys.readouterr()
     assert "0 done, 3 skipped, 1 failed" in text.out and "1 run(s) failed: broken/sst2/seed0" in text.err
-    assert ablate.main(["run", str(path), "--no-bench", "--no-report", "--variants", "apt", "ft"]) == 0
+    assert cli.main(["run", str(path), "--no-bench", "--no-report", "--variants", "apt", "ft"]) == 0
     assert "0 done, 2 skipped, 0 failed" in capsys.readouterr().out
 
 
@@ -478,7 +481,7 @@ def test_runner_parallel_and_timeout(tmp_path, fake_worker):
     variants = ["ft", "apt", "no_distillation", "no_tuning", {"name": "slow", "overlay": "apt"}]
     suite = load_suite(_suite(tmp_path, variants=variants, parallel=3, timeout_s=3))
     t0 = time.time()
-    result = ablate.train_runs(suite, plan(suite), log=lambda _: None)
+    result = train.train_runs(suite, plan(suite), log=lambda _: None)
     finished = ("ft", "apt", "no_distillation", "no_tuning")
     assert sorted(result["done"]) == sorted(f"{v}/sst2/seed0" for v in finished)
     assert result["failed"] == ["slow/sst2/seed0"]
@@ -493,7 +496,7 @@ def test_runner_spreads_processes_over_gpus(tmp_path, fake_worker, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     suite = load_suite(_suite(tmp_path, variants=variants, parallel=4), gpus="2,5")
     assert suite.gpus == ["2", "5"]
-    ablate.train_runs(suite, plan(suite), log=lambda _: None)
+    train.train_runs(suite, plan(suite), log=lambda _: None)
     logs = [(suite.output_dir / v / "sst2" / "seed0" / "train.log").read_text() for v in variants]
     assert sorted(line.split()[-1] for line in logs) == ["2", "2", "5", "5"]  # two processes per GPU
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
@@ -535,11 +538,11 @@ def test_bench_phase_isolates_failures_and_caches_dense(tmp_path, tiny_backbone_
             raise RuntimeError("bench broke")
         return {"samples_per_s": 10.0, "latency_ms": 1.0, "peak_mb": 1.0}
 
-    monkeypatch.setattr(ablate, "load_final_module", Fake)
+    monkeypatch.setattr(inference, "load_final_module", Fake)
     monkeypatch.setattr(apt_lightning.export, "compact_for_inference", lambda m: m)
-    monkeypatch.setattr(ablate, "load_benchmark", lambda: bench)
+    monkeypatch.setattr(inference, "load_benchmark", lambda: bench)
     suite.benchmark.update(device="cpu", rounds=2)
-    result = ablate.bench_runs(suite, runs, log=lambda _: None)
+    result = inference.bench_runs(suite, runs, log=lambda _: None)
     assert result["done"] == ["ft/sst2/seed0", "no_distillation/sst2/seed0"]
     assert result["failed"] == ["apt/sst2/seed0"]
     error = json.loads((runs[1].run_dir / "inference_failed.json").read_text())["error"]
@@ -548,24 +551,24 @@ def test_bench_phase_isolates_failures_and_caches_dense(tmp_path, tiny_backbone_
     assert info["model"]["rounds_samples_per_s"] == [10.0, 10.0] and info["dtype"] == "fp32"
     assert info["dense"]["params"] > info["model"]["params"]  # the dense tiny BERT, built once
     assert len(list((suite.output_dir / "_dense").glob("*.json"))) == 1
-    result = ablate.bench_runs(suite, runs, log=lambda _: None)  # only the failed one is measured again
+    result = inference.bench_runs(suite, runs, log=lambda _: None)  # only the failed one is measured again
     assert result["done"] == ["apt/sst2/seed0"] and not (runs[1].run_dir / "inference_failed.json").exists()
-    monkeypatch.setattr(ablate, "load_benchmark", lambda: None)
+    monkeypatch.setattr(inference, "load_benchmark", lambda: None)
     messages: list[str] = []
-    assert ablate.bench_runs(suite, runs, force=True, log=messages.append)["done"] == []
+    assert inference.bench_runs(suite, runs, force=True, log=messages.append)["done"] == []
     assert "not available" in messages[0]
 
 
 def test_run_status(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    assert ablate.run_status(run) == "pending"
+    assert layout.run_status(run) == "pending"
     (run / "run.json").write_text(json.dumps({"pid": os.getpid()}))
-    assert ablate.run_status(run) == "pending"  # a live pid, but not a training process of this folder
+    assert layout.run_status(run) == "pending"  # a live pid, but not a training process of this folder
     (run / "failed.json").write_text("{}")
-    assert ablate.run_status(run) == "failed"
+    assert layout.run_status(run) == "failed"
     (run / "done.json").write_text("{}")
-    assert ablate.run_status(run) == "done"
+    assert layout.run_status(run) == "done"
 
 
 # ---------------------------------------------------------------------- report
@@ -756,7 +759,7 @@ def test_report_from_synthetic_runs(tmp_path, capsys):
         assert (root / png).stat().st_size > 1000
     assert not list(root.glob(".*tmp*"))  # atomic writes leave nothing behind
 
-    assert ablate.main(["report", str(root)]) == 0
+    assert cli.main(["report", str(root)]) == 0
     assert "RESULTS.md" in capsys.readouterr().out
 
 
@@ -788,7 +791,7 @@ def test_smoke_suite_end_to_end(tmp_path, tiny_backbone_dir, capsys):
         "--set",
         f"model.init_args.backbone={tiny_backbone_dir}",
     ]
-    assert ablate.main(argv) == 0, capsys.readouterr()
+    assert cli.main(argv) == 0, capsys.readouterr()
     for variant in ("apt", "no_distillation", "ft"):
         run = out / variant / "sst2" / "seed0"
         done = json.loads((run / "done.json").read_text())
@@ -810,13 +813,13 @@ def test_smoke_suite_end_to_end(tmp_path, tiny_backbone_dir, capsys):
     capsys.readouterr()
 
     t0 = time.time()
-    assert ablate.main([*argv, "--no-report"]) == 0
+    assert cli.main([*argv, "--no-report"]) == 0
     assert "0 done, 3 skipped, 0 failed" in capsys.readouterr().out and time.time() - t0 < 60
 
     # a dry run with other settings lists the runs but leaves the record of finished ones alone
     config = out / "apt" / "sst2" / "seed0" / "config.yaml"
     before = config.read_text()
-    assert ablate.main([*argv, "--dry-run", "--set", "trainer.max_steps=99"]) == 0
+    assert cli.main([*argv, "--dry-run", "--set", "trainer.max_steps=99"]) == 0
     assert "done     apt/sst2/seed0" in capsys.readouterr().out and config.read_text() == before
 
 
@@ -843,10 +846,10 @@ def _relabel_suite(tmp_path: Path, mu_max: float | None, variants: list) -> Path
 def _finish_all(suite_path: Path) -> None:
     suite = load_suite(suite_path)
     for run in plan(suite):
-        ablate._prepare(suite, run)
+        train._prepare(suite, run)
         (run.run_dir / "done.json").write_text(
             json.dumps(
-                {"config_digest": ablate.config_digest(run.config), "log_dir": str(run.run_dir / "logs")}
+                {"config_digest": compose.config_digest(run.config), "log_dir": str(run.run_dir / "logs")}
             )
         )
 
@@ -871,22 +874,22 @@ def test_relabel_after_a_recipe_change(tmp_path, capsys):
 
     wrong = ["relabel", str(new_suite), "capped:paper_mu"]  # mu_max 0.5 is not the paper's 1.0
     with pytest.raises(SystemExit):
-        ablate.main(wrong)
+        cli.main(wrong)
     assert "mu_max: the run has 0.5, the new variant 1.0" in capsys.readouterr().err
     assert {p: (out / p / "sst2" / "seed0" / "done.json").read_text() for p in ("apt", "capped")} == before
 
     with pytest.raises(SystemExit):
-        ablate.main(["relabel", str(new_suite), "apt:paper_mu", "capped:paper_mu"])
+        cli.main(["relabel", str(new_suite), "apt:paper_mu", "capped:paper_mu"])
     assert "two variants renamed to the same name" in capsys.readouterr().err
     # apt's folders are the destination of one rename and the source of the other
-    assert ablate.main(["relabel", str(new_suite), "capped:apt", "apt:paper_mu"]) == 0
+    assert cli.main(["relabel", str(new_suite), "capped:apt", "apt:paper_mu"]) == 0
     assert "relabelled 4 run(s)" in capsys.readouterr().out
     assert not (out / "capped").exists()
     suite = load_suite(new_suite)
     for run in plan(suite):
         meta = json.loads((run.run_dir / "run.json").read_text())
         done = json.loads((run.run_dir / "done.json").read_text())
-        assert meta["variant"] == run.variant.name and done["config_digest"] == ablate.config_digest(
+        assert meta["variant"] == run.variant.name and done["config_digest"] == compose.config_digest(
             run.config
         )
         assert meta["relabelled_from"] == {"apt": "capped", "paper_mu": "apt"}[run.variant.name]
@@ -897,17 +900,17 @@ def test_relabel_after_a_recipe_change(tmp_path, capsys):
         "apt",
         "paper_mu",
     ]
-    assert ablate.main(["run", str(new_suite), "--no-bench", "--no-report"]) == 0  # nothing to train
+    assert cli.main(["run", str(new_suite), "--no-bench", "--no-report"]) == 0  # nothing to train
     assert "0 done, 4 skipped" in capsys.readouterr().out
 
     with pytest.raises(SystemExit):
-        ablate.main(["relabel", str(new_suite), "apt-paper_mu"])
+        cli.main(["relabel", str(new_suite), "apt-paper_mu"])
     assert "renames are OLD:NEW pairs" in capsys.readouterr().err
     assert not list(out.glob(".relabel*"))  # no stage left behind
 
 
 def test_relabel_puts_every_run_back_when_a_move_fails(tmp_path, monkeypatch):
-    from apt_lightning import relabel as relabel_module
+    from apt_lightning.tools.suite import relabel as relabel_module
 
     capped = {
         "name": "capped",

@@ -7,9 +7,10 @@ import torch
 from conftest import tiny_batch, tiny_config, tiny_model
 from helpers_apt import quiet_trainer
 
-from apt_lightning import bench
-from apt_lightning.bench import benchmark, prune_to_sparsity, run_cli
-from apt_lightning.structure import get_structure
+from apt_lightning.pruning import prune_to_sparsity
+from apt_lightning.structure import get_structure, preset_config
+from apt_lightning.tools import bench
+from apt_lightning.tools.bench import benchmark, cli, protocol, run_cli
 
 FAST = [
     "--batch-sizes",
@@ -127,12 +128,12 @@ def test_blocks_sized_by_time_fill_about_that_time():
     runner.timed(3)
     per_pass = sorted(runner.times)[1]
     assert runner.passes_for(per_pass * 37.5) == 38
-    assert runner.passes_for(per_pass / 2) == bench._MIN_BLOCK  # never fewer than 10
+    assert runner.passes_for(per_pass / 2) == protocol._MIN_BLOCK  # never fewer than 10
     models = {"dense": tiny_model("bert"), "small": tiny_model("bert", intermediate_size=8)}
     results = bench.measure_all(models, [2], 8, "fp32", "cpu", warmup=1, repeats=3, block_seconds=0.02)
     for r in results:
         passes = int(r["throughput_from"].removeprefix("blocks of ").removesuffix(" passes"))
-        assert passes >= bench._MIN_BLOCK and len(r["block_ms_per_pass_all"]) == 3
+        assert passes >= protocol._MIN_BLOCK and len(r["block_ms_per_pass_all"]) == 3
     with pytest.raises(ValueError, match="not both"):
         bench.measure_all(models, [2], 8, "fp32", "cpu", warmup=0, repeats=1, block=2, block_seconds=0.1)
 
@@ -423,7 +424,7 @@ def test_cli_errors(argv, needle, capsys, no_cuda, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(bench, "_load_models", fail)
+    monkeypatch.setattr(cli, "_load_models", fail)
     with pytest.raises(SystemExit) as exc:
         run_cli(argv)
     assert exc.value.code == 2
@@ -455,7 +456,7 @@ def test_console_entry_returns_none(tmp_path, capsys):
 
 
 def test_presets_match_published_shapes():
-    c = bench.preset_config("roberta-base")
+    c = preset_config("roberta-base")
     shape = (
         c.hidden_size,
         c.num_hidden_layers,
@@ -468,7 +469,7 @@ def test_presets_match_published_shapes():
     )
     assert shape == (768, 12, 12, 3072, 50265, 514, 1, 1)
     assert bench.max_seq_len(c) == 512
-    m = bench.preset_config("minilm-l6")
+    m = preset_config("minilm-l6")
     assert (m.hidden_size, m.num_hidden_layers, m.intermediate_size) == (384, 6, 1536)
     with pytest.raises(ValueError, match="unknown preset"):
-        bench.preset_config("t5")
+        preset_config("t5")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import logits, tiny_batch, tiny_model
 
-from apt_lightning.bench import prune_to_sparsity
 from apt_lightning.fusion import FusedSelfAttention, LinearGelu, _linear_gelu, fuse_for_inference
+from apt_lightning.pruning import prune_to_sparsity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

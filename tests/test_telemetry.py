@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from apt_lightning import bench, telemetry
-from apt_lightning.telemetry import ClockSampler
+from apt_lightning.tools.bench import reporting, telemetry
+from apt_lightning.tools.bench.telemetry import ClockSampler
 
 
 def test_unavailable_on_cpu_records_nothing():
@@ -78,7 +78,7 @@ def test_table_names_the_clocks_each_model_ran_at():
             }
         ],
     }
-    table = bench.markdown_table(report)
+    table = reporting.markdown_table(report)
     assert "dense (batch 2): 1755 MHz 650 W; n/a" in table
 
 

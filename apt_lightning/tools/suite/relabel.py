@@ -23,11 +23,14 @@ from typing import Any
 
 import yaml
 
-from apt_lightning import ablate
 from apt_lightning.files import write_json_atomic, write_text_atomic
+from apt_lightning.tools.suite.compose import config_digest, fit_argv, plan, rerun_command
+from apt_lightning.tools.suite.layout import CONFIG, DONE, RUN_META, run_status, seed_folders, seed_of
+from apt_lightning.tools.suite.overlay import callback_list, class_default, class_name
+from apt_lightning.tools.suite.spec import RunSpec, Suite, SuiteError
 
 _ABSENT = object()
-_REFERENCE_ARGS = ("reference", "tta_reference")  # set at launch from the FT run (ablate.set_tta_reference)
+_REFERENCE_ARGS = ("reference", "tta_reference")  # set at launch from the FT run (compose.set_tta_reference)
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -49,8 +52,8 @@ def _is_class_default(flat: dict[str, Any], key: str, value: Any) -> bool:
     if not sep or "." in arg or not isinstance(class_path, str):
         return False
     try:
-        return ablate._class_default(class_path, arg) == value
-    except ablate.SuiteError:
+        return class_default(class_path, arg) == value
+    except SuiteError:
         return False
 
 
@@ -81,11 +84,11 @@ def differences(stored: dict, wanted: dict, old_dir: Path, new_dir: Path) -> lis
     return found
 
 
-def _wanted(run: ablate.RunSpec, stored: dict) -> dict:
+def _wanted(run: RunSpec, stored: dict) -> dict:
     """The new variant's config with the TTA reference the run was launched with (it depends on timing)."""
     wanted = copy.deepcopy(run.config)
-    for new, old in zip(ablate._callbacks(wanted), ablate._callbacks(copy.deepcopy(stored)), strict=False):
-        if ablate._class_name(new) == ablate._class_name(old) == "EfficiencyMonitor":
+    for new, old in zip(callback_list(wanted), callback_list(copy.deepcopy(stored)), strict=False):
+        if class_name(new) == class_name(old) == "EfficiencyMonitor":
             given = {k: v for k, v in (old.get("init_args") or {}).items() if k in _REFERENCE_ARGS}
             new["init_args"] = {**(new.get("init_args") or {}), **given}
     return wanted
@@ -103,35 +106,31 @@ def _read(path: Path, problems: list[str]) -> dict | None:
     return data
 
 
-def relabel(suite: ablate.Suite, renames: dict[str, str], log=print) -> list[tuple[Path, Path]]:
+def relabel(suite: Suite, renames: dict[str, str], log=print) -> list[tuple[Path, Path]]:
     """Move the finished runs of each old variant to the new variant's folders (module docstring). Raises
     `SuiteError`, with nothing moved, if a run's config does not match or its new folder is taken."""
     targets = list(renames.values())
     if len(set(targets)) != len(targets):
-        raise ablate.SuiteError(f"relabel: two variants renamed to the same name: {renames}")
-    planned = {(r.variant.name, r.task.key, r.seed): r for r in ablate.plan(suite)}
+        raise SuiteError(f"relabel: two variants renamed to the same name: {renames}")
+    planned = {(r.variant.name, r.task.key, r.seed): r for r in plan(suite)}
     finished: dict[str, list[Path]] = {}
     for old, new in renames.items():
         if not any(v.name == new for v in suite.variants):
-            raise ablate.SuiteError(f"relabel {old}:{new}: the suite has no variant {new!r}")
-        finished[old] = sorted(
-            p for p in (suite.output_dir / old).glob("*/seed*") if ablate.run_status(p) == "done"
-        )
+            raise SuiteError(f"relabel {old}:{new}: the suite has no variant {new!r}")
+        finished[old] = sorted(p for p in seed_folders(suite.output_dir / old) if run_status(p) == "done")
         if not finished[old]:
-            raise ablate.SuiteError(f"relabel {old}:{new}: no finished runs under {suite.output_dir / old}")
+            raise SuiteError(f"relabel {old}:{new}: no finished runs under {suite.output_dir / old}")
     leaving = {d for dirs in finished.values() for d in dirs}
     plans, problems = [], []
     for old, new in renames.items():
         for old_dir in finished[old]:
-            run = planned.get((new, old_dir.parent.name, int(old_dir.name.removeprefix("seed"))))
+            run = planned.get((new, old_dir.parent.name, int(seed_of(old_dir))))
             if run is None:
                 problems.append(f"{old_dir}: variant {new!r} has no run for this task and seed")
                 continue
             if run.run_dir.exists() and run.run_dir not in leaving:  # a folder being relabelled is free
                 problems.append(f"{old_dir}: {run.run_dir} exists (relabel or remove that run first)")
-            files = [
-                _read(old_dir / name, problems) for name in (ablate.CONFIG, ablate.RUN_META, ablate.DONE)
-            ]
+            files = [_read(old_dir / name, problems) for name in (CONFIG, RUN_META, DONE)]
             if None in files:
                 continue
             stored, meta, done = files
@@ -139,12 +138,12 @@ def relabel(suite: ablate.Suite, renames: dict[str, str], log=print) -> list[tup
             problems += [f"{old_dir}: {d}" for d in differences(stored, wanted, old_dir, run.run_dir)]
             plans.append((old_dir, run, _new_files(suite, run, wanted, meta, done, old_dir)))
     if problems:
-        raise ablate.SuiteError("cannot relabel, nothing moved:\n  " + "\n  ".join(problems))
+        raise SuiteError("cannot relabel, nothing moved:\n  " + "\n  ".join(problems))
     _move_all([(old_dir, run.run_dir) for old_dir, run, _ in plans], suite.output_dir)
     for old_dir, run, (config_text, meta, done) in plans:
-        write_text_atomic(run.run_dir / ablate.CONFIG, config_text)
-        write_json_atomic(run.run_dir / ablate.RUN_META, meta)
-        write_json_atomic(run.run_dir / ablate.DONE, done)
+        write_text_atomic(run.run_dir / CONFIG, config_text)
+        write_json_atomic(run.run_dir / RUN_META, meta)
+        write_json_atomic(run.run_dir / DONE, done)
         log(f"{old_dir} -> {run.run_dir}")
     for old in renames:
         for folder in sorted((suite.output_dir / old).glob("**/"), reverse=True):  # emptied task folders
@@ -180,18 +179,18 @@ def _move_all(moves: list[tuple[Path, Path]], root: Path) -> None:
 
 
 def _new_files(
-    suite: ablate.Suite, run: ablate.RunSpec, wanted: dict, meta: dict, done: dict, old_dir: Path
+    suite: Suite, run: RunSpec, wanted: dict, meta: dict, done: dict, old_dir: Path
 ) -> tuple[str, dict, dict]:
     """config.yaml text, run.json and done.json of the relabelled run."""
-    digest = ablate.config_digest(run.config)
+    digest = config_digest(run.config)
     meta = {
         **meta,
         "variant": run.variant.name,
         "description": run.variant.description,
         "overlay": str(run.variant.overlay_path or ""),
         "config_digest": digest,
-        "fit_command": "apt-fit " + shlex.join(ablate.fit_argv(run, suite.args)),
-        "rerun": ablate.rerun_command(suite, run),
+        "fit_command": "apt-fit " + shlex.join(fit_argv(run, suite.args)),
+        "rerun": rerun_command(suite, run),
         "relabelled_from": meta.get("variant"),
         "trained_as": meta.get("trained_as") or meta.get("variant"),
     }

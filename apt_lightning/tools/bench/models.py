@@ -1,0 +1,92 @@
+"""The models apt-bench times: transformers configs from presets or config.json files, the dense reference
+of a pruned model, and a model's widths and parameter counts."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from apt_lightning.structure import get_structure, preset_names
+
+PRESETS = tuple(preset_names())
+
+
+def config_from_json(path: str | Path, num_labels: int = 2):
+    """A transformers config from a config.json file (or a folder holding one); needs `model_type`."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    data = json.loads(path.read_text())
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{path} has no 'model_type'; it must be a transformers config.json")
+    if "num_labels" not in data and "id2label" not in data:
+        data["num_labels"] = num_labels
+    return AutoConfig.for_model(model_type, **data)
+
+
+def model_from_config(config, attn: str = "sdpa") -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn).eval()
+
+
+def dense_like(model: nn.Module, attn: str = "sdpa") -> nn.Module:
+    """The same architecture at full width, random weights: the reference a pruned model is timed against."""
+    return model_from_config(copy.deepcopy(model.config), attn)
+
+
+def max_seq_len(config) -> int:
+    """Longest input the position embeddings allow (RoBERTa-like models offset positions by pad + 1)."""
+    limit = int(getattr(config, "max_position_embeddings", 1 << 30))
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= int(config.pad_token_id or 0) + 1
+    return limit
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """Parameter counts and widths of a (possibly compacted) model."""
+    info: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
+    try:
+        s = get_structure(model).shapes()
+    except ValueError:
+        return info
+    kept, full = s.counted_params(), s.full().counted_params()
+    info.update(
+        {
+            "apt_params": kept,
+            "apt_params_full": full,
+            "sparsity": 1.0 - kept / full,
+            "heads_per_layer": s.heads,
+            "neurons_per_layer": s.neurons,
+            "hidden": s.hidden,
+        }
+    )
+    return info
+
+
+def unpadded_attention(model: nn.Module) -> str:
+    """Switch `model` to an unpadded variant of its attention implementation (the same attention function,
+    a mask function that returns None) and return the variant's name. Only for inputs without padding."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    impl = model.config._attn_implementation
+    if impl.startswith("unpadded_"):
+        return impl
+    if impl not in AttentionInterface._global_mapping:  # "eager" lives in each model's own module
+        raise ValueError(
+            f"attention implementation {impl!r} cannot be captured in a CUDA graph here; "
+            f"use one of {sorted(AttentionInterface._global_mapping)} (e.g. sdpa)"
+        )
+    name = f"unpadded_{impl}"
+    AttentionInterface.register(name, AttentionInterface._global_mapping[impl])
+    AttentionMaskInterface.register(name, lambda *args, **kwargs: None)
+    model.set_attn_implementation(name)
+    return name

@@ -1,0 +1,178 @@
+"""Collecting a suite folder: one `runs.csv` row per run folder (blanks where a file is missing).
+
+Inputs (per run folder, `apt_lightning.tools.suite.layout`): ``run.json`` (what the run is),
+``done.json`` / ``failed.json`` (status), ``logs/efficiency.json`` (EfficiencyMonitor: memory, step time,
+metric history, pruning overhead), ``logs/pruning.json`` (AdaptivePruning events), ``logs/metrics.csv``
+(CSVLogger; the fallback for the metric history), ``inference.json`` (the exported model and the dense
+model under apt-bench's `benchmark`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from apt_lightning.tools.report.summary import ratio
+from apt_lightning.tools.suite.layout import (
+    BENCH_FAILED,
+    CONFIG,
+    DONE,
+    EFFICIENCY,
+    FAILED,
+    INFERENCE,
+    LOG_DIR,
+    PRUNING,
+    RUN_META,
+    best_metric,
+    metric_history,
+    number,
+    read_json,
+    run_folders,
+    seed_of,
+)
+
+RUN_FIELDS = [
+    "variant",
+    "task_key",
+    "task",
+    "task_label",
+    "seed",
+    "status",
+    "monitor",
+    "best_metric",
+    "final_metric",
+    "sparsity",
+    "sparsity_source",
+    "heads_per_layer",
+    "neurons_per_layer",
+    "hidden",
+    "train_wall_s",
+    "tta_s",
+    "tta_threshold",
+    "tta_source",
+    "peak_memory_mb",
+    "memory_kind",
+    "median_step_s",
+    "train_samples_per_s",
+    "score_s",
+    "search_s",
+    "compact_s",
+    "grow_s",
+    "overhead_fraction",
+    "inf_samples_per_s",
+    "inf_latency_ms",
+    "inf_peak_mb",
+    "inf_params",
+    "dense_samples_per_s",
+    "dense_latency_ms",
+    "dense_peak_mb",
+    "dense_params",
+    "inf_speedup",
+    "inf_latency_ratio",
+    "inf_memory_ratio",
+    "inf_params_ratio",
+    "inf_round_spread",
+    "device",
+    "run_dir",
+    "error",
+]
+
+
+def _sparsity(log_dir: Path, efficiency: dict | None, config_text: str) -> tuple[float | None, str]:
+    structure = (efficiency or {}).get("structure") or {}
+    if number(structure.get("sparsity")) is not None:
+        return float(structure["sparsity"]), "efficiency.json structure"
+    pruning = read_json(log_dir / PRUNING)
+    events = [e for e in (pruning or {}).get("events", []) if number(e.get("achieved_sparsity")) is not None]
+    if events:
+        return float(events[-1]["achieved_sparsity"]), PRUNING
+    if "AdaptivePruning" not in config_text:
+        return 0.0, "no pruning"
+    return None, "missing"
+
+
+def read_run(run_dir: Path) -> dict:
+    """One runs.csv row from a run folder (blanks where a file is missing)."""
+    meta = read_json(run_dir / RUN_META) or {}
+    done, failed = read_json(run_dir / DONE), read_json(run_dir / FAILED)
+    status = "done" if done else "failed" if failed else "incomplete"
+    log_dir = Path((done or {}).get("log_dir") or run_dir / LOG_DIR)
+    if not log_dir.is_dir():
+        log_dir = run_dir / LOG_DIR
+    eff = read_json(log_dir / EFFICIENCY)
+    monitor = meta.get("monitor") or (eff or {}).get("monitor") or "val/accuracy"
+    config = run_dir / CONFIG
+    config_text = config.read_text() if config.is_file() else ""
+    wall = number((eff or {}).get("train_wall_s")) or number((done or {}).get("wall_s"))
+    history, _ = metric_history(run_dir / LOG_DIR, monitor, eff, wall)
+    best = best_metric(eff, done, [v for _, _, v in history])
+    sparsity, sparsity_source = _sparsity(log_dir, eff, config_text)
+    structure = (eff or {}).get("structure") or {}
+    overhead = (eff or {}).get("pruning_overhead") or {}
+    if not overhead:
+        timing = ((read_json(log_dir / PRUNING) or {}).get("timing")) or {}
+        overhead = {k: timing.get(k) for k in ("score_s", "search_s", "compact_s")}
+    inference = read_json(run_dir / INFERENCE) or {}
+    model, dense, e = inference.get("model") or {}, inference.get("dense") or {}, eff or {}
+    bench_error = (read_json(run_dir / BENCH_FAILED) or {}).get("error", "")
+    task = run_dir.parent.name
+    row = {
+        "variant": meta.get("variant", run_dir.parent.parent.name),
+        "task_key": meta.get("task_key", task),
+        "task": meta.get("task", task),
+        "task_label": meta.get("task_label", task),
+        "seed": meta.get("seed", seed_of(run_dir)),
+        "status": status,
+        "monitor": monitor,
+        "best_metric": best,
+        "final_metric": history[-1][2] if history else (done or {}).get("final_metric"),
+        "sparsity": sparsity,
+        "sparsity_source": sparsity_source,
+        "heads_per_layer": " ".join(map(str, structure.get("heads_per_layer") or [])),
+        "neurons_per_layer": " ".join(map(str, structure.get("neurons_per_layer") or [])),
+        "hidden": structure.get("hidden"),
+        "train_wall_s": wall,
+        "peak_memory_mb": number(e.get("peak_memory_mb")),
+        "memory_kind": e.get("memory_kind"),
+        "median_step_s": number(e.get("median_step_s")),
+        "train_samples_per_s": number(e.get("samples_per_s")),
+        "score_s": number(overhead.get("score_s")),
+        "search_s": number(overhead.get("search_s")),
+        "compact_s": number(overhead.get("compact_s")),
+        "grow_s": number(overhead.get("grow_s")),
+        "overhead_fraction": number(overhead.get("per_step_fraction")),
+        "inf_samples_per_s": number(model.get("samples_per_s")),
+        "inf_latency_ms": number(model.get("latency_ms")),
+        "inf_peak_mb": number(model.get("peak_mb")),
+        "inf_params": number(model.get("params")),
+        "dense_samples_per_s": number(dense.get("samples_per_s")),
+        "dense_latency_ms": number(dense.get("latency_ms")),
+        "dense_peak_mb": number(dense.get("peak_mb")),
+        "dense_params": number(dense.get("params")),
+        "device": e.get("device_name") or (done or {}).get("device"),
+        "run_dir": str(run_dir),
+        "error": (failed or {}).get("reason") or bench_error,
+        "_history": history,
+        "_efficiency": eff,
+        "_meta": meta,
+        "_failed": failed,
+        "_done": done,
+        "_inference": inference,
+    }
+    row["inf_speedup"] = ratio(row["inf_samples_per_s"], row["dense_samples_per_s"])
+    row["inf_latency_ratio"] = ratio(row["inf_latency_ms"], row["dense_latency_ms"])
+    row["inf_memory_ratio"] = ratio(row["inf_peak_mb"], row["dense_peak_mb"])
+    row["inf_params_ratio"] = ratio(row["inf_params"], row["dense_params"])
+    spreads = [_spread(model.get("rounds_samples_per_s")), _spread(dense.get("rounds_samples_per_s"))]
+    row["inf_round_spread"] = max((x for x in spreads if x is not None), default=None)
+    return row
+
+
+def _spread(values: list | None) -> float | None:
+    vals = [v for v in (number(x) for x in values or []) if v]
+    return (max(vals) - min(vals)) / statistics.median(vals) if len(vals) > 1 else None
+
+
+def collect_runs(suite_dir: str | Path) -> list[dict]:
+    """Every run folder under `suite_dir` (those holding a run.json), in a stable order."""
+    return [read_run(run_dir) for run_dir in run_folders(Path(suite_dir))]

@@ -1,0 +1,317 @@
+"""RESULTS.md (readable on its own: tables, effects, plots, definitions, variants, runs, sources) and the
+CSV text of runs.csv / results.csv."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+from apt_lightning.tools.report.summary import FULL_METHOD, TTA_FRACTION, effects, paper_scores
+from apt_lightning.tools.suite.layout import CONFIG, TRAIN_LOG
+
+
+# ---------------------------------------------------------------------- writing
+def csv_text(rows: list[dict], fields: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    return buf.getvalue()
+
+
+def _f(value: float | None, spec: str = ".3f", suffix: str = "") -> str:
+    return "–" if value is None else f"{format(value, spec)}{suffix}"
+
+
+def _metric_cell(s: dict) -> str:
+    if s["metric_mean"] is None:
+        return "–"
+    scale = 100.0 if s["monitor"].endswith(("accuracy", "f1")) else 1.0
+    spread = f" ± {s['metric_std'] * scale:.2f}" if s["metric_std"] is not None else ""
+    return f"{s['metric_mean'] * scale:.2f}{spread} (n={s['n']})"
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def _tables(summary: list[dict], tasks: list[str]) -> list[str]:
+    lines: list[str] = []
+    for task in tasks:
+        rows = [s for s in summary if s["task_key"] == task]
+        if not rows:
+            continue
+        metric = rows[0]["monitor"].removeprefix("val/")
+        unit = " (%)" if metric in ("accuracy", "f1") else ""
+        lines += [
+            f"### {rows[0]['task_label']}",
+            "",
+            "Task metric and training efficiency:",
+            "",
+            f"| variant | best dev {metric}{unit}, mean ± std | % of FT | sparsity | TTA (s) | TTA / FT | "
+            "reached | peak train mem (MB) | mem / FT | median step (ms) | score+search (s) | of step time |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in rows:
+            cells = [
+                s["variant"],
+                _metric_cell(s),
+                _f(s["pct_of_ft"], ".1f"),
+                _f(s["sparsity"], ".2f"),
+                _f(s["tta_s"], ".0f"),
+                _f(s["tta_vs_ft"], ".2f", "x"),
+                s["tta_reached"],
+                _f(s["peak_memory_mb"], ".0f"),
+                _f(s["memory_vs_ft"], ".2f", "x"),
+                _f(s["median_step_ms"], ".1f"),
+                _f(s["score_search_s"], ".2f"),
+                _f(_pct(s["overhead_fraction"]), ".1f", "%"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Inference efficiency of the exported model (adapters merged, pruned blocks removed) against "
+            "the dense model:",
+            "",
+            "| variant | params / dense | samples/s | speedup | latency (ms) | latency / dense "
+            "| peak mem (MB) | mem / dense |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        jitter = [s["inf_round_spread"] for s in rows if s.get("inf_round_spread") is not None]
+        if jitter:
+            lines[-2:-2] = [
+                f"(Median of back-to-back rounds; rounds of the same model differed by up to "
+                f"{100 * max(jitter):.0f}% in throughput.)",
+                "",
+            ]
+        for s in rows:
+            cells = [
+                s["variant"],
+                _f(s["inf_params_ratio"], ".2f"),
+                _f(s["inf_samples_per_s"], ".0f"),
+                _f(s["inf_speedup"], ".2f", "x"),
+                _f(s["inf_latency_ms"], ".1f"),
+                _f(s["inf_latency_ratio"], ".2f"),
+                _f(s["inf_peak_mb"], ".0f"),
+                _f(s["inf_memory_ratio"], ".2f"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _rel(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
+def _effects_section(summary: list[dict], meta: dict, tasks: list[str]) -> list[str]:
+    rows = effects(summary, meta)
+    if not rows:
+        return []
+    _, source = paper_scores(meta)
+    lines = [
+        f"## Effects against full APT{f' and in the paper ({source})' if source else ''}",
+        "",
+        f"Effect = the variant's mean metric minus full APT's (`{FULL_METHOD}`) on the same task, in points "
+        "(100 x the difference). "
+        "Clear = larger than twice the standard deviation of APT's seeds. The paper's effect is the same "
+        "difference of its published scores (its model, data and schedule, not this suite's). Verdict: "
+        "agrees / disagrees in direction when the effect here is clear.",
+        "",
+    ]
+    for task in tasks:
+        task_rows = [r for r in rows if r["task_key"] == task]
+        if not task_rows:
+            continue
+        label = next(s["task_label"] for s in summary if s["task_key"] == task)
+        lines += [
+            f"### {label}",
+            "",
+            "| variant | effect here (pts) | clear | paper's effect (pts) | verdict |",
+            "|---|---:|---|---:|---|",
+        ]
+        for r in task_rows:
+            clear = (
+                "n/a" if r["clear"] is None else f"{'yes' if r['clear'] else 'no'} (noise {r['noise']:.2f})"
+            )
+            lines.append(
+                f"| {r['variant']} | {r['effect']:+.2f} | {clear} | "
+                f"{_f(r['paper_effect'], '+.1f')} | {r['verdict']} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _variant_sections(meta: dict, rows: list[dict], order: list[str]) -> list[str]:
+    variants = {v["name"]: v for v in meta.get("variants", [])}
+    suite_file = meta.get("suite_file", "SUITE.yaml")
+    lines = ["## Variants", ""]
+    for name in order:
+        v = variants.get(name, {})
+        runs = [r for r in rows if r["variant"] == name]
+        desc = v.get("description") or next((r["_meta"].get("description") for r in runs if r["_meta"]), "")
+        lines += [f"### {name}", "", (desc or "").strip() or "(no description)", ""]
+        if v.get("overlay"):
+            lines += [
+                f"Overlay `{_rel(v['overlay'])}` on the base recipe `{_rel(v.get('base', ''))}`:",
+                "",
+                "```yaml",
+                (v.get("overlay_text") or "").strip() or "# (empty)",
+                "```",
+                "",
+            ]
+        lines += [f"Rerun all its runs: `apt-ablate run {suite_file} --variants {name} --force`.", ""]
+        example = next((r for r in runs if r["status"] == "done"), runs[0] if runs else None)
+        if example:
+            command = (
+                example["_meta"].get("fit_command") or f"apt-fit fit --config {example['run_dir']}/{CONFIG}"
+            )
+            lines += ["One run by hand (its exact config):", "", "```", command, "```", ""]
+    return lines
+
+
+def _definitions(bench: dict | None, inf_device: str | None) -> list[str]:
+    at = f" at batch {bench.get('batch_size')}, sequence {bench.get('seq_len')}" if bench else ""
+    on = f" on {inf_device}" if inf_device else ""
+    return [
+        "## What the numbers are",
+        "",
+        "- **best dev metric**: the best validation value of the task's primary metric over the run's "
+        "validation checks; mean ± sample standard deviation over seeds (n = finished seeds). Accuracy "
+        "and F1 in %.",
+        "- **% of FT**: mean metric / mean metric of the FT reference on the same task.",
+        "- **sparsity**: fraction of the counted encoder parameters (heads, FFN neurons, hidden dims; "
+        "embeddings and classifier not counted) removed in the final model.",
+        f"- **TTA**: training wall seconds until the dev metric first reached {TTA_FRACTION:.0%} of the FT "
+        "run's best metric of the same task and seed (the FT mean if that seed has no FT run), read from the "
+        "validation history, so it moves in steps of the validation interval; averaged over the seeds that "
+        "reached it (**reached** = k/n). **TTA / FT** divides by the FT reference's own TTA.",
+        "- **peak train mem**: `torch.cuda.max_memory_allocated` during fit on a GPU (the process's peak "
+        "RSS on a CPU). **median step**: median wall time of one optimizer step, the APT callbacks' work "
+        "included.",
+        "- **score+search**: seconds spent computing block scores and searching the blocks to keep, summed "
+        "over training; **of step time**: that total over the summed step time.",
+        "- **inference**: the final checkpoint with adapters merged and pruned blocks physically removed, "
+        f"timed by `apt_lightning.tools.bench.benchmark` on random token ids{at}{on}, against the unpruned "
+        "model of the same backbone and task measured the same way. Speedup = samples/s ratio; latency = "
+        "median forward time of one batch; peak mem = weights + activations.",
+        "- Runs trained in parallel share one device: training times and memory compare within the suite, "
+        "not with a run alone on a device. Inference is measured after all training, one model at a time.",
+        "",
+    ]
+
+
+def _runs_section(rows: list[dict]) -> list[str]:
+    lines = [
+        "## Runs",
+        "",
+        "| run | status | best metric | sparsity | heads kept per layer | train wall (s) | folder |",
+        "|---|---|---:|---:|---|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']}/{r['task_key']}/seed{r['seed']} | {r['status']} | "
+            f"{_f(r['best_metric'], '.4f')} | {_f(r['sparsity'], '.3f')} | {r['heads_per_layer'] or '–'} | "
+            f"{_f(r['train_wall_s'], '.0f')} | `{_rel(r['run_dir'])}` |"
+        )
+    renamed = [r for r in rows if (r["_meta"] or {}).get("relabelled_from")]
+    if renamed:  # variants renamed after a recipe change made their configs those of other names
+        lines += [
+            "",
+            "Relabelled runs (trained under another variant name with the same config; `run.json` "
+            "`relabelled_from`): "
+            + ", ".join(
+                f"{r['variant']}/{r['task_key']}/seed{r['seed']} (was {r['_meta']['relabelled_from']})"
+                for r in renamed
+            )
+            + ".",
+        ]
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        lines += ["", "### Failed runs", ""]
+        for r in failed:
+            f = r["_failed"] or {}
+            tail = "\n".join((f.get("log_tail") or "").splitlines()[-12:])
+            lines += [
+                f"**{r['variant']}/{r['task_key']}/seed{r['seed']}**: {f.get('reason', '')} "
+                f"(exit {f.get('returncode')}); full log `{_rel(r['run_dir'])}/{TRAIN_LOG}`.",
+                "",
+                "```",
+                tail or "(empty log)",
+                "```",
+                "",
+            ]
+    return lines
+
+
+def render_markdown(
+    suite_dir: Path, meta: dict, rows: list[dict], summary: list[dict], plots: list[str]
+) -> str:
+    """RESULTS.md: tables, plots, definitions, variants, runs and sources."""
+    reference = meta.get("reference")
+    tasks = list(dict.fromkeys([*(meta.get("tasks") or {}), *(r["task_key"] for r in rows)]))
+    order = variant_order(meta, rows)
+    done = [r for r in rows if r["status"] == "done"]
+    devices = sorted({str(r["device"]) for r in done if r["device"]})
+    versions = next((r["_done"]["versions"] for r in done if (r["_done"] or {}).get("versions")), None)
+    bench = meta.get("benchmark") or next(
+        (r["_inference"].get("settings") for r in done if r["_inference"]), None
+    )
+    inf_device = next(
+        (
+            f"{r['_inference'].get('device_name')} ({r['_inference'].get('dtype')})"
+            for r in done
+            if r["_inference"]
+        ),
+        None,
+    )
+    n_failed = sum(r["status"] == "failed" for r in rows)
+    lines = [f"# Ablation results: {meta.get('name') or suite_dir.name}", ""]
+    if meta.get("description"):
+        lines += [meta["description"].strip(), ""]
+    lines += [
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `apt-ablate report {_rel(str(suite_dir))}` from "
+        f"{len(done)} finished of {len(rows)} runs ({n_failed} failed). Suite file: "
+        f"`{meta.get('suite_file', '?')}`; last command: `{meta.get('command', '?')}`.",
+        f"Training hardware: {', '.join(devices) or 'unknown'}."
+        + (f" Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}." if versions else ""),
+        f"Full fine-tuning reference: `{reference}`."
+        if reference
+        else "No FT reference variant in this suite: % of FT and the ratios to FT are blank; TTA uses each "
+        "run's own best metric.",
+        "",
+        "## Results",
+        "",
+    ]
+    lines += _tables(summary, tasks)
+    lines += _effects_section(summary, meta, tasks)
+    if plots:
+        lines += ["## Plots", "", *(f"![{p}]({p})" for p in plots), ""]
+    lines += _definitions(bench, inf_device)
+    lines += _variant_sections(meta, rows, order)
+    lines += _runs_section(rows)
+    lines += [
+        "",
+        "## Where the numbers come from",
+        "",
+        "Each run folder `<variant>/<task>/seed<N>/` holds `config.yaml` (the exact apt-fit config), "
+        "`run.json`, `train.log`, `logs/metrics.csv` (CSVLogger), `logs/efficiency.json` (EfficiencyMonitor: "
+        "memory, step times, metric history, scoring/search seconds), `logs/pruning.json` (AdaptivePruning "
+        "events and achieved sparsity), `done.json` / `failed.json`, and `inference.json` (benchmarks of the "
+        "exported and the dense model). `runs.csv` has one row per run with every number above, "
+        "`results.csv` one row per variant and task (the tables). Regenerate: "
+        f"`apt-ablate report {_rel(str(suite_dir))}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def variant_order(meta: dict, rows: list[dict]) -> list[str]:
+    names = [v["name"] for v in meta.get("variants", [])] + [r["variant"] for r in rows]
+    return list(dict.fromkeys(names))

@@ -1,0 +1,220 @@
+"""The numbers of a report: TTA of every run, one results.csv row per variant and task (mean, spread and
+ratios against the FT reference), and each ablation's effect against full APT beside the paper's.
+
+TTA and the best metric are the library's (`apt_lightning.callbacks.efficiency.time_to_accuracy`, through
+`apt_lightning.tools.suite.layout.best_metric`), so a run's numbers here are those its EfficiencyMonitor
+computes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+
+from apt_lightning.callbacks.efficiency import time_to_accuracy, tta_target
+
+TTA_FRACTION = 0.97
+FULL_METHOD = "apt"  # the variant each ablation's effect is measured against
+
+RESULT_FIELDS = [
+    "variant",
+    "task_key",
+    "task",
+    "task_label",
+    "monitor",
+    "n",
+    "n_failed",
+    "seeds",
+    "metric_mean",
+    "metric_std",
+    "metric_min",
+    "metric_max",
+    "pct_of_ft",
+    "sparsity",
+    "tta_s",
+    "tta_reached",
+    "tta_vs_ft",
+    "peak_memory_mb",
+    "memory_vs_ft",
+    "median_step_ms",
+    "step_vs_ft",
+    "score_search_s",
+    "overhead_fraction",
+    "inf_samples_per_s",
+    "inf_speedup",
+    "inf_latency_ms",
+    "inf_latency_ratio",
+    "inf_peak_mb",
+    "inf_memory_ratio",
+    "inf_params_ratio",
+    "inf_round_spread",
+]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def _std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def add_tta(rows: list[dict], reference: str | None) -> None:
+    """TTA of every run: time to reach 97% of the FT run's best metric of the same task and seed (the FT
+    mean of the task when that seed has no FT run); without an FT variant, 97% of the run's own best."""
+    ft = {
+        (r["task_key"], str(r["seed"])): r["best_metric"]
+        for r in rows
+        if r["variant"] == reference and r["status"] == "done" and r["best_metric"] is not None
+    }
+    ft_mean = {}
+    for (task, _), value in ft.items():
+        ft_mean.setdefault(task, []).append(value)
+    ft_mean = {k: statistics.fmean(v) for k, v in ft_mean.items()}
+    for r in rows:
+        r["tta_s"] = r["tta_threshold"] = None
+        r["tta_source"] = ""
+        if r["status"] != "done" or not r["_history"]:
+            continue
+        ref = ft.get((r["task_key"], str(r["seed"])))
+        source = f"{TTA_FRACTION:.0%} of FT seed {r['seed']}"
+        if ref is None and r["task_key"] in ft_mean:
+            ref, source = ft_mean[r["task_key"]], f"{TTA_FRACTION:.0%} of FT mean"
+        if ref is None:
+            ref, source = r["best_metric"], f"{TTA_FRACTION:.0%} of own best"
+        if ref is None:
+            continue
+        r["tta_threshold"] = tta_target(ref, TTA_FRACTION)
+        timed = [{"wall_s": wall, "metric": value} for wall, _, value in r["_history"] if wall is not None]
+        r["tta_s"] = time_to_accuracy(timed, ref, TTA_FRACTION)
+        r["tta_source"] = source + ("" if r["tta_s"] is not None else " (not reached)")
+
+
+def summarize(rows: list[dict], reference: str | None, order: list[str] | None = None) -> list[dict]:
+    """results.csv rows: one per variant and task, finished runs only; ratios against the FT variant."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["task_key"]), []).append(r)
+    variant_order = list(order or [])
+    variant_order += sorted({v for v, _ in groups} - set(variant_order))
+    out = []
+    keys = sorted(groups, key=lambda k: (k[1], variant_order.index(k[0])))
+    for variant, task in keys:
+        runs = groups[(variant, task)]
+        done = [r for r in runs if r["status"] == "done"]
+        metrics = [r["best_metric"] for r in done if r["best_metric"] is not None]
+        ttas = [r["tta_s"] for r in done if r["tta_s"] is not None]
+        steps = [r["median_step_s"] for r in done if r["median_step_s"] is not None]
+        overhead = [
+            (r["score_s"] or 0.0) + (r["search_s"] or 0.0)
+            for r in done
+            if r["score_s"] is not None or r["search_s"] is not None
+        ]
+        out.append(
+            {
+                "variant": variant,
+                "task_key": task,
+                "task": runs[0]["task"],
+                "task_label": runs[0]["task_label"],
+                "monitor": runs[0]["monitor"],
+                "n": len(metrics),
+                "n_failed": sum(r["status"] == "failed" for r in runs),
+                "seeds": " ".join(str(r["seed"]) for r in done),
+                "metric_mean": _mean(metrics),
+                "metric_std": _std(metrics),
+                "metric_min": min(metrics) if metrics else None,
+                "metric_max": max(metrics) if metrics else None,
+                "sparsity": _mean(r["sparsity"] for r in done),
+                "tta_s": _mean(ttas),
+                "tta_reached": f"{len(ttas)}/{len([r for r in done if r['_history']])}",
+                "peak_memory_mb": _mean(r["peak_memory_mb"] for r in done),
+                "median_step_ms": _mean(s * 1e3 for s in steps) if steps else None,
+                "score_search_s": _mean(overhead) if overhead else None,
+                "overhead_fraction": _mean(r["overhead_fraction"] for r in done),
+                "inf_samples_per_s": _mean(r["inf_samples_per_s"] for r in done),
+                "inf_speedup": _mean(r["inf_speedup"] for r in done),
+                "inf_latency_ms": _mean(r["inf_latency_ms"] for r in done),
+                "inf_latency_ratio": _mean(r["inf_latency_ratio"] for r in done),
+                "inf_peak_mb": _mean(r["inf_peak_mb"] for r in done),
+                "inf_memory_ratio": _mean(r["inf_memory_ratio"] for r in done),
+                "inf_params_ratio": _mean(r["inf_params_ratio"] for r in done),
+                "inf_round_spread": max(
+                    (r["inf_round_spread"] for r in done if r["inf_round_spread"] is not None), default=None
+                ),
+            }
+        )
+    ft = {s["task_key"]: s for s in out if s["variant"] == reference}
+    for s in out:
+        ref = ft.get(s["task_key"], {})
+        s["pct_of_ft"] = ratio(s["metric_mean"], ref.get("metric_mean"))
+        s["pct_of_ft"] = None if s["pct_of_ft"] is None else 100 * s["pct_of_ft"]
+        s["tta_vs_ft"] = ratio(s["tta_s"], ref.get("tta_s"))
+        s["memory_vs_ft"] = ratio(s["peak_memory_mb"], ref.get("peak_memory_mb"))
+        s["step_vs_ft"] = ratio(s["median_step_ms"], ref.get("median_step_ms"))
+    return out
+
+
+def paper_scores(meta: dict) -> tuple[dict[str, dict[str, float]], str]:
+    """{variant: {GLUE task: the paper's score}} from the `paper` key of each variant's overlay, for the
+    variants that are their overlay (named after it), and the source the overlays cite."""
+    import yaml
+
+    scores: dict[str, dict[str, float]] = {}
+    sources = []
+    for v in meta.get("variants", []):
+        if Path(v.get("overlay") or "").stem != v["name"]:
+            continue
+        paper = (yaml.safe_load(v.get("overlay_text") or "") or {}).get("paper") or {}
+        scores[v["name"]] = {k: float(x) for k, x in paper.items() if k != "source"}
+        if paper.get("source") and paper["source"] not in sources:
+            sources.append(paper["source"])
+    return scores, "; ".join(sources)
+
+
+def effects(summary: list[dict], meta: dict) -> list[dict]:
+    """Each variant's effect against full APT on the same task, in points (100 x the metric difference, as
+    GLUE scores are published), beside the paper's, with a verdict. An effect within twice the standard
+    deviation of APT's seeds counts as no clear effect; with one APT seed there is no spread to judge by."""
+    paper, _ = paper_scores(meta)
+    base = {s["task_key"]: s for s in summary if s["variant"] == FULL_METHOD}
+    out = []
+    for s in summary:
+        full = base.get(s["task_key"])
+        if s["variant"] in (FULL_METHOD, meta.get("reference")) or not full:
+            continue
+        if s["metric_mean"] is None or full["metric_mean"] is None:
+            continue
+        delta = (s["metric_mean"] - full["metric_mean"]) * 100.0
+        noise = 2 * full["metric_std"] * 100.0 if full["metric_std"] is not None else None
+        ours, theirs = paper.get(s["variant"], {}), paper.get(FULL_METHOD, {})
+        task = s.get("task") or s["task_key"]
+        paper_delta = ours[task] - theirs[task] if task in ours and task in theirs else None
+        clear = None if noise is None else abs(delta) > noise
+        if paper_delta is None:
+            verdict = "not in the paper's table"
+        elif clear is None:
+            verdict = "no seed spread to judge by (one APT seed)"
+        elif not clear or delta == 0:
+            verdict = "no clear effect here"
+        elif paper_delta == 0 or (delta > 0) != (paper_delta > 0):
+            verdict = "disagrees"
+        else:
+            verdict = "agrees"
+        out.append(
+            {
+                "variant": s["variant"],
+                "task_key": s["task_key"],
+                "effect": delta,
+                "noise": noise,
+                "clear": clear,
+                "paper_effect": paper_delta,
+                "verdict": verdict,
+            }
+        )
+    return out

@@ -1,0 +1,192 @@
+"""The inference phase of a suite: every finished run's exported model (adapters merged, pruned blocks
+removed) against the dense model of the same backbone and task, one model at a time after all training.
+
+The numbers come from apt-bench's measurement protocol: each round is one call of
+`apt_lightning.tools.bench.benchmark` (its `Runner`: warm-up, then timed single passes); `rounds` rounds
+run back to back and the round with the median throughput is kept, beside every round's throughput.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from apt_lightning.files import write_json_atomic
+from apt_lightning.tools.suite.layout import BENCH_FAILED, DENSE_DIR, DONE, FINAL_CKPT, INFERENCE, read_json
+from apt_lightning.tools.suite.spec import RunSpec, Suite
+
+
+def load_benchmark() -> Callable[..., dict] | None:
+    """apt-bench's `benchmark` (`apt_lightning.tools.bench`), or None when it is not available (tests
+    replace this seam)."""
+    try:
+        from apt_lightning.tools.bench import benchmark
+    except ImportError:
+        return None
+    return benchmark
+
+
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+def bench_settings(options: dict) -> tuple[str, str]:
+    """(dtype, device) for apt-bench's `benchmark`: `auto` is bf16 on CUDA, fp32 on the CPU."""
+    import torch
+
+    device = str(options["device"])
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = str(options["dtype"])
+    if dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    return _DTYPE_ALIASES.get(dtype, dtype), device
+
+
+def _measure(bench: Callable[..., dict], model: Any, options: dict) -> dict:
+    """`rounds` back-to-back benchmarks; the round with the median throughput, plus every round's number
+    (small models at batch 128 are launch-bound on a GPU: single rounds jitter by tens of percent)."""
+    dtype, device = bench_settings(options)
+    params = sum(p.numel() for p in model.parameters())
+    results = []
+    for _ in range(max(1, int(options.get("rounds", 1)))):
+        results.append(
+            dict(
+                bench(
+                    model,
+                    batch_size=options["batch_size"],
+                    seq_len=options["seq_len"],
+                    dtype=dtype,
+                    device=device,
+                    warmup=options["warmup"],
+                    repeats=options["repeats"],
+                    cuda_graphs=options["cuda_graphs"],
+                )
+            )
+        )
+    results.sort(key=lambda r: r.get("samples_per_s") or 0.0)
+    result = results[len(results) // 2]
+    result.pop("latency_ms_all", None)
+    result["rounds_samples_per_s"] = [r.get("samples_per_s") for r in results]
+    result.setdefault("params", params)
+    return result
+
+
+def _dense_result(suite: Suite, bench: Callable[..., dict], hparams: dict, options: dict) -> dict:
+    """The unpruned model of the same backbone and task, measured once per suite (cached on disk)."""
+    key = {"backbone": hparams.get("backbone"), "task": hparams.get("task"), "settings": options}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = suite.output_dir / DENSE_DIR / f"{hparams.get('task')}_{digest}.json"
+    cached = read_json(path)
+    if cached is not None:
+        return cached
+    from apt_lightning.export import compact_for_inference
+    from apt_lightning.module import APTModule
+
+    dense_args = {k: v for k, v in hparams.items() if k in inspect.signature(APTModule).parameters}
+    dense_args.update(adapters=None, pretrained=False)  # timing does not depend on the weights
+    model = compact_for_inference(APTModule(**dense_args).student).eval()
+    result = {**key, "result": _measure(bench, model, options)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, result)
+    return result
+
+
+def load_final_module(ckpt: Path) -> Any:
+    """`export.module_from_checkpoint` on a checkpoint written through LightningCLI.
+
+    Such checkpoints carry `_class_path` / `_instantiator` in their hyperparameters and `adapters` as a
+    plain mapping. If `module_from_checkpoint` trips over either, a cleaned copy (next to the checkpoint,
+    deleted afterwards) is loaded instead.
+    """
+    import tempfile
+
+    import torch
+
+    from apt_lightning.adapters import AdapterConfig
+    from apt_lightning.export import module_from_checkpoint
+
+    try:
+        return module_from_checkpoint(ckpt)
+    except (TypeError, AttributeError) as err:
+        first = err
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    hparams = state.get("hyper_parameters", {})
+    clean = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if isinstance(clean.get("adapters"), dict):
+        clean["adapters"] = AdapterConfig(**clean["adapters"])
+    if clean.keys() == hparams.keys() and clean.get("adapters") is hparams.get("adapters"):
+        raise first
+    state["hyper_parameters"] = clean
+    with tempfile.TemporaryDirectory(dir=ckpt.parent) as tmp:
+        torch.save(state, Path(tmp) / "clean.ckpt")
+        del state
+        return module_from_checkpoint(Path(tmp) / "clean.ckpt")
+
+
+def bench_runs(
+    suite: Suite, runs: list[RunSpec], force: bool = False, log: Callable[[str], None] = print
+) -> dict:
+    """Measure the exported model of every finished run against the dense model, one at a time."""
+    result: dict[str, list[str]] = {"done": [], "failed": [], "skipped": []}
+    if suite.benchmark is None:
+        return result
+    bench = load_benchmark()
+    if bench is None:
+        log("[bench] apt_lightning.tools.bench is not available: inference efficiency not measured")
+        return result
+    import torch
+    import transformers
+
+    from apt_lightning.export import compact_for_inference
+
+    transformers.logging.set_verbosity_error()  # rebuilding each model reports the fresh head; noise here
+    if force:
+        for cached in (suite.output_dir / DENSE_DIR).glob("*.json"):
+            cached.unlink()  # measure the dense models again too, under the same conditions
+    for run in runs:
+        ckpt = run.run_dir / FINAL_CKPT
+        if not (run.run_dir / DONE).is_file() or ((run.run_dir / INFERENCE).is_file() and not force):
+            result["skipped"].append(run.run_id)
+            continue
+        if not ckpt.is_file():
+            log(f"[bench] {run.run_id}: no {FINAL_CKPT} (deleted?); skipped")
+            result["skipped"].append(run.run_id)
+            continue
+        try:
+            module = load_final_module(ckpt)
+            hparams = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
+            model = compact_for_inference(module.student).eval()
+            measured = _measure(bench, model, suite.benchmark)
+            del module, model
+            dense = _dense_result(suite, bench, hparams, suite.benchmark)
+            write_json_atomic(
+                run.run_dir / INFERENCE,
+                {
+                    "model": measured,
+                    "dense": dense["result"],
+                    "settings": suite.benchmark,
+                    "dtype": bench_settings(suite.benchmark)[0],
+                    "device": bench_settings(suite.benchmark)[1],
+                    "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                },
+            )
+            (run.run_dir / BENCH_FAILED).unlink(missing_ok=True)
+            result["done"].append(run.run_id)
+            log(
+                f"[bench] {run.run_id}: {measured.get('samples_per_s', float('nan')):.1f} samples/s "
+                f"(dense {dense['result'].get('samples_per_s', float('nan')):.1f})"
+            )
+            if not suite.keep_checkpoints:
+                ckpt.unlink()
+        except Exception as err:  # noqa: BLE001 - one broken checkpoint must not stop the others
+            result["failed"].append(run.run_id)
+            write_json_atomic(run.run_dir / BENCH_FAILED, {"error": f"{type(err).__name__}: {err}"})
+            log(f"[bench] {run.run_id} FAILED: {type(err).__name__}: {err}")
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return result
