@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from apt_lightning.adapters import AdapterConfig, adapter_modules, inject_adapters, merge_adapters
 from apt_lightning.export import SIDECAR, export_pruned, load_pruned
-from apt_lightning.pruning import BlockTensors, kept_param_count, select_blocks
+from apt_lightning.pruning import BlockTensors, block_costs, kept_param_count, select_blocks
 from apt_lightning.structure import ModelShapes, UnitCosts, get_structure
 from apt_lightning.structure.families.llama import SkippedMLP, SkippedSelfAttention
 
@@ -83,7 +83,12 @@ def hard_masks(model: nn.Module, seed: int = 0) -> dict:
     return {"heads": [len(v) for v in heads.values()]}
 
 
-CASES = [("causal", True, "llama"), ("causal", False, "llama"), ("seqcls", True, "llama"), ("causal", True, "qwen2")]
+CASES = [
+    ("causal", True, "llama"),
+    ("causal", False, "llama"),
+    ("seqcls", True, "llama"),
+    ("causal", True, "qwen2"),
+]
 
 
 @pytest.mark.parametrize("kind, tied, arch", CASES)
@@ -122,14 +127,13 @@ def test_counted_parameters_are_the_real_tensor_sizes():
     merge_adapters(model)
     s = structure.shapes()
     weights = sum(
-        p.numel()
-        for name, p in model.model.layers.named_parameters()
-        if name.endswith("proj.weight")
+        p.numel() for name, p in model.model.layers.named_parameters() if name.endswith("proj.weight")
     )
     assert s.counted_params() == weights
     norms = model.model.norm.weight.numel()
     assert structure.exact_param_count() == sum(p.numel() for p in model.model.layers.parameters()) + norms
-    assert full.full().counted_params() == HIDDEN * LAYERS * (2 * HEADS * HEAD_DIM + 2 * KV * HEAD_DIM + 3 * FFN)
+    per_layer = 2 * HEADS * HEAD_DIM + 2 * KV * HEAD_DIM + 3 * FFN
+    assert full.full().counted_params() == HIDDEN * LAYERS * per_layer
 
 
 def test_greedy_generation_of_compacted_equals_masked():
@@ -197,7 +201,7 @@ def gqa_shapes(heads_per_group: list[list[int]], neurons: list[int], hidden: int
 def reference_prefix(shapes: ModelShapes, scores: BlockTensors, budget: int):
     """Blocks in density order and the longest prefix within the budget, a KV head charged with the first
     query head of its group (computed block by block)."""
-    costs = [c.tolist() for c in __import__("apt_lightning.pruning", fromlist=["x"]).block_costs(shapes).heads]
+    costs = [c.tolist() for c in block_costs(shapes).heads]
     d, c = shapes.hidden, shapes.costs
     blocks = []
     for layer, h in enumerate(shapes.heads):
@@ -205,7 +209,9 @@ def reference_prefix(shapes: ModelShapes, scores: BlockTensors, budget: int):
         for j in range(h):
             blocks.append((float(scores.heads[layer][j]) / costs[layer][j], "head", layer, j, groups[j]))
     for layer, f in enumerate(shapes.neurons):
-        blocks += [(float(scores.neurons[layer][j]) / (c.neuron * d), "neuron", layer, j, None) for j in range(f)]
+        blocks += [
+            (float(scores.neurons[layer][j]) / (c.neuron * d), "neuron", layer, j, None) for j in range(f)
+        ]
     per_dim = shapes.counted_params() / d
     blocks += [(float(scores.hidden[j]) / per_dim, "hidden", -1, j, None) for j in range(d)]
     order = sorted(range(len(blocks)), key=lambda i: -blocks[i][0])

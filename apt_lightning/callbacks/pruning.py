@@ -209,7 +209,8 @@ class AdaptivePruning(Callback):
             self._finish_event(trainer, pl_module, keep)
 
     def _finish_event(self, trainer: Trainer, pl_module: LightningModule, keep: BlockTensors) -> None:
-        kept_count = kept_param_count(keep, pl_module.structure.shapes())  # `keep` has the pre-compaction widths
+        # counted before compaction: `keep` has the widths of the model the search saw
+        kept_count = kept_param_count(keep, pl_module.structure.shapes())
         if self.compact_at != "never" and self.next_event >= self.num_events:
             self._compact(pl_module)
         heads, neurons, hidden = keep.counts()
