@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import logits, tiny_batch, tiny_model
 
-from apt_lightning.fusion import FusedSelfAttention, LinearGelu, _linear_gelu, fuse_for_inference
+from apt_lightning.fusion import fuse_for_inference
 from apt_lightning.pruning import prune_to_sparsity
+from apt_lightning.structure.families.bert_fusion import FusedSelfAttention, LinearGelu, _linear_gelu
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,13 +88,21 @@ def test_fused_attention_refuses_cross_attention():
         attn(x, encoder_hidden_states=x)
 
 
+def _tiny_llama():
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
 @pytest.mark.parametrize(
     "make, fusions, match",
     [
         (lambda: tiny_model("bert"), ["rope"], "unknown fusion"),
         (lambda: tiny_model("bert", hidden_act="relu"), ["gelu"], "hidden_act 'relu'"),
         (lambda: tiny_model("bert", is_decoder=True), ["qkv"], "is_decoder=True"),
-        (lambda: torch.nn.Linear(2, 2), ["qkv"], "BERT-like encoders"),
+        (lambda: torch.nn.Linear(2, 2), ["qkv"], "no prunable-structure family"),
+        (lambda: _tiny_llama(), ["qkv"], "model type 'llama' offers no fusion"),
     ],
 )
 def test_fuse_errors(make, fusions, match):

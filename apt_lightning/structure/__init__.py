@@ -7,9 +7,11 @@ from apt_lightning.structure.base import (
     UnitCosts,
     family_of,
     get_structure,
+    max_positions,
     preset_config,
     preset_names,
     register_family,
+    registered_families,
 )
 from apt_lightning.structure.masks import MaskedLayerNorm, MaskedRMSNorm, PruningMasks
 from apt_lightning.structure.slicing import SliceLog, SliceOp
@@ -24,7 +26,9 @@ __all__ = [
     "SliceOp",
     "UnitCosts",
     "family_of",
+    "registered_families",
     "get_structure",
+    "max_positions",
     "preset_config",
     "preset_names",
     "register_family",

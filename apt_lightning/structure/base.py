@@ -113,13 +113,20 @@ class PrunableStructure(Protocol):
     """Where a family keeps heads, neurons and hidden dims, and the mechanics to mask and remove them.
 
     Class-level facts: `model_types` it handles, `default_adapter_targets` (Linear name suffixes),
-    `head_modules` (task-head modules trained in full beside the adapters) and `presets` (benchmark
-    configs built in code, random weights)."""
+    `head_modules` (task-head modules trained in full beside the adapters), `presets` (benchmark
+    configs built in code, random weights), `fusions` (inference fusions `fuse` offers) and
+    `max_positions(config)` (the longest input the position embeddings allow)."""
 
     model_types: ClassVar[tuple[str, ...]]
     default_adapter_targets: ClassVar[list[str]]
     head_modules: ClassVar[list[str]]
     presets: ClassVar[dict[str, Callable[..., Any]]]
+    fusions: ClassVar[tuple[str, ...]]
+
+    @staticmethod
+    def max_positions(config) -> int: ...
+
+    def fuse(self, fusions: list[str]) -> dict[str, int]: ...
 
     model: nn.Module
     masks: PruningMasks | None
@@ -164,7 +171,16 @@ def family_of(model_type: str | None) -> type:
     return _FAMILIES[model_type]
 
 
-def families() -> dict[str, type]:
+def max_positions(config) -> int:
+    """Longest input a model of `config` accepts: its family's rule (RoBERTa offsets positions by the pad
+    id + 1), else `max_position_embeddings`."""
+    try:
+        return family_of(getattr(config, "model_type", None)).max_positions(config)
+    except ValueError:
+        return int(getattr(config, "max_position_embeddings", 1 << 30))
+
+
+def registered_families() -> dict[str, type]:
     """Every registered model type and its structure class."""
     return dict(_FAMILIES)
 

@@ -81,6 +81,21 @@ class BertStructure:
         "bert-base": _preset("BertConfig", 768, 12, 12, 3072, 30522, 512, 2),
         "minilm-l6": _preset("BertConfig", 384, 6, 12, 1536, 30522, 512, 2),
     }
+    fusions = ("qkv", "gelu")
+
+    def fuse(self, fusions: list[str]) -> dict[str, int]:
+        """Inference fusions (`apt_lightning.fusion`): one Q/K/V product, GELU in the FFN epilogue."""
+        from apt_lightning.structure.families.bert_fusion import fuse_bert
+
+        return fuse_bert(self.model, fusions)
+
+    @staticmethod
+    def max_positions(config) -> int:
+        """Longest input the position embeddings allow (RoBERTa-like models offset positions by pad + 1)."""
+        limit = int(config.max_position_embeddings)
+        if config.model_type == "roberta":
+            limit -= int(config.pad_token_id or 0) + 1
+        return limit
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -139,6 +139,15 @@ class LlamaStructure:
         "llama-3.2-1b": _preset(16, 2048, 32, 8, 8192, 128256, tied=True),
         "llama-7b": _preset(32, 4096, 32, 32, 11008, 32000, tied=False),
     }
+    fusions = ()
+
+    @staticmethod
+    def max_positions(config) -> int:
+        """Longest input the rotary position range was trained for."""
+        return int(config.max_position_embeddings)
+
+    def fuse(self, fusions: list[str]) -> dict[str, int]:
+        raise ValueError("the LLaMA family offers no inference fusions")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

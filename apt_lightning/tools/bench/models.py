@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from apt_lightning.structure import get_structure, preset_names
+from apt_lightning.structure import max_positions as max_seq_len  # noqa: F401  (re-exported for the bench)
 
 PRESETS = tuple(preset_names())
 
@@ -40,14 +41,6 @@ def model_from_config(config, attn: str = "sdpa") -> nn.Module:
 def dense_like(model: nn.Module, attn: str = "sdpa") -> nn.Module:
     """The same architecture at full width, random weights: the reference a pruned model is timed against."""
     return model_from_config(copy.deepcopy(model.config), attn)
-
-
-def max_seq_len(config) -> int:
-    """Longest input the position embeddings allow (RoBERTa-like models offset positions by pad + 1)."""
-    limit = int(getattr(config, "max_position_embeddings", 1 << 30))
-    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-        limit -= int(config.pad_token_id or 0) + 1
-    return limit
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
