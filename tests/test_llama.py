@@ -301,3 +301,48 @@ def test_smollm2_masked_equals_compacted_and_generates():
     s = structure.shapes()
     weights = sum(p.numel() for n, p in model.model.layers.named_parameters() if n.endswith("proj.weight"))
     assert s.counted_params() == weights
+
+
+# ---------------------------------------------------------------- the whole pipeline through apt-fit
+@pytest.fixture(scope="module")
+def tiny_llama_backbone(tmp_path_factory, minilm_tokenizer):
+    """A tiny random LLaMA classifier (GQA, tied embeddings) saved with a tokenizer: a local backbone."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model = tiny_decoder("seqcls", vocab_size=len(minilm_tokenizer), num_labels=2, attn_implementation="sdpa")
+    model.save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "glue").exists(), reason="shared GLUE data absent")
+def test_apt_fit_prunes_grows_and_exports_a_decoder(tiny_llama_backbone, tmp_path):
+    from apt_lightning.cli import run_cli
+    from apt_lightning.export import main as export_main
+
+    glue = REPO.parent / "shared" / "data" / "glue" / "sst2"
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "smollm2_sst2_quickstart_cpu.yaml"),
+            f"--model.init_args.backbone={tiny_llama_backbone}",
+            f"--data.init_args.data_dir={glue}",
+            "--data.init_args.train_limit=96",
+            "--data.init_args.eval_limit=16",
+            "--data.init_args.batch_size=8",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    pruning = json.loads(open(f"{cli.trainer.log_dir}/pruning.json").read())
+    last = pruning["events"][-1]
+    assert last["achieved_sparsity"] == pytest.approx(0.3, abs=0.05)
+    assert [sum(g) for g in last["kv_groups_per_layer"]] == last["heads_per_layer"]
+    assert max(a.rank for a in cli.model.adapters().values()) > 4  # adaptive tuning grew ranks
+    assert cli.model.student.score.weight.requires_grad  # the family's task head is trained
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    export_main([str(ckpt), str(tmp_path / "exported")])
+    sidecar = json.loads((tmp_path / "exported" / SIDECAR).read_text())
+    assert sidecar["apt_param_count"] / sidecar["full_apt_param_count"] == pytest.approx(0.7, abs=0.05)
+    load_pruned(tmp_path / "exported")

@@ -23,6 +23,7 @@ from apt_lightning.pruning import (
     CubicSchedule,
     Scorer,
     build_scorer,
+    kept_kv_groups,
     kept_param_count,
     select_blocks,
 )
@@ -210,7 +211,9 @@ class AdaptivePruning(Callback):
 
     def _finish_event(self, trainer: Trainer, pl_module: LightningModule, keep: BlockTensors) -> None:
         # counted before compaction: `keep` has the widths of the model the search saw
-        kept_count = kept_param_count(keep, pl_module.structure.shapes())
+        shapes = pl_module.structure.shapes()
+        kept_count = kept_param_count(keep, shapes)
+        kv_groups = kept_kv_groups(keep, shapes)
         if self.compact_at != "never" and self.next_event >= self.num_events:
             self._compact(pl_module)
         heads, neurons, hidden = keep.counts()
@@ -224,6 +227,8 @@ class AdaptivePruning(Callback):
                 "hidden_kept": hidden,
             }
         )
+        if kv_groups:  # grouped-query attention: query heads kept per key/value group
+            record["kv_groups_per_layer"] = kv_groups
         pl_module.log_dict(
             {
                 "prune/target_sparsity": record["target_sparsity"],

@@ -1,6 +1,6 @@
 """Deciding what to prune: scorers, the block search, the sparsity schedule."""
 
-from apt_lightning.pruning.blocks import BlockTensors, block_costs, kept_param_count
+from apt_lightning.pruning.blocks import BlockTensors, block_costs, kept_kv_groups, kept_param_count
 from apt_lightning.pruning.oneshot import DATA_FREE_SCORERS, prune_to_sparsity
 from apt_lightning.pruning.schedule import CubicSchedule
 from apt_lightning.pruning.scorers import (
@@ -25,6 +25,7 @@ __all__ = [
     "UniformScorer",
     "block_costs",
     "build_scorer",
+    "kept_kv_groups",
     "kept_param_count",
     "prune_to_sparsity",
     "register_scorer",

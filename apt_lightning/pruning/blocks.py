@@ -68,3 +68,17 @@ def kept_param_count(keep: BlockTensors, shapes: ModelShapes) -> int:
         groups = shapes.head_groups(layer)
         per_dim += c.head * len(kept) + c.kv_head * len({groups[i] for i in kept}) + c.neuron * int(f.sum())
     return int(keep.hidden.sum()) * per_dim
+
+
+def kept_kv_groups(keep: BlockTensors, shapes: ModelShapes) -> list[list[int]]:
+    """Query heads a keep decision keeps in each key/value group of each layer ([] without GQA)."""
+    if not shapes.kv_groups:
+        return []
+    out = []
+    for layer, h in enumerate(keep.heads):
+        groups = shapes.head_groups(layer)
+        counts = [0] * len(shapes.kv_groups[layer])
+        for i in torch.nonzero(h > 0).flatten().tolist():
+            counts[groups[i]] += 1
+        out.append(counts)
+    return out
