@@ -4,6 +4,11 @@
 folder with `save_pretrained` weights, the tokenizer and a sidecar (`apt_shapes.json`) holding the
 per-layer widths. `load_pruned` rebuilds the same transformers class at those widths in any process.
 `apt-export` turns a training checkpoint into such a folder.
+
+The folder is written under a hidden temporary name beside it (``.<name>.apt-tmp.<host>.<pid>.<random>``)
+and renamed into place, so a reader never sees half an export. An export that is killed leaves its
+temporary folder behind; the next export into the same parent folder removes every such folder whose
+process (on this machine) is no longer alive.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,10 +27,29 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from apt_lightning.adapters import merge_adapters
+from apt_lightning.files import make_temp_dir, remove_stale_temp_dirs
 from apt_lightning.structure import ModelShapes, get_structure
 
 SIDECAR = "apt_shapes.json"
+WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2  # 2: shapes carry the family's unit costs and KV groups
+READABLE_VERSIONS = (1, 2)  # 1: BERT only, no unit costs in the sidecar (the family's are used)
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class ExportFormatError(ValueError):
+    """An export folder that `load_pruned` cannot read: the message names the folder, the file and why."""
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint written by apt-fit: the message names the file and why."""
 
 
 def compact_for_inference(model: nn.Module) -> nn.Module:
@@ -54,7 +77,8 @@ def export_pruned(model: nn.Module, folder: str | Path, tokenizer=None, overwrit
     structure = get_structure(model)
     shapes = structure.shapes()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    remove_stale_temp_dirs(folder.parent)  # left by exports that were killed
+    tmp = make_temp_dir(folder)
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -77,15 +101,17 @@ def export_pruned(model: nn.Module, folder: str | Path, tokenizer=None, overwrit
     return folder
 
 
-def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild the exported transformers model at its pruned widths and load its weights (eval mode)."""
+def load_pruned(folder: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
+    """Rebuild the exported transformers model at its pruned widths and load its weights (eval mode).
+
+    `dtype`: a floating torch dtype or one of the strings in `DTYPES` (float32, fp16, bf16, ...). Raises
+    `ExportFormatError` (a ValueError) naming the folder and file when the sidecar is unreadable, of a
+    format this install does not read, or disagrees with the weights, and when a weight is not floating
+    point or holds NaN / inf.
+    """
     folder = Path(folder)
-    sidecar_path = folder / SIDECAR
-    if not sidecar_path.is_file():
-        raise FileNotFoundError(
-            f"{folder} has no {SIDECAR}: not a folder written by apt-export / export_pruned"
-        )
-    sidecar = json.loads(sidecar_path.read_text())
+    dtype = _as_dtype(dtype)
+    sidecar = _read_sidecar(folder)
     cls = getattr(transformers, sidecar["model_class"], None)
     if cls is None:
         raise ValueError(f"{SIDECAR} names model class {sidecar['model_class']!r}, unknown to transformers")
@@ -93,8 +119,12 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     structure = get_structure(model)
     shapes = dict(sidecar["shapes"])
     shapes.setdefault("costs", structure.costs)  # format 1 (BERT only) had no costs in the sidecar
-    structure.reshape(ModelShapes.from_dict(shapes))
-    state = load_file(str(folder / "model.safetensors"))
+    try:
+        parsed = ModelShapes.from_dict(shapes)
+    except (TypeError, ValueError) as err:
+        raise ExportFormatError(f"{folder / SIDECAR}: 'shapes' is not valid: {err}") from err
+    structure.reshape(parsed)
+    state = _read_weights(folder)
     expected = model.state_dict()
     bad = [
         f"{k}: sidecar shape {tuple(expected[k].shape)}, weights {tuple(v.shape)}"
@@ -105,13 +135,94 @@ def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     unexpected = sorted(set(state) - set(expected))  # e.g. weights of a sublayer the sidecar says is skipped
     if bad or missing or unexpected:
         raise ValueError(
-            f"{folder}: {SIDECAR} disagrees with model.safetensors: "
+            f"{folder}: {SIDECAR} disagrees with {WEIGHTS}: "
             + "; ".join(
                 bad[:5] + [f"missing {k}" for k in missing[:5]] + [f"unexpected {k}" for k in unexpected[:5]]
             )
         )
+    _check_values(folder, state, expected)
     model.load_state_dict(state, strict=False)
     return model.to(dtype).eval()
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ValueError(
+        f"load_pruned: dtype {dtype!r} is not supported; use a floating torch dtype or one of "
+        + ", ".join(DTYPES)
+    )
+
+
+def _read_sidecar(folder: Path) -> dict:
+    """The sidecar, checked: valid JSON, a version this install reads, a model class and shapes."""
+    path = folder / SIDECAR
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {SIDECAR}: not a folder written by apt-export / export_pruned"
+        )
+    where = f"{folder}: {SIDECAR}"
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ExportFormatError(f"{where} cannot be read: {err}") from err
+    if not text.strip():
+        raise ExportFormatError(f"{where} is empty (an interrupted copy?); export the model again")
+    try:
+        sidecar = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ExportFormatError(f"{where} is not valid JSON (truncated or corrupted?): {err}") from err
+    if not isinstance(sidecar, dict):
+        raise ExportFormatError(f"{where} holds a {type(sidecar).__name__}, not the sidecar's JSON object")
+    version = sidecar.get("format_version")
+    if version not in READABLE_VERSIONS:
+        said = "has no format_version" if version is None else f"has format_version {version!r}"
+        newer = isinstance(version, int) and version > max(READABLE_VERSIONS)
+        raise ExportFormatError(
+            f"{where} {said}; this install of apt-lightning reads versions "
+            + ", ".join(map(str, READABLE_VERSIONS))
+            + (" (it was written by a newer apt-lightning: upgrade to load it)" if newer else "")
+        )
+    for key, kind in (("model_class", str), ("shapes", dict)):
+        if key not in sidecar:
+            raise ExportFormatError(
+                f"{where} has no {key!r}: not a complete sidecar (export the model again)"
+            )
+        if not isinstance(sidecar[key], kind):
+            raise ExportFormatError(
+                f"{where}: {key!r} is a {type(sidecar[key]).__name__}, not a {kind.__name__}"
+            )
+    return sidecar
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / WEIGHTS
+    if not path.is_file():
+        raise ExportFormatError(f"{folder} has {SIDECAR} but no {WEIGHTS}")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise ExportFormatError(f"{path} cannot be read (truncated or corrupted?): {err}") from err
+
+
+def _check_values(folder: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Weights where the model has floating ones must be floating too, and finite."""
+    for name, tensor in state.items():
+        if name not in expected or not expected[name].is_floating_point():
+            continue
+        if not tensor.is_floating_point():
+            raise ExportFormatError(
+                f"{folder / WEIGHTS}: tensor {name} is {tensor.dtype}, not floating point (quantized "
+                "weights are not an export of apt-export; load_pruned reads float32 / float16 / bfloat16)"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            kinds = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+            raise ExportFormatError(
+                f"{folder / WEIGHTS}: tensor {name} holds {bad} non-finite value(s) ({kinds} among them)"
+            )
 
 
 def _tied_copies(model: nn.Module, present) -> set[str]:
@@ -130,7 +241,7 @@ def module_from_checkpoint(path: str | Path):
     """Rebuild an `APTModule` from a Lightning checkpoint at its saved shapes and ranks (student only)."""
     from apt_lightning.module import APTModule
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = _read_checkpoint(Path(path))
     # LightningCLI adds _class_path / _instantiator to the saved hyperparameters
     module = APTModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
     apt_state = {
@@ -142,6 +253,27 @@ def module_from_checkpoint(path: str | Path):
     return module
 
 
+def _read_checkpoint(path: Path) -> dict:
+    """torch.load of an apt-fit checkpoint; `CheckpointError` naming the file when it is none."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (an interrupted write?)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - EOFError, UnpicklingError, RuntimeError (zip), ...
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or another kind of file?): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    missing = [k for k in ("hyper_parameters", "state_dict") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint written by apt-fit: no {' or '.join(missing)}"
+        )
+    return ckpt
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="apt-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a Lightning checkpoint written by apt-fit")
@@ -150,7 +282,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         parser.error(f"checkpoint {args.checkpoint} not found")
-    module = module_from_checkpoint(args.checkpoint)
+    if Path(args.output).exists() and not args.overwrite:  # before the (slow) checkpoint load
+        raise FileExistsError(
+            f"export folder {args.output} exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    try:
+        module = module_from_checkpoint(args.checkpoint)
+    except CheckpointError as err:
+        parser.error(str(err))
     from apt_lightning.backbone import resolve_backbone
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(module.hparams.backbone))
