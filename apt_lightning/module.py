@@ -159,6 +159,15 @@ class APTModule(LightningModule):
         self.trainer.strategy.setup_optimizers(self.trainer)
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        """Refuse a datamodule `max_length` beyond the student's position embeddings before training."""
+        from apt_lightning.data.validation import check_max_length
+
+        datamodule = getattr(self._trainer, "datamodule", None)
+        max_length = getattr(datamodule, "hparams", {}).get("max_length")
+        if isinstance(max_length, int):
+            check_max_length(max_length, self.student.config, self.hparams.backbone)
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1

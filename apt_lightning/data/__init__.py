@@ -1,6 +1,34 @@
-"""GLUE data: the task registry (columns, labels, metrics) and the DataModule that reads it."""
+"""GLUE data: the task registry (columns, labels, metrics), the DataModule that reads it, and the checks
+that local files pass before training (errors name the file, the line and the fix)."""
 
 from apt_lightning.data.glue import GLUE_HUB_PATH, GLUEDataModule
 from apt_lightning.data.tasks import GLUE_TASKS, GlueTask, build_metrics, get_task
+from apt_lightning.data.validation import (
+    DataEncodingError,
+    DataFileError,
+    EmptyDataError,
+    EmptyTextError,
+    LabelError,
+    MalformedDataError,
+    MaxLengthError,
+    MissingColumnError,
+    check_max_length,
+)
 
-__all__ = ["GLUE_HUB_PATH", "GLUE_TASKS", "GLUEDataModule", "GlueTask", "build_metrics", "get_task"]
+__all__ = [
+    "GLUE_HUB_PATH",
+    "GLUE_TASKS",
+    "DataEncodingError",
+    "DataFileError",
+    "EmptyDataError",
+    "EmptyTextError",
+    "GLUEDataModule",
+    "GlueTask",
+    "LabelError",
+    "MalformedDataError",
+    "MaxLengthError",
+    "MissingColumnError",
+    "build_metrics",
+    "check_max_length",
+    "get_task",
+]

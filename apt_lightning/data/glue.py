@@ -3,26 +3,26 @@
 Users bring GLUE in several layouts (the original GLUE TSVs, exports in the hub's column names as
 JSONL/CSV/Parquet, or no files at all and a network), so every layout is normalised to the hub's columns
 before tokenising. Bad data fails in ``prepare_data``/``setup`` with a message that names the file, the
-column or the label, rather than as a shape error in the middle of the first epoch.
+line and the fix (``readers.py`` scans and parses, ``validation.py`` checks), rather than as a shape error
+in the middle of the first epoch or as rows silently merged by a stray quote.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
 import lightning as L
-import pandas as pd
 from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import AutoConfig, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from apt_lightning.backbone import load_tokenizer, resolve_backbone
+from apt_lightning.data.readers import EXTENSIONS, read_split
 from apt_lightning.data.tasks import GlueTask, get_task
+from apt_lightning.data.validation import check_max_length
 
 GLUE_HUB_PATH = "nyu-mll/glue"
-EXTENSIONS = ("tsv", "jsonl", "json", "csv", "parquet")
 
 
 class GLUEDataModule(L.LightningDataModule):
@@ -34,7 +34,7 @@ class GLUEDataModule(L.LightningDataModule):
         data_dir: ``None`` downloads ``nyu-mll/glue``; otherwise a folder with ``train.<ext>`` and a
             validation file (``dev``, ``validation``, or the task's validation split name, e.g.
             ``validation_matched``/``dev_matched`` for MNLI), ext one of tsv, jsonl, json, csv, parquet.
-        max_length: truncate tokenised inputs to this many tokens.
+        max_length: truncate tokenised inputs to this many tokens (at most the backbone's positions).
         batch_size: training batch size.
         eval_batch_size: validation batch size.
         num_workers: DataLoader worker processes.
@@ -101,6 +101,7 @@ class GLUEDataModule(L.LightningDataModule):
         todo = [split for split in needed if split not in self._datasets]
         if not todo:
             return
+        self._check_max_length()
         raw = self._load_hub() if self._data_dir is None else self._load_local(todo)
         for split in todo:
             limit = self.hparams.train_limit if split == "train" else self.hparams.eval_limit
@@ -181,83 +182,16 @@ class GLUEDataModule(L.LightningDataModule):
         files = self._local_files()
         loaded = {}
         for split in splits:
-            where = f"{split} file {files[split]}"
-            frame = _normalise(_read_table(files[split], self._task), self._task, where)
+            frame = read_split(files[split], self._task, split)
             loaded[split] = Dataset.from_pandas(frame, preserve_index=False)
         return loaded
 
-
-def _read_table(path: Path, task: GlueTask) -> pd.DataFrame:
-    """Read one data file as strings (CSV/TSV) or native JSON/Parquet types, without pandas' NA guessing."""
-    ext = path.suffix[1:]
-    if ext == "tsv":
-        # GLUE TSVs contain unbalanced quotes, so quoting must be off; MRPC's start with a BOM.
-        with path.open(encoding="utf-8-sig") as f:
-            header = f.readline().rstrip("\r\n").split("\t")
-        headerless = bool(task.tsv_columns) and not set(task.text_columns) <= set(header)
-        return pd.read_csv(
-            path,
-            sep="\t",
-            quoting=csv.QUOTE_NONE,
-            dtype=str,
-            keep_default_na=False,
-            encoding="utf-8-sig",
-            header=None if headerless else 0,
-            names=task.tsv_columns if headerless else None,
-        )
-    if ext == "csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    if ext in ("json", "jsonl"):
-        with path.open(encoding="utf-8-sig") as f:
-            records_array = f.read(4096).lstrip().startswith("[")  # .json: a JSON array or JSON lines
-        return pd.read_json(
-            path, lines=not records_array, dtype=False, convert_dates=False, encoding="utf-8-sig"
-        )
-    return pd.read_parquet(path)
-
-
-def _normalise(frame: pd.DataFrame, task: GlueTask, where: str) -> pd.DataFrame:
-    """Rename GLUE-TSV columns to the hub's, check the columns, and turn labels into ids (or floats)."""
-    frame = frame.rename(
-        columns={
-            old: new
-            for old, new in task.tsv_aliases.items()
-            if old in frame.columns and new not in frame.columns
-        }
-    )
-    required = [*task.text_columns, "label"]
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise ValueError(
-            f"{where}: missing column(s) {missing} for task {task.name!r}; "
-            f"found columns {list(frame.columns)}"
-        )
-    frame = frame[required].copy()
-    for column in task.text_columns:
-        empty = frame[column].isna()
-        if empty.any():
-            raise ValueError(f"{where}: column {column!r} has no text in {empty.sum()} of {len(frame)} rows")
-    frame["label"] = _label_ids(frame["label"], task, where)
-    return frame
-
-
-def _label_ids(labels: pd.Series, task: GlueTask, where: str) -> pd.Series:
-    """Map labels (ids, numeric strings or names) to ints in [0, num_labels), or floats for regression."""
-    if task.is_regression:
-        values = pd.to_numeric(labels, errors="coerce")
-        bad = values.isna()
-        allowed = "numbers"
-    else:
-        by_name = {name: i for i, name in enumerate(task.label_names)}
-        names_as_ids = labels.astype(str).str.strip().map(lambda v: by_name.get(v, v))
-        values = pd.to_numeric(names_as_ids, errors="coerce")
-        bad = values.isna() | (values % 1 != 0) | (values < 0) | (values >= task.num_labels)
-        allowed = f"integers in [0, {task.num_labels})" + (
-            f" or names {list(task.label_names)}" if task.label_names else ""
-        )
-    if bad.any():
-        raise ValueError(
-            f"{where}: label {labels[bad].iloc[0]!r} is not valid for task {task.name!r} "
-            f"({bad.sum()} of {len(labels)} rows); allowed: {allowed}"
-        )
-    return values.astype(float if task.is_regression else int)
+    def _check_max_length(self) -> None:
+        """Refuse a max_length beyond the tokenizer's backbone's position embeddings before reading data
+        (APTModule.setup checks the model it trains too). A tokenizer-only folder has no config: skip."""
+        backbone = self.hparams.tokenizer
+        try:
+            config = AutoConfig.from_pretrained(resolve_backbone(backbone))
+        except (OSError, ValueError):
+            return
+        check_max_length(self.hparams.max_length, config, backbone)
