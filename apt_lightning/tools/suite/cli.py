@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench" or not args.no_bench:
         benched = bench_runs(suite, runs, force=args.force)
         failed += benched["failed"]
+        if benched["busy"]:
+            print(
+                f"{len(benched['busy'])} run(s) not benchmarked while training processes of this suite "
+                f"share the device: {', '.join(benched['busy'])}; run `apt-ablate bench` once they finish",
+                file=sys.stderr,
+            )
     if args.command == "run" and not args.no_report:
         from apt_lightning.tools.report import write_report
 

@@ -4,6 +4,12 @@ removed) against the dense model of the same backbone and task, one model at a t
 The numbers come from apt-bench's measurement protocol: each round is one call of
 `apt_lightning.tools.bench.benchmark` (its `Runner`: warm-up, then timed single passes); `rounds` rounds
 run back to back and the round with the median throughput is kept, beside every round's throughput.
+
+Numbers taken while a training process shares the device are refused, not flagged: before each run, and
+again before anything is written, the suite's run locks are checked (`tools.suite.lock.training_on`: on
+the CPU any live training worker of the suite, on a GPU those that may use it). While there is one, the
+run is not measured (listed under ``busy``, with a ``[bench]`` line naming the training runs) and no
+dense measurement is cached; ``apt-ablate bench`` measures it once they have finished.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 from apt_lightning.files import write_json_atomic
 from apt_lightning.tools.suite.layout import BENCH_FAILED, DENSE_DIR, DONE, FINAL_CKPT, INFERENCE, read_json
+from apt_lightning.tools.suite.lock import training_on
 from apt_lightning.tools.suite.spec import RunSpec, Suite
 
 
@@ -75,24 +82,33 @@ def _measure(bench: Callable[..., dict], model: Any, options: dict) -> dict:
     return result
 
 
-def _dense_result(suite: Suite, bench: Callable[..., dict], hparams: dict, options: dict) -> dict:
-    """The unpruned model of the same backbone and task, measured once per suite (cached on disk)."""
+def _dense_result(
+    suite: Suite, bench: Callable[..., dict], hparams: dict, options: dict
+) -> tuple[dict, Path | None]:
+    """The unpruned model of the same backbone and task, measured once per suite, and the cache file to
+    write it to (None: it came from there; the caller writes it once the number is known to be clean)."""
     key = {"backbone": hparams.get("backbone"), "task": hparams.get("task"), "settings": options}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = suite.output_dir / DENSE_DIR / f"{hparams.get('task')}_{digest}.json"
     cached = read_json(path)
     if cached is not None:
-        return cached
+        return cached, None
     from apt_lightning.export import compact_for_inference
     from apt_lightning.module import APTModule
 
     dense_args = {k: v for k, v in hparams.items() if k in inspect.signature(APTModule).parameters}
     dense_args.update(adapters=None, pretrained=False)  # timing does not depend on the weights
     model = compact_for_inference(APTModule(**dense_args).student).eval()
-    result = {**key, "result": _measure(bench, model, options)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, result)
-    return result
+    return {**key, "result": _measure(bench, model, options)}, path
+
+
+def _busy(run_id: str, busy: list[dict], device: str, when: str) -> str:
+    names = ", ".join(f"{b.get('run') or b['run_dir']} (pid {b.get('worker')})" for b in busy[:4])
+    more = f" and {len(busy) - 4} more" if len(busy) > 4 else ""
+    return (
+        f"[bench] {run_id}: not measured: {len(busy)} training process(es) of this suite share {device} "
+        f"{when}: {names}{more}; numbers now would be disturbed. Run `apt-ablate bench` when they finish"
+    )
 
 
 def load_final_module(ckpt: Path) -> Any:
@@ -131,7 +147,7 @@ def bench_runs(
     suite: Suite, runs: list[RunSpec], force: bool = False, log: Callable[[str], None] = print
 ) -> dict:
     """Measure the exported model of every finished run against the dense model, one at a time."""
-    result: dict[str, list[str]] = {"done": [], "failed": [], "skipped": []}
+    result: dict[str, list[str]] = {"done": [], "failed": [], "skipped": [], "busy": []}
     if suite.benchmark is None:
         return result
     bench = load_benchmark()
@@ -147,6 +163,7 @@ def bench_runs(
     if force:
         for cached in (suite.output_dir / DENSE_DIR).glob("*.json"):
             cached.unlink()  # measure the dense models again too, under the same conditions
+    device = bench_settings(suite.benchmark)[1]
     for run in runs:
         ckpt = run.run_dir / FINAL_CKPT
         if not (run.run_dir / DONE).is_file() or ((run.run_dir / INFERENCE).is_file() and not force):
@@ -156,13 +173,23 @@ def bench_runs(
             log(f"[bench] {run.run_id}: no {FINAL_CKPT} (deleted?); skipped")
             result["skipped"].append(run.run_id)
             continue
+        if busy := training_on(suite.output_dir, device):
+            log(_busy(run.run_id, busy, device, "now"))
+            result["busy"].append(run.run_id)
+            continue
         try:
             module = load_final_module(ckpt)
             hparams = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
             model = compact_for_inference(module.student).eval()
             measured = _measure(bench, model, suite.benchmark)
             del module, model
-            dense = _dense_result(suite, bench, hparams, suite.benchmark)
+            dense, dense_cache = _dense_result(suite, bench, hparams, suite.benchmark)
+            if busy := training_on(suite.output_dir, device):  # one started while we measured
+                log(_busy(run.run_id, busy, device, "since the measurement began"))
+                result["busy"].append(run.run_id)
+                continue
+            if dense_cache is not None:
+                write_json_atomic(dense_cache, dense)
             write_json_atomic(
                 run.run_dir / INFERENCE,
                 {

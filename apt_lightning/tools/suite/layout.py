@@ -1,12 +1,14 @@
 """The run folder: the one place that names the files a suite's runs are written to and read from.
 
 Each run lives in ``<output_dir>/<variant>/<task>/seed<N>/``: ``config.yaml`` (exactly what apt-fit
-got), ``run.json`` (what the run is, how to rerun it), ``train.log``, ``logs/`` (metrics.csv,
-pruning.json, efficiency.json), ``final.ckpt``, then ``done.json`` (written atomically when training
-succeeded: finished runs are skipped next time) or ``failed.json`` (exit code and log tail; retried next
-time), and ``inference.json`` (the exported model against the dense one, measured after all training so
-no run shares the device with a benchmark). The suite folder holds ``suite.json`` (what the report needs
-to describe the suite), ``_dense/`` (the dense models' measurements) and the report's files.
+got), ``run.json`` (what the run is, how to rerun it), ``train.lock`` (who trains it: the claiming
+apt-ablate process, its worker and the worker's GPUs; see `tools.suite.lock`), ``train.log``, ``logs/``
+(metrics.csv, pruning.json, efficiency.json), ``final.ckpt``, then ``done.json`` (written atomically
+when training succeeded, the worker's last write: finished runs are skipped next time, and done wins
+over any failed.json) or ``failed.json`` (exit code and log tail; retried next time), and
+``inference.json`` (the exported model against the dense one, measured after all training so no run
+shares the device with a benchmark). The suite folder holds ``suite.json`` (what the report needs to
+describe the suite), ``_dense/`` (the dense models' measurements) and the report's files.
 
 The training side (`train`, `inference`, `relabel`) writes these files and the report reads them, all
 through the names and readers here. The ``logs/`` files are written by the library (EfficiencyMonitor,
@@ -20,6 +22,7 @@ import csv
 import json
 import math
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from apt_lightning.callbacks.efficiency import best_metric as best_of_history
 # a run folder
 DONE, FAILED, INFERENCE, BENCH_FAILED = "done.json", "failed.json", "inference.json", "inference_failed.json"
 RUN_META, CONFIG = "run.json", "config.yaml"
-LOG_DIR, TRAIN_LOG, FINAL_CKPT = "logs", "train.log", "final.ckpt"
+LOG_DIR, TRAIN_LOG, FINAL_CKPT, LOCK = "logs", "train.log", "final.ckpt", "train.lock"
 # inside LOG_DIR, written by the library's callbacks and Lightning's CSVLogger
 EFFICIENCY, PRUNING, METRICS = "efficiency.json", "pruning.json", "metrics.csv"
 # the suite folder
@@ -59,15 +62,63 @@ def seed_of(run_dir: Path) -> str:
 
 # ---------------------------------------------------------------------- status
 def run_status(run_dir: Path) -> str:
-    """done | failed | running | pending (running = a live worker wrote run.json and nothing else yet)."""
+    """done | failed | running | pending (running = a live process holds the run's train.lock, or a live
+    worker wrote run.json and nothing else yet). done wins over a stale failed.json."""
     if (run_dir / DONE).is_file():
         return "done"
     if (run_dir / FAILED).is_file():
         return "failed"
+    if lock_holder(run_dir) is not None:
+        return "running"
     meta = read_json(run_dir / RUN_META)
     if meta and meta.get("pid") and _is_worker(int(meta["pid"]), run_dir):
         return "running"
     return "pending"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None where there is none."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (/proc), to tell a reused pid apart."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def same_process(pid: int | None, start: str | None) -> bool:
+    """Whether `pid` is alive (not a zombie) and, where /proc tells, still the process started at `start`."""
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    fields = _proc_stat(int(pid))
+    if fields is None:
+        return True  # no /proc: the pid is all there is to go by
+    return fields[0] not in ("Z", "X") and (start is None or fields[19] == start)
+
+
+def lock_holder(run_dir: Path) -> dict | None:
+    """The record in the run's train.lock if a process it names is alive (the apt-ablate process that
+    claimed the run, or its training worker); None if there is no lock or it is stale. A lock written on
+    another machine cannot be checked from here and counts as held."""
+    record = read_json(run_dir / LOCK)
+    if not record or not record.get("owner"):
+        return None
+    if record.get("host") not in (None, socket.gethostname()):
+        return record
+    alive = same_process(record.get("owner"), record.get("owner_start")) or same_process(
+        record.get("worker"), record.get("worker_start")
+    )
+    return record if alive else None
 
 
 def _is_worker(pid: int, run_dir: Path) -> bool:

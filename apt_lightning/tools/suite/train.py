@@ -2,6 +2,12 @@
 the suite's GPUs; a run whose FT reference is still training waits while another can start. One failing
 run never stops the others. `train_worker` is the body of one such process (``python -m
 apt_lightning.tools.suite _train RUN_DIR``).
+
+Each run is claimed through its ``train.lock`` before it is trained (a run another live process holds is
+skipped; a stale lock, whose processes are gone, is taken over with a ``[recover]`` line), and each worker
+dies with the apt-ablate process that started it (`tools.suite.lock`). done.json is the last thing a
+worker writes and it wins: a run whose worker exits badly (or is killed, or times out) *after* writing it
+counts as done, and no failed.json is written beside it (a stale one is removed).
 """
 
 from __future__ import annotations
@@ -40,12 +46,15 @@ from apt_lightning.tools.suite.layout import (
     RUN_META,
     TRAIN_LOG,
     best_metric,
+    lock_holder,
     logged_metric,
+    process_start,
     read_json,
     run_dir_for,
     run_status,
     tail,
 )
+from apt_lightning.tools.suite.lock import RunLock, acquire, die_with_parent, parent_env, watch_parent
 from apt_lightning.tools.suite.overlay import get_dotted
 from apt_lightning.tools.suite.spec import RunSpec, Suite
 
@@ -113,6 +122,9 @@ def worker_command(run_dir: Path, extra: list[str]) -> list[str]:
 
 
 def _finish_failed(run: RunSpec, rc: int | None, reason: str) -> None:
+    if (run.run_dir / DONE).is_file():  # done wins: the worker finished before it was stopped
+        (run.run_dir / FAILED).unlink(missing_ok=True)
+        return
     write_json_atomic(
         run.run_dir / FAILED,
         {
@@ -133,24 +145,49 @@ def train_runs(
     others: its failed.json holds the exit code and the log tail.
     """
     result: dict[str, list[str]] = {"done": [], "failed": [], "skipped": []}
-    todo = []
+    todo, locks = [], {}
     for run in runs:
         status = run_status(run.run_dir)
+        if status == "done" and (run.run_dir / FAILED).is_file():
+            (run.run_dir / FAILED).unlink()
+            log(f"[fix] {run.run_id}: both done.json and failed.json; done wins, failed.json removed")
         if status == "done" and not force:
             done = read_json(run.run_dir / DONE) or {}
             if done.get("config_digest") not in (None, config_digest(run.config)):
                 log(f"[skip] {run.run_id}: finished with a different config (use --force to rerun it)")
             result["skipped"].append(run.run_id)
-        elif status == "running":
-            log(f"[skip] {run.run_id}: another process is training it")
+        elif status == "running" or (lock := acquire(run.run_dir, run.run_id, log)) is None:
+            holder = lock_holder(run.run_dir) or read_json(run.run_dir / RUN_META) or {}
+            if holder.get("worker") or holder.get("pid"):
+                what = f"another process is training it (pid {holder.get('worker') or holder.get('pid')})"
+            else:
+                what = f"another apt-ablate process (pid {holder.get('owner')}) has claimed it"
+            log(f"[skip] {run.run_id}: {what}")
             result["skipped"].append(run.run_id)
         else:
             todo.append(run)
+            locks[run.run_id] = lock
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
     if suite.parallel > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // suite.parallel))
+    try:
+        _train_all(suite, todo, locks, env, result, log)
+    finally:
+        for lock in locks.values():
+            lock.release()
+    return result
+
+
+def _train_all(
+    suite: Suite,
+    todo: list[RunSpec],
+    locks: dict[str, RunLock],
+    env: dict,
+    result: dict,
+    log: Callable[[str], None],
+) -> None:
     active: dict[subprocess.Popen, tuple[RunSpec, float, Any, str | None]] = {}
     total, started = len(todo), 0
     try:
@@ -165,8 +202,21 @@ def train_runs(
                 if suite.gpus:
                     gpu = least_loaded(suite.gpus, [g for _, _, _, g in active.values()])
                     run_env = {**env, "CUDA_VISIBLE_DEVICES": gpu}
+                lock = locks[pick.run_id]
                 proc = subprocess.Popen(
-                    cmd, stdout=handle, stderr=subprocess.STDOUT, env=run_env, start_new_session=True
+                    cmd,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    env={**run_env, **parent_env()},
+                    start_new_session=True,
+                    preexec_fn=die_with_parent(),  # noqa: PLW1509 - only prctl and getppid run there
+                    pass_fds=(lock.fd,),  # the worker holds the run's lock too, until it ends
+                )
+                lock.update(
+                    worker=proc.pid,
+                    worker_start=process_start(proc.pid),
+                    gpus=run_env.get("CUDA_VISIBLE_DEVICES"),
+                    run=pick.run_id,
                 )
                 meta = read_json(pick.run_dir / RUN_META) or {}
                 write_json_atomic(pick.run_dir / RUN_META, {**meta, "pid": proc.pid})
@@ -186,9 +236,12 @@ def train_runs(
                     continue
                 handle.close()
                 del active[proc]
-                if rc == 0 and (run.run_dir / DONE).is_file():
+                locks.pop(run.run_id).release()
+                if (run.run_dir / DONE).is_file():  # done wins, whatever happened after it was written
+                    (run.run_dir / FAILED).unlink(missing_ok=True)
                     result["done"].append(run.run_id)
-                    log(f"[done] {run.run_id} in {time.time() - t0:.0f} s")
+                    late = "" if rc == 0 else f" (the process then exited {rc}; done.json wins)"
+                    log(f"[done] {run.run_id} in {time.time() - t0:.0f} s{late}")
                 else:
                     if not (run.run_dir / FAILED).is_file():
                         _finish_failed(run, rc, "training process failed")
@@ -208,7 +261,6 @@ def train_runs(
             handle.close()
             _finish_failed(run, proc.returncode, "interrupted")
         raise
-    return result
 
 
 def _waits_for_reference(suite: Suite, run: RunSpec, active: dict) -> bool:
@@ -224,6 +276,7 @@ def _indent(text: str) -> str:
 
 def train_worker(run_dir: Path, extra: list[str]) -> int:
     """The body of one training process: apt-fit on config.yaml, final checkpoint, done.json."""
+    watch_parent()  # stop when the apt-ablate process that started us is gone
     meta = read_json(run_dir / RUN_META) or {}
     t0 = time.time()
     from apt_lightning.cli import run_cli as fit
