@@ -1,18 +1,138 @@
 """`apt-fit`: a thin LightningCLI. Model and data are in subclass mode, so any `class_path` can be swapped;
-the task and the tokenizer follow the model's settings; the config is saved next to the run."""
+the task and the tokenizer follow the model's settings; the config is saved next to the run.
+
+Two things the stock LightningCLI does not do:
+
+- Periodic checkpoints: besides Lightning's end-of-epoch checkpoint, a `PeriodicCheckpoint` saves every
+  `checkpoint_every_n_steps` optimizer steps (`auto`: a quarter of the pruning phase, so a crash mid-pruning
+  resumes from inside it; 0 or null: off), keeping only the newest one (`periodic-epoch=E-step=S.ckpt` in
+  the run's `checkpoints/`). `trainer.enable_checkpointing: false` turns both off.
+- Resuming (`--ckpt_path`) with the configured optimizer and LR schedule: LightningCLI re-parses the model
+  from the checkpoint's hyperparameters, and APTModule does not save its optimizer / lr_scheduler factories
+  (callables), so the stock CLI silently reset them to the module defaults (`_default_optimizer`).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from apt_lightning.data import GLUEDataModule
 from apt_lightning.module import APTModule
+from apt_lightning.pruning.schedule import resolve_step
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """A checkpoint every `every_n_train_steps` optimizer steps, keeping the newest `save_top_k`.
+
+    `every_n_train_steps="auto"` is resolved at set-up: a quarter of `AdaptivePruning`'s phase (at least 1
+    step), so three or more resumable points fall inside pruning; without `AdaptivePruning`, a tenth of
+    the run. Saved after the APT callbacks have acted on the step (Lightning runs checkpoint callbacks
+    last), so a resumed run continues from exactly that step (tests/test_resume.py).
+    """
+
+    def __init__(
+        self,
+        every_n_train_steps: int | Literal["auto"] = "auto",
+        dirpath: str | Path | None = None,
+        filename: str = "periodic-{epoch}-{step}",
+        save_top_k: int = 1,
+    ) -> None:
+        if every_n_train_steps != "auto" and (
+            not isinstance(every_n_train_steps, int) or every_n_train_steps < 1
+        ):
+            raise ValueError(
+                f"every_n_train_steps must be 'auto' or an int >= 1, got {every_n_train_steps!r}"
+            )
+        self.every = every_n_train_steps
+        steps = 1 if every_n_train_steps == "auto" else every_n_train_steps
+        super().__init__(dirpath=dirpath, filename=filename, save_top_k=save_top_k, every_n_train_steps=steps)
+
+    def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.every == "auto":
+            self._every_n_train_steps = auto_interval(trainer)
+
+
+def auto_interval(trainer: Trainer) -> int:
+    """A quarter of the pruning phase in optimizer steps, or a tenth of the run without pruning."""
+    from apt_lightning.callbacks import AdaptivePruning
+
+    total = max(1, int(trainer.estimated_stepping_batches))
+    pruning = next((cb for cb in trainer.callbacks if isinstance(cb, AdaptivePruning)), None)
+    if pruning is None:
+        return max(1, total // 10)
+    start = resolve_step(pruning.start_step, total, "start_step")
+    end = resolve_step(pruning.end_step, total, "end_step")
+    return max(1, (end - start) // 4)
 
 
 class APTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.task", "data.init_args.task")
         parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int | Literal["auto"] | None,
+            default="auto",
+            help="Save a resumable checkpoint every N optimizer steps, keeping the newest (auto: a quarter "
+            "of the pruning phase; 0 or null: off). Lightning's end-of-epoch checkpoint is kept.",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's version, except that model arguments the checkpoint does not record keep their
+        configured values: APTModule leaves its optimizer and lr_scheduler factories out of the saved
+        hyperparameters, and the stock re-parse reset them to the module defaults."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        configured = self.config[sub].get("model")
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        saved = set(hparams.get("dict_kwargs", hparams))
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            import sys
+
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
+        init_args = getattr(configured, "init_args", None)
+        if init_args is not None:
+            for key, value in vars(init_args).items():
+                if key not in saved:
+                    self.config[sub]["model"]["init_args"][key] = value
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """The trainer, with Lightning's end-of-epoch checkpoint (unless the config has a ModelCheckpoint)
+        and a `PeriodicCheckpoint`, unless checkpointing is off."""
+        config = self._get(self.config_init, "trainer", default={})
+        every = self._get(self.config_init, "checkpoint_every_n_steps", default="auto")
+        callbacks = kwargs.get("callbacks", config.get("callbacks")) or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        checkpointing = kwargs.get("enable_checkpointing", config.get("enable_checkpointing"))
+        if (
+            checkpointing is not False
+            and every
+            and not any(isinstance(c, PeriodicCheckpoint) for c in callbacks)
+        ):
+            if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+                callbacks.append(ModelCheckpoint())  # what Lightning adds when the list has none
+            callbacks.append(PeriodicCheckpoint(every))
+            kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> APTCLI:

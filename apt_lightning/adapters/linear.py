@@ -75,16 +75,26 @@ class APTLinear(nn.Linear):
         out = F.linear(x, self.weight, self.bias)
         return out + self.scaling * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 
-    def grow_rank(self, new_rank: int) -> None:
+    def grow_rank(self, new_rank: int, generator: torch.Generator | None = None) -> None:
         """Append random rows to A and zero columns to B: the output is unchanged, and the new A rows get
-        gradients as soon as B moves off zero (and the new B columns get gradients at once)."""
+        gradients as soon as B moves off zero (and the new B columns get gradients at once).
+
+        `generator` (a CPU generator) draws the new rows in float32 on the CPU, then they move to A's device
+        and dtype: the rows depend on the generator's state only, not on the global RNG or the device, so a
+        resumed run that restores the generator grows the same rows (`AdaptiveTuning` does this). Without
+        it the rows come from the global RNG on A's device."""
         if new_rank < self.rank:
             raise ValueError(f"grow_rank: new rank {new_rank} is below the current rank {self.rank}")
         if new_rank == self.rank:
             return
         extra = new_rank - self.rank
-        a_new = torch.empty(extra, self.in_features, device=self.lora_A.device, dtype=self.lora_A.dtype)
-        nn.init.kaiming_uniform_(a_new, a=math.sqrt(5))
+        if generator is None:
+            a_new = torch.empty(extra, self.in_features, device=self.lora_A.device, dtype=self.lora_A.dtype)
+            nn.init.kaiming_uniform_(a_new, a=math.sqrt(5))
+        else:
+            a_new = torch.empty(extra, self.in_features)
+            nn.init.kaiming_uniform_(a_new, a=math.sqrt(5), generator=generator)
+            a_new = a_new.to(self.lora_A.device, self.lora_A.dtype)
         b_new = torch.zeros(self.out_features, extra, device=self.lora_B.device, dtype=self.lora_B.dtype)
         self.lora_A = nn.Parameter(torch.cat([self.lora_A.data, a_new], 0))
         self.lora_B = nn.Parameter(torch.cat([self.lora_B.data, b_new], 1))

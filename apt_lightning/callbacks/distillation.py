@@ -201,6 +201,11 @@ class SelfDistillation(Callback):
             "history": self.history,
             "policy": self.policy.state_dict(),
             "mu_max": self.mu_max,
+            "ramp": {
+                "start_step": self.start_step,
+                "end_step": self.end_step,
+                "steps": [self.start, self.end],
+            },
         }
         if self._distiller is not None:  # a resumed run draws the same teacher layers
             state["layer_sampler"] = self._distiller.generator.get_state()
@@ -213,8 +218,31 @@ class SelfDistillation(Callback):
                 f"SelfDistillation: the checkpoint trained with mu_max={saved}, this run uses mu_max="
                 f"{self.mu_max}; the resumed run ramps to {self.mu_max}"
             )
+        self._load_ramp(state.get("ramp"))
         self.finished = state["finished"]
         self.history = state["history"]
         self.policy.load_state_dict(state["policy"])
         if self._distiller is not None and "layer_sampler" in state:
             self._distiller.generator.set_state(state["layer_sampler"])
+
+    def _load_ramp(self, saved: dict | None) -> None:
+        """The mu ramp of a resumed run: with the same start_step / end_step arguments it keeps the saved
+        steps even if the run length changed (fractions are not re-resolved, as in `AdaptivePruning`); with
+        changed arguments the new ramp applies from the resumed step, and a warning says so."""
+        if saved is None or not self.end:  # older checkpoint, or not set up for fitting
+            return
+        steps = [int(s) for s in saved["steps"]]
+        if steps == [self.start, self.end]:
+            return
+        if (saved["start_step"], saved["end_step"]) == (self.start_step, self.end_step):
+            rank_zero_warn(
+                f"SelfDistillation: the run length changed since the checkpoint; the mu ramp keeps its saved "
+                f"steps {steps} (it would now resolve to {[self.start, self.end]})"
+            )
+            self.start, self.end = steps
+        else:
+            rank_zero_warn(
+                f"SelfDistillation: the checkpoint ramped mu over steps {steps}, this run configures "
+                f"{[self.start, self.end]}; the resumed run follows the new ramp, so mu may jump at the "
+                "first resumed step"
+            )

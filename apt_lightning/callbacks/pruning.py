@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from apt_lightning.callbacks.events import PruningEvent, broadcast
 from apt_lightning.files import write_json_atomic
@@ -320,12 +321,15 @@ class AdaptivePruning(Callback):
             "scorer": self.scorer.state_dict(),
             "history": self.history,
             "timing": self.timing,
+            "schedule": self._schedule_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         def blocks(d: dict | None) -> BlockTensors | None:
             return None if d is None else BlockTensors(d["heads"], d["neurons"], d["hidden"])
 
+        if "schedule" in state:  # older checkpoints did not record it
+            self._check_schedule(state["schedule"], state["next_event"], state["history"])
         self.next_event = state["next_event"]
         self.window_start, self.window_end = state["window_start"], state["window_end"]
         self.full_count = state["full_count"]
@@ -333,3 +337,53 @@ class AdaptivePruning(Callback):
         self.scorer.load_state_dict(state["scorer"])
         self.history = state["history"]
         self.timing = state["timing"]
+
+    # ------------------------------------------------------------------ schedule changes on resume
+    _SCHEDULE_ARGS = ("target_sparsity", "start_step", "end_step", "num_events", "decay_steps")
+
+    def _schedule_state(self) -> dict:
+        """The schedule as configured (steps possibly fractions) and as resolved for this run."""
+        state = {k: getattr(self, k) for k in self._SCHEDULE_ARGS}
+        if self.schedule is not None:
+            state["resolved"] = [self.schedule.start_step, self.schedule.end_step]
+        return state
+
+    def _check_schedule(self, saved: dict, next_event: int, history: list[dict]) -> None:
+        """A resumed run keeps the schedule it was saved with.
+
+        The five schedule arguments must equal the saved ones: the events already taken were chosen for
+        that schedule, so a change would be a jump in sparsity (target_sparsity, num_events), leave a decay
+        window unfinished (end_step before the saved step, decay_steps) or re-time decided events. Anything
+        else is refused here, before training resumes. Only the run length may change: steps given as
+        fractions then keep the steps they resolved to when the run started (a warning says so)."""
+        if self.schedule is None:  # not set up for fitting
+            return
+        changed = [
+            (k, saved[k], getattr(self, k)) for k in self._SCHEDULE_ARGS if saved[k] != getattr(self, k)
+        ]
+        if changed:
+            done = f"{next_event} of {saved['num_events']} events taken"
+            if history:
+                last = history[-1]
+                done += f", the last at step {last['step']} (target sparsity {last['target_sparsity']:.4g})"
+            diff = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} configured" for k, old, new in changed)
+            keep = ", ".join(f"{k}: {saved[k]!r}" for k in self._SCHEDULE_ARGS)
+            raise ValueError(
+                f"AdaptivePruning: the checkpoint's pruning schedule differs from this run's ({diff}). "
+                f"The checkpoint has {done}; those decisions were made for the saved schedule, and changing "
+                "it on resume would apply a new target as a jump at the next event or leave a decay window "
+                f"unfinished. Resume with the saved values ({keep}); only the run length (max_epochs / "
+                "max_steps) may change, and the pruning steps then stay where they were. To prune to "
+                "another schedule, start a new run."
+            )
+        resolved = saved.get("resolved")
+        current = [self.schedule.start_step, self.schedule.end_step]
+        if resolved is not None and list(resolved) != current:
+            rank_zero_warn(
+                f"AdaptivePruning: the run length changed since the checkpoint, so start_step "
+                f"{self.start_step!r} / end_step {self.end_step!r} would now resolve to steps {current}; "
+                f"the resumed run keeps the saved pruning steps {list(resolved)}"
+            )
+            self.schedule = CubicSchedule(
+                self.target_sparsity, resolved[0], resolved[1], self.num_events, self.decay_steps
+            )

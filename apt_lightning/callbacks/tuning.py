@@ -6,6 +6,10 @@ size T_0 to `budget_multiple` * T_0 over the pruning phase and is applied at the
 this callback's own events when no `AdaptivePruning` runs). After growth the optimizer and LR schedule
 are rebuilt (`APTModule.rebuild_optimizer`): the new tensors are trained from the next step, Adam's
 moments restart, the schedule continues from the current step.
+
+The new rows of A are drawn from this callback's own generator (seeded from `seed`, by default the run's
+`torch.initial_seed()`, so `seed_everything` sets it), whose state is saved in the checkpoint: a resumed run
+grows the same rows as an uninterrupted one, whatever the global RNG did in between.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class AdaptiveTuning(Callback):
     budget_multiple: final tuning budget as a multiple of the initial adapter size (>= 1).
     ema: EMA factor for adapter salience.
     start_step / end_step / num_events: own events, used only without `AdaptivePruning`.
+    seed: seed of the rank-growth generator; None takes `torch.initial_seed()` at set-up.
     """
 
     def __init__(
@@ -41,6 +46,7 @@ class AdaptiveTuning(Callback):
         start_step: int | float = 200,
         end_step: int | float = 0.5,
         num_events: int = 10,
+        seed: int | None = None,
     ) -> None:
         if budget_multiple < 1.0:
             raise ValueError(f"budget_multiple must be >= 1 (the budget only grows), got {budget_multiple}")
@@ -56,6 +62,8 @@ class AdaptiveTuning(Callback):
         self.salience: dict[str, torch.Tensor] = {}
         self.history: list[dict] = []
         self.timing = {"grow_s": 0.0}
+        self.seed = seed
+        self.generator: torch.Generator | None = None  # created at set-up; its state is checkpointed
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -68,6 +76,9 @@ class AdaptiveTuning(Callback):
             raise ValueError(f"max_rank {self.strategy.max_rank} is below the initial adapter rank {low}")
         if not self.initial_params:
             self.initial_params = tuning_params(self._infos(pl_module))
+        if self.generator is None:
+            seed = self.seed if self.seed is not None else torch.initial_seed()
+            self.generator = torch.Generator().manual_seed(seed)
         if find_callback(trainer, AdaptivePruning) is None:
             total = int(trainer.estimated_stepping_batches)
             start = resolve_step(self.start_step, total, "start_step")
@@ -119,7 +130,9 @@ class AdaptiveTuning(Callback):
         budget = self.budget_at(progress)
         ranks = self.strategy.allocate(infos, budget)
         if ranks:
-            pl_module.grow_adapters(ranks)
+            modules = pl_module.adapters()
+            for name, rank in ranks.items():  # the allocation's order: a resumed run draws the same rows
+                modules[name].grow_rank(rank, generator=self.generator)
             pl_module.rebuild_optimizer()
         self.salience.clear()
         self.next_event += 1
@@ -162,6 +175,7 @@ class AdaptiveTuning(Callback):
             "salience": dict(self.salience),
             "history": self.history,
             "timing": self.timing,
+            "growth_rng": None if self.generator is None else self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -170,3 +184,7 @@ class AdaptiveTuning(Callback):
         self.salience = dict(state["salience"])
         self.history = state["history"]
         self.timing = state.get("timing", {"grow_s": 0.0})
+        if state.get("growth_rng") is not None:  # older checkpoints: the generator keeps its fresh seed
+            if self.generator is None:
+                self.generator = torch.Generator()
+            self.generator.set_state(state["growth_rng"])
