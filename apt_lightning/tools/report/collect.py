@@ -96,9 +96,11 @@ def read_run(run_dir: Path) -> dict:
     meta = read_json(run_dir / RUN_META) or {}
     done, failed = read_json(run_dir / DONE), read_json(run_dir / FAILED)
     status = "done" if done else "failed" if failed else "incomplete"
-    log_dir = Path((done or {}).get("log_dir") or run_dir / LOG_DIR)
+    # the run's own folder first: done.json's log_dir is the path where it trained (relative to that
+    # process's cwd, or on another machine), which for a moved or copied suite names another run's files
+    log_dir = run_dir / LOG_DIR
     if not log_dir.is_dir():
-        log_dir = run_dir / LOG_DIR
+        log_dir = Path((done or {}).get("log_dir") or log_dir)
     eff = read_json(log_dir / EFFICIENCY)
     monitor = meta.get("monitor") or (eff or {}).get("monitor") or "val/accuracy"
     config = run_dir / CONFIG
