@@ -270,7 +270,7 @@ def test_aligned_search_stays_within_budget_with_kv_heads():
 
 # ---------------------------------------------------------------- real weights
 @pytest.mark.slow
-def test_smollm2_masked_equals_compacted_and_generates():
+def test_smollm2_masked_equals_compacted_generates_and_reloads(tmp_path):
     from apt_lightning.backbone import load_tokenizer, resolve_backbone
 
     model = AutoModelForCausalLM.from_pretrained(resolve_backbone("smollm2-135m"), dtype=torch.float32).eval()
@@ -295,12 +295,25 @@ def test_smollm2_masked_equals_compacted_and_generates():
         masked = model(ids).logits
         masked_gen = model.generate(ids, max_new_tokens=6, do_sample=False)
         structure.compact()
-        torch.testing.assert_close(model(ids).logits, masked, rtol=0, atol=1e-3)
+        torch.testing.assert_close(model(ids).logits, masked, rtol=0, atol=ATOL)
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), masked_gen)
     structure.remove_masks()
     s = structure.shapes()
     weights = sum(p.numel() for n, p in model.model.layers.named_parameters() if n.endswith("proj.weight"))
     assert s.counted_params() == weights
+    folder = export_pruned(model, tmp_path / "exported", tokenizer=tok)
+    code = (
+        "import sys, torch\nfrom apt_lightning.export import load_pruned\n"
+        "m = load_pruned(sys.argv[1])\nids = torch.load(sys.argv[2])\n"
+        "with torch.no_grad():\n    torch.save(m(ids).logits, sys.argv[3])\n"
+    )
+    torch.save(ids, tmp_path / "ids.pt")
+    out = tmp_path / "logits.pt"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-c", code, str(folder), str(tmp_path / "ids.pt"), str(out)]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.testing.assert_close(torch.load(out), masked, rtol=0, atol=ATOL)
 
 
 # ---------------------------------------------------------------- the whole pipeline through apt-fit

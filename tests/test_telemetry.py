@@ -5,8 +5,9 @@ import time
 import pytest
 import torch
 
-from apt_lightning.tools.bench import reporting, telemetry
-from apt_lightning.tools.bench.telemetry import ClockSampler
+from apt_lightning import telemetry
+from apt_lightning.telemetry import ClockSampler
+from apt_lightning.tools.bench import reporting
 
 
 def test_unavailable_on_cpu_records_nothing():

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from apt_lightning.files import write_json_atomic
+from apt_lightning.telemetry import peak_rss_mb, reset_peak_rss
 
 _MODES = ("max", "min")
 _OVERHEAD_KEYS = ("score_s", "search_s", "compact_s", "grow_s")
@@ -94,40 +93,6 @@ def read_reference(path: str | Path, key: str = "best_metric") -> float:
     if isinstance(node, bool) or not isinstance(node, (int, float)):
         raise ValueError(f"reference_file {path}: {key!r} is {node!r}, not a number")
     return float(node)
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux `clear_refs` 5). False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (since the last `reset_peak_rss`, where supported)."""
-    hwm = _proc_status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB on Linux
-
-
-def current_rss_mb() -> float | None:
-    return _proc_status_mb("VmRSS")
 
 
 def _batch_size(batch: Any) -> int:

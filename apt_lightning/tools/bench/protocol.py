@@ -49,9 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from apt_lightning.callbacks.efficiency import current_rss_mb, peak_rss_mb, reset_peak_rss
+from apt_lightning.telemetry import ClockSampler, current_rss_mb, peak_rss_mb, reset_peak_rss
 from apt_lightning.tools.bench.models import max_seq_len, unpadded_attention
-from apt_lightning.tools.bench.telemetry import ClockSampler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MIN_BLOCK = 10

@@ -1,4 +1,5 @@
-"""GPU clock and power samples taken on a thread while a benchmark runs.
+"""Resource readings: this process's memory (resident set size, its peak) and, on a thread while a
+benchmark runs, GPU clock and power samples.
 
 Under sustained load a GPU lowers its clocks when it reaches its power or thermal limits, and by how much
 depends on the work: on an H200 a dense bf16 encoder draws more power than its pruned form and settles at
@@ -8,7 +9,9 @@ over sustained load can therefore differ; `ClockSampler` records the clocks so a
 
 from __future__ import annotations
 
+import resource
 import statistics
+import sys
 import threading
 import time
 from types import TracebackType
@@ -80,3 +83,38 @@ class ClockSampler:
             "power_w": statistics.median(w for _, w in inside),
             "samples": len(inside),
         }
+
+
+# ---------------------------------------------------------------------- memory
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux `clear_refs` 5). False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (since the last `reset_peak_rss`, where supported)."""
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB on Linux
+
+
+def current_rss_mb() -> float | None:
+    return _proc_status_mb("VmRSS")
