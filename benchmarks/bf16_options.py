@@ -7,7 +7,7 @@
 Every model is compiled (TorchInductor) and timed as CUDA-graph replays, batch 128, sequence 128, bf16;
 models take turns in blocks of 10 passes, 4 rounds, median per pass. A study's models run in one process,
 so its ratios compare with each other, less with `apt-bench` tables (other prunes, and turns too short for
-the GPU's clocks to settle at each model's own level: docs/bench.md, "Latest").
+the GPU's clocks to settle at each model's own level: docs/bench.md, "Short blocks biased bf16 speedups").
 """
 
 from __future__ import annotations

@@ -3,13 +3,17 @@
 Usage: python benchmarks/plot_core.py [docs/results/core]
 """
 
+import argparse
 import csv
-import sys
 from pathlib import Path
 
 from apt_lightning.plots import _figure, save_atomic
 
-root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/core")
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument(
+    "root", nargs="?", default="docs/results/core", help="folder of run folders with metrics.csv"
+)
+root = Path(parser.parse_args().root)
 plt = _figure()
 fig, ax = plt.subplots(figsize=(7, 4))
 for run in sorted(p for p in root.iterdir() if (p / "metrics.csv").exists()):
