@@ -20,6 +20,7 @@ from apt_lightning.structure.families.llama import SkippedMLP, SkippedSelfAttent
 
 LAYERS, HEADS, KV, HEAD_DIM, HIDDEN, FFN, VOCAB = 4, 6, 3, 8, 48, 40, 120
 ATOL = 1e-4  # fp32, several layers of products and fp32 RMSNorms
+REAL_TOL = dict(rtol=1e-5, atol=2e-4)  # fp32 through 30 layers (seen: 1.2e-4 on a few of 245,760 logits)
 
 
 def tiny_decoder(kind: str = "causal", tied: bool = True, arch: str = "llama", seed: int = 0, **overrides):
@@ -295,7 +296,7 @@ def test_smollm2_masked_equals_compacted_generates_and_reloads(tmp_path):
         masked = model(ids).logits
         masked_gen = model.generate(ids, max_new_tokens=6, do_sample=False)
         structure.compact()
-        torch.testing.assert_close(model(ids).logits, masked, rtol=0, atol=ATOL)
+        torch.testing.assert_close(model(ids).logits, masked, **REAL_TOL)
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), masked_gen)
     structure.remove_masks()
     s = structure.shapes()
@@ -313,7 +314,7 @@ def test_smollm2_masked_equals_compacted_generates_and_reloads(tmp_path):
     args = [sys.executable, "-c", code, str(folder), str(tmp_path / "ids.pt"), str(out)]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    torch.testing.assert_close(torch.load(out), masked, rtol=0, atol=ATOL)
+    torch.testing.assert_close(torch.load(out), masked, **REAL_TOL)
 
 
 # ---------------------------------------------------------------- the whole pipeline through apt-fit
