@@ -183,7 +183,8 @@ def test_monitor_writes_every_field(tmp_path):
     assert [h["epoch"] for h in history] == [0, 1, 2]  # sanity-check validation is not recorded
     assert [h["step"] for h in history] == [8, 16, 24]
     assert all(0 <= h["metric"] <= 1 for h in history)
-    assert all(a["wall_s"] < b["wall_s"] for a, b in zip(history, history[1:], strict=False))
+    walls = [h["wall_s"] for h in history]
+    assert walls == sorted(set(walls))  # one entry per validation, in the order they ran
     assert out["best_metric"] == max(h["metric"] for h in history)
     assert out["tta_reference"] == 0.8 and out["tta_reference_source"] == "value"
     assert out["tta_s"] == time_to_accuracy(history, 0.8)

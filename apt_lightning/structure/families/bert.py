@@ -12,15 +12,14 @@ import torch
 from torch import nn
 
 from apt_lightning.structure.base import ModelShapes, UnitCosts, first_n, register_family
+from apt_lightning.structure.common import FamilyStructure
 from apt_lightning.structure.hooks import (
-    MaskHooks,
     head_channels,
     new_masks,
     residual_input,
-    start_compaction,
 )
 from apt_lightning.structure.masks import MaskedLayerNorm, PruningMasks
-from apt_lightning.structure.slicing import SliceLog, slice_embedding, slice_layernorm, slice_linear
+from apt_lightning.structure.slicing import slice_embedding, slice_layernorm, slice_linear
 
 
 class SkippedAttention(nn.Module):
@@ -67,7 +66,7 @@ def _preset(
 
 
 @register_family
-class BertStructure:
+class BertStructure(FamilyStructure):
     """Masks and compaction for BERT-like encoders (see `PrunableStructure`).
 
     Costs per hidden dim: a head 4 d_h (its q, k, v rows and o columns), a GELU FFN neuron 2 (its FFN-in
@@ -104,10 +103,7 @@ class BertStructure:
         config = model.config
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.costs = UnitCosts(head=4 * self.head_dim, kv_head=0, neuron=2)
-        self.masks: PruningMasks | None = None
-        self.hooks = MaskHooks(self)
-        self._full = None
-        self._full = self.shapes()
+        self._start()
 
     # ----------------------------------------------------------------- structure queries
     def _has_attention(self, layer: nn.Module) -> bool:
@@ -131,20 +127,7 @@ class BertStructure:
                 layer.attention.self.query.out_features // self.head_dim if self._has_attention(layer) else 0
             )
             neurons.append(layer.intermediate.dense.out_features if self._has_ffn(layer) else 0)
-        hidden = self.base.embeddings.word_embeddings.embedding_dim
-        full = self._full
-        if full is None:
-            return ModelShapes(heads, neurons, hidden, self.head_dim, self.costs)
-        return ModelShapes(
-            heads,
-            neurons,
-            hidden,
-            self.head_dim,
-            self.costs,
-            full_heads=full.full_heads,
-            full_neurons=full.full_neurons,
-            full_hidden=full.full_hidden,
-        )
+        return self._shapes(heads, neurons, self.base.embeddings.word_embeddings.embedding_dim)
 
     def exact_param_count(self) -> int:
         """Every parameter inside the encoder layers: the APT count plus biases and LayerNorms."""
@@ -197,37 +180,15 @@ class BertStructure:
                 self.hooks.skip_output(out, "neuron", i, residual_input)
         return masks
 
-    def remove_masks(self) -> None:
-        """Drop hooks and masks and restore plain LayerNorms (for export)."""
-        self.hooks.remove_all(self.model)
-        self.masks = None
-
     # ----------------------------------------------------------------- compaction
-    def compact(self) -> SliceLog:
-        """Physically remove every block whose mask is 0; masks must be hard (0/1). Returns the slice log."""
-        masks = self.masks
-        log, cut = start_compaction(self.model, masks)
-        hid = None if masks.hidden_full else masks.kept("hidden")
-        if hid is not None:
-            emb = self.base.embeddings
-            for e in (
-                emb.word_embeddings,
-                emb.position_embeddings,
-                getattr(emb, "token_type_embeddings", None),
-            ):
-                if e is not None:
-                    cut(e, slice_embedding(e, hid))
-            cut(emb.LayerNorm, slice_layernorm(emb.LayerNorm, hid))
-            consumer = self.hidden_consumer()
-            cut(consumer, slice_linear(consumer, in_index=hid))
-        for i, layer in enumerate(self.layers):
-            if self._has_attention(layer):
-                self._compact_attention(i, layer, hid, cut)
-            if self._has_ffn(layer):
-                self._compact_ffn(i, layer, hid, cut)
-        s = self.shapes()
-        masks.resize(s.heads, s.neurons, s.hidden)
-        return log
+    def _compact_hidden(self, hid: torch.Tensor, cut) -> None:
+        emb = self.base.embeddings
+        for e in (emb.word_embeddings, emb.position_embeddings, getattr(emb, "token_type_embeddings", None)):
+            if e is not None:
+                cut(e, slice_embedding(e, hid))
+        cut(emb.LayerNorm, slice_layernorm(emb.LayerNorm, hid))
+        consumer = self.hidden_consumer()
+        cut(consumer, slice_linear(consumer, in_index=hid))
 
     def _compact_attention(self, i: int, layer: nn.Module, hid: torch.Tensor | None, cut) -> None:
         masks = self.masks
@@ -264,21 +225,6 @@ class BertStructure:
         if hid is not None:
             cut(layer.output.LayerNorm, slice_layernorm(layer.output.LayerNorm, hid))
 
-    def reshape(self, shapes: ModelShapes) -> None:
-        """Cut a freshly built model to `shapes` (keeping the first blocks): the skeleton a saved state
-        dict of a compacted model is then loaded into."""
-        current = self.shapes()
-        if current.num_layers != shapes.num_layers:
-            raise ValueError(
-                f"shapes describe {shapes.num_layers} layers, the model has {current.num_layers}"
-            )
-        had_masks = self.masks is not None
-        masks = self.install_masks()
+    def _reshape_heads(self, masks: PruningMasks, shapes: ModelShapes, current: ModelShapes) -> None:
         for i in range(shapes.num_layers):
             masks.set("head", first_n(shapes.heads[i], current.heads[i], f"heads of layer {i}"), i)
-            masks.set("neuron", first_n(shapes.neurons[i], current.neurons[i], f"neurons of layer {i}"), i)
-        masks.set("hidden", first_n(shapes.hidden, current.hidden, "hidden size"))
-        self.compact()
-        self._full = shapes
-        if not had_masks:
-            self.remove_masks()

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from apt_lightning.structure.base import ModelShapes, UnitCosts, first_n, register_family
-from apt_lightning.structure.hooks import MaskHooks, head_channels, new_masks, start_compaction
+from apt_lightning.structure.common import FamilyStructure
+from apt_lightning.structure.hooks import head_channels, new_masks
 from apt_lightning.structure.masks import MaskedRMSNorm, PruningMasks
-from apt_lightning.structure.slicing import SliceLog, slice_embedding, slice_layernorm, slice_linear
+from apt_lightning.structure.slicing import slice_embedding, slice_layernorm, slice_linear
 
 GROUPED_ATTENTION = "apt_grouped_kv"
 
@@ -128,7 +129,7 @@ def _preset(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab
 
 
 @register_family
-class LlamaStructure:
+class LlamaStructure(FamilyStructure):
     """Masks and compaction for LLaMA-type decoders (see `PrunableStructure` and the module docstring)."""
 
     model_types = ("llama", "mistral", "qwen2")
@@ -161,10 +162,7 @@ class LlamaStructure:
         self.head_groups = [
             [h // per_group for h in range(config.num_attention_heads)] for _ in range(len(self.layers))
         ]
-        self.masks: PruningMasks | None = None
-        self.hooks = MaskHooks(self)
-        self._full = None
-        self._full = self.shapes()
+        self._start()
 
     # ----------------------------------------------------------------- structure queries
     def _has_attention(self, layer: nn.Module) -> bool:
@@ -191,22 +189,7 @@ class LlamaStructure:
                 groups.append([])
             heads.append(sum(groups[-1]))
             neurons.append(layer.mlp.gate_proj.out_features if self._has_ffn(layer) else 0)
-        hidden = self.base.embed_tokens.embedding_dim
-        full = self._full
-        if full is None:
-            return ModelShapes(heads, neurons, hidden, self.head_dim, self.costs, groups)
-        return ModelShapes(
-            heads,
-            neurons,
-            hidden,
-            self.head_dim,
-            self.costs,
-            groups,
-            full.full_heads,
-            full.full_neurons,
-            full.full_hidden,
-            full.full_kv_groups,
-        )
+        return self._shapes(heads, neurons, self.base.embed_tokens.embedding_dim, groups)
 
     def exact_param_count(self) -> int:
         """Every parameter inside the decoder layers and the final norm."""
@@ -252,36 +235,19 @@ class LlamaStructure:
         self.base.norm = MaskedRMSNorm(self.base.norm, masks, 2 * len(self.layers))
         return masks
 
-    def remove_masks(self) -> None:
-        """Drop hooks and masks and restore plain RMSNorms (for export)."""
-        self.hooks.remove_all(self.model)
-        self.masks = None
-
     # ----------------------------------------------------------------- compaction
-    def compact(self) -> SliceLog:
-        """Physically remove every block whose mask is 0 (and every KV head whose group lost all its query
-        heads); masks must be hard (0/1). Tied embeddings stay tied. Returns the slice log."""
-        masks = self.masks
-        log, cut = start_compaction(self.model, masks)
-        hid = None if masks.hidden_full else masks.kept("hidden")
-        if hid is not None:
-            tied, emb, consumer = self._tied(), self.base.embed_tokens, self.hidden_consumer()
-            cut(emb, slice_embedding(emb, hid))
-            if tied:
-                consumer.weight = emb.weight
-                consumer.in_features = emb.embedding_dim
-            else:
-                cut(consumer, slice_linear(consumer, in_index=hid))
-            for norm in (self.base.norm, *(n for lay in self.layers for n in self._norms(lay))):
-                cut(norm, slice_layernorm(norm, hid))
-        for i, layer in enumerate(self.layers):
-            if self._has_attention(layer):
-                self._compact_attention(i, layer, hid, cut)
-            if self._has_ffn(layer):
-                self._compact_ffn(i, layer, hid, cut)
-        s = self.shapes()
-        masks.resize(s.heads, s.neurons, s.hidden)
-        return log
+    def _compact_hidden(self, hid: torch.Tensor, cut) -> None:
+        """Hidden dims leave the embedding, every norm and the head; tied embeddings stay tied. (A KV head
+        goes once its group has no query head left: `_compact_attention`.)"""
+        tied, emb, consumer = self._tied(), self.base.embed_tokens, self.hidden_consumer()
+        cut(emb, slice_embedding(emb, hid))
+        if tied:
+            consumer.weight = emb.weight
+            consumer.in_features = emb.embedding_dim
+        else:
+            cut(consumer, slice_linear(consumer, in_index=hid))
+        for norm in (self.base.norm, *(n for lay in self.layers for n in self._norms(lay))):
+            cut(norm, slice_layernorm(norm, hid))
 
     @staticmethod
     def _norms(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -340,28 +306,14 @@ class LlamaStructure:
             cut(proj, slice_linear(proj, out_index=neurons, in_index=hid))
         cut(mlp.down_proj, slice_linear(mlp.down_proj, out_index=hid, in_index=neurons))
 
-    def reshape(self, shapes: ModelShapes) -> None:
-        """Cut a freshly built model to `shapes` (keeping the first query heads of each KV group, the first
-        KV groups, neurons and hidden dims): the skeleton a saved state dict of a compacted model fits."""
-        current = self.shapes()
-        if current.num_layers != shapes.num_layers:
-            raise ValueError(
-                f"shapes describe {shapes.num_layers} layers, the model has {current.num_layers}"
-            )
-        had_masks = self.masks is not None
-        masks = self.install_masks()
+    def _reshape_heads(self, masks: PruningMasks, shapes: ModelShapes, current: ModelShapes) -> None:
+        """Keep the first query heads of each saved KV group (groups beyond the saved ones go)."""
         for i in range(shapes.num_layers):
             want, have = shapes.kv_groups[i], current.kv_groups[i]
             if len(want) > len(have):
                 raise ValueError(f"KV groups of layer {i}: {len(want)} exceeds the model's {len(have)}")
-            keep = []
-            for g, n in enumerate(have):
-                wanted = want[g] if g < len(want) else 0
-                keep.append(first_n(wanted, n, f"query heads of KV group {g} in layer {i}"))
+            keep = [
+                first_n(want[g] if g < len(want) else 0, n, f"query heads of KV group {g} in layer {i}")
+                for g, n in enumerate(have)
+            ]
             masks.set("head", torch.cat(keep) if keep else torch.zeros(0), i)
-            masks.set("neuron", first_n(shapes.neurons[i], current.neurons[i], f"neurons of layer {i}"), i)
-        masks.set("hidden", first_n(shapes.hidden, current.hidden, "hidden size"))
-        self.compact()
-        self._full = shapes
-        if not had_masks:
-            self.remove_masks()
