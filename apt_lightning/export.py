@@ -5,6 +5,12 @@ folder with `save_pretrained` weights, the tokenizer and a sidecar (`apt_shapes.
 per-layer widths. `load_pruned` rebuilds the same transformers class at those widths in any process.
 `apt-export` turns a training checkpoint into such a folder.
 
+The folder is also a Hugging Face model folder of a custom architecture (`apt_lightning.export_remote`):
+`AutoModelFor...from_pretrained(folder, trust_remote_code=True)` and `pipeline(..., trust_remote_code=True)`
+load it without apt-lightning, through the self-contained modeling files copied into it; its config.json
+names a model type of its own, so that without `trust_remote_code` transformers refuses it. It carries the
+task's label names, a model card (README.md) and the modes a folder gets under the umask.
+
 The folder is written under a hidden temporary name beside it (``.<name>.apt-tmp.<host>.<pid>.<random>``)
 and renamed into place, so a reader never sees half an export. An export that is killed leaves its
 temporary folder behind; the next export into the same parent folder removes every such folder whose
@@ -17,7 +23,10 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import shutil
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
+from apt_lightning import export_remote
 from apt_lightning.adapters import merge_adapters
 from apt_lightning.files import make_temp_dir, remove_stale_temp_dirs
 from apt_lightning.structure import ModelShapes, get_structure
@@ -66,14 +76,31 @@ def compact_for_inference(model: nn.Module) -> nn.Module:
     return model
 
 
-def export_pruned(model: nn.Module, folder: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write `folder` atomically (a temporary folder renamed into place). `model` is left untouched."""
+def export_pruned(
+    model: nn.Module,
+    folder: str | Path,
+    tokenizer=None,
+    overwrite: bool = False,
+    *,
+    labels: Sequence[str] | None = None,
+    training: dict | str | None = None,
+    command: str | None = None,
+) -> Path:
+    """Write `folder` atomically (a temporary folder renamed into place). `model` is left untouched.
+
+    `labels`: the class names (the task's), written as `id2label` / `label2id`; `training` (the run's
+    hyperparameters, or its config.yaml text) and `command` go into the model card."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(
             f"export folder {folder} exists; pass overwrite=True (--overwrite) to replace it"
         )
+    if labels is not None and len(labels) != model.config.num_labels:
+        raise ValueError(f"{len(labels)} label names {list(labels)}; the model has {model.config.num_labels}")
     model = compact_for_inference(copy.deepcopy(model)).eval()
+    if labels is not None:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
     structure = get_structure(model)
     shapes = structure.shapes()
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +119,9 @@ def export_pruned(model: nn.Module, folder: str | Path, tokenizer=None, overwrit
             "encoder_param_count": structure.exact_param_count(),
         }
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
+        config = export_remote.write_remote_code(tmp, sidecar["model_class"], shapes)
+        (tmp / "README.md").write_text(export_remote.model_card(config, sidecar, training, command))
+        export_remote.make_readable(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -115,7 +145,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | str = torch.float32) ->
     cls = getattr(transformers, sidecar["model_class"], None)
     if cls is None:
         raise ValueError(f"{SIDECAR} names model class {sidecar['model_class']!r}, unknown to transformers")
-    model = cls(AutoConfig.from_pretrained(folder))
+    model = cls(_read_config(folder, cls))
     structure = get_structure(model)
     shapes = dict(sidecar["shapes"])
     shapes.setdefault("costs", structure.costs)  # format 1 (BERT only) had no costs in the sidecar
@@ -197,6 +227,19 @@ def _read_sidecar(folder: Path) -> dict:
     return sidecar
 
 
+def _read_config(folder: Path, cls: type):
+    """The config of `cls` from config.json: exports of format 2 with remote code name a model type of their
+    own (`apt_pruned_<family>`), read back as the family's config; older exports the family's own."""
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportFormatError(f"{path} cannot be read (missing, truncated or corrupted?): {err}") from err
+    if not isinstance(data, dict) or export_remote.BASE_TYPE_KEY not in data:
+        return AutoConfig.from_pretrained(folder)
+    return cls.config_class.from_dict(export_remote.base_config_dict(data))
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     path = folder / WEIGHTS
     if not path.is_file():
@@ -274,6 +317,19 @@ def _read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def _training_config(checkpoint: Path, module) -> dict | str:
+    """The run's config.yaml (LightningCLI writes it into the log folder above `checkpoints/`), else the
+    hyperparameters saved in the checkpoint."""
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        path = folder / "config.yaml"
+        if path.is_file():
+            try:
+                return path.read_text()
+            except (OSError, UnicodeDecodeError):
+                break
+    return {k: v for k, v in dict(module.hparams).items() if not k.startswith("_")}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="apt-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a Lightning checkpoint written by apt-fit")
@@ -293,7 +349,15 @@ def main(argv: list[str] | None = None) -> None:
     from apt_lightning.backbone import resolve_backbone
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(module.hparams.backbone))
-    out = export_pruned(module.student, args.output, tokenizer=tokenizer, overwrite=args.overwrite)
+    out = export_pruned(
+        module.student,
+        args.output,
+        tokenizer=tokenizer,
+        overwrite=args.overwrite,
+        labels=module.task.label_names or None,
+        training=_training_config(Path(args.checkpoint), module),
+        command=shlex.join(["apt-export", *(sys.argv[1:] if argv is None else argv)]),
+    )
     sidecar = json.loads((out / SIDECAR).read_text())
     kept = sidecar["apt_param_count"] / sidecar["full_apt_param_count"]
     print(f"exported to {out}: {kept:.1%} of the counted encoder parameters kept")
