@@ -10,19 +10,27 @@ Two things the stock LightningCLI does not do:
 - Resuming (`--ckpt_path`) with the configured optimizer and LR schedule: LightningCLI re-parses the model
   from the checkpoint's hyperparameters, and APTModule does not save its optimizer / lr_scheduler factories
   (callables), so the stock CLI silently reset them to the module defaults (`_default_optimizer`).
+
+`validate`, `test` and `predict` take any checkpoint `fit` writes (`--ckpt_path`): the student is restored
+at its pruned widths and adapter ranks, training-only state (distiller, teacher) is left out
+(`APTModule.on_load_checkpoint`). `predict` writes `predictions.jsonl` (one line per example: `index`, the
+row in the predicted file; `prediction`; `label_name` for classification) into the run's log folder
+through a `PredictionsFile` callback, and prints where.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning import Trainer
+from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from apt_lightning.data import GLUEDataModule
+from apt_lightning.files import write_text_atomic
 from apt_lightning.module import APTModule
 from apt_lightning.pruning.schedule import resolve_step
 
@@ -55,7 +63,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.every == "auto":
+        if self.every == "auto" and stage == "fit":  # validate/test/predict have no training steps
             self._every_n_train_steps = auto_interval(trainer)
 
 
@@ -70,6 +78,35 @@ def auto_interval(trainer: Trainer) -> int:
     start = resolve_step(pruning.start_step, total, "start_step")
     end = resolve_step(pruning.end_step, total, "end_step")
     return max(1, (end - start) // 4)
+
+
+class PredictionsFile(Callback):
+    """Collects `predict_step`'s per-example records and writes them as JSON lines, atomically, to
+    `<log_dir>/<filename>` (the trainer's log folder, else its root dir) when prediction ends; prints
+    where. With several processes each writes its own share (`predictions.rank<R>.jsonl`)."""
+
+    def __init__(self, filename: str = "predictions.jsonl") -> None:
+        self.filename = filename
+        self.rows: list[dict] = []
+        self.path: Path | None = None
+
+    def on_predict_start(self, trainer: Trainer, pl_module) -> None:
+        self.rows = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.rows.extend(outputs or [])
+
+    def on_predict_end(self, trainer: Trainer, pl_module) -> None:
+        name = self.filename
+        if trainer.world_size > 1:
+            stem, _, ext = name.rpartition(".")
+            name = f"{stem}.rank{trainer.global_rank}.{ext}"
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        text = "".join(json.dumps(row) + "\n" for row in sorted(self.rows, key=lambda r: r["index"]))
+        self.path = write_text_atomic(folder / name, text)
+        source = getattr(trainer.datamodule, "predict_source", None)
+        print(f"apt-fit predict: {len(self.rows)} predictions" + (f" for {source}" if source else ""))
+        print(f"apt-fit predict: wrote {self.path}")
 
 
 class APTCLI(LightningCLI):
@@ -132,6 +169,8 @@ class APTCLI(LightningCLI):
                 callbacks.append(ModelCheckpoint())  # what Lightning adds when the list has none
             callbacks.append(PeriodicCheckpoint(every))
             kwargs["callbacks"] = callbacks
+        if self.subcommand == "predict" and not any(isinstance(c, PredictionsFile) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, PredictionsFile()]
         return super().instantiate_trainer(**kwargs)
 
 

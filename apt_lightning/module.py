@@ -119,6 +119,7 @@ class APTModule(LightningModule):
                     head.requires_grad_(True)
         self.student.train()  # from_pretrained returns eval mode; Lightning keeps module modes as given
         self.val_metrics = build_metrics(self.task, prefix="val/")
+        self.test_metrics = build_metrics(self.task, prefix="test/")
         self.teacher = None  # a TeacherView, set by the SelfDistillation callback
         self.distiller = None  # computes the distillation loss, set by the SelfDistillation callback
         self.distill_weight = 0.0  # mu in L = mu * L_distill + (1 - mu) * L_task
@@ -205,16 +206,47 @@ class APTModule(LightningModule):
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=labels.shape[0])
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def _evaluate(self, batch: dict, metrics, prefix: str) -> None:
         labels = batch.pop("labels")
+        batch.pop("idx", None)
         logits = self.student(**batch).logits
-        self.log("val/loss", self.task_loss(logits, labels), batch_size=labels.shape[0])
-        preds = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
-        self.val_metrics.update(preds, labels)
+        self.log(f"{prefix}loss", self.task_loss(logits, labels), batch_size=labels.shape[0])
+        metrics.update(self._predictions(logits), labels)
+
+    def _predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val/")
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """The task's metrics on the datamodule's labeled test split, logged as `test/<metric>`."""
+        self._evaluate(batch, self.test_metrics, "test/")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One record per example: its row `index` in the predicted file, the `prediction` (a label id for
+        classification, with its `label_name`; the predicted value for regression)."""
+        batch.pop("labels", None)
+        index = batch.pop("idx", None)
+        preds = self._predictions(self.student(**batch).logits).tolist()
+        if index is None:  # a datamodule without row indices: number the rows as they come
+            index = range(batch_idx * len(preds), (batch_idx + 1) * len(preds))
+        rows = []
+        for i, pred in zip(list(map(int, index)), preds, strict=True):
+            row = {"index": i, "prediction": pred}
+            if not self.task.is_regression:
+                names = self.task.label_names
+                row["label_name"] = names[pred] if pred < len(names) else str(pred)
+            rows.append(row)
+        return rows
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the shapes a fresh model must be cut / grown to before this state dict fits."""
@@ -228,9 +260,14 @@ class APTModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Cut the fresh student to the saved widths and grow its adapters to the saved ranks, so the saved
-        state dict (and later the optimizer state) fits; runs before Lightning loads the weights."""
+        state dict (and later the optimizer state) fits; runs before Lightning loads the weights.
+
+        Training-only state is restored only where training set it up: the distiller (created by
+        `SelfDistillation` when fitting) and the teacher snapshot. Without them (validate, test, predict,
+        or a run without `SelfDistillation`), their saved tensors are left out of the state dict."""
         state = checkpoint.get("apt", {})
-        if any(k.startswith("student.apt_masks.") for k in checkpoint.get("state_dict", {})):
+        weights = checkpoint.get("state_dict", {})
+        if any(k.startswith("student.apt_masks.") for k in weights):
             self.structure.install_masks()
         if "shapes" in state:
             shapes = ModelShapes.from_dict(state["shapes"])
@@ -243,3 +280,6 @@ class APTModule(LightningModule):
         self.lr_scale = state.get("lr_scale", 1.0)
         if self.teacher is not None and "teacher" in state:
             self.teacher.load_state_dict(state["teacher"])
+        if self.distiller is None:
+            for key in [k for k in weights if k.startswith("distiller.")]:
+                del weights[key]

@@ -5,6 +5,12 @@ JSONL/CSV/Parquet, or no files at all and a network), so every layout is normali
 before tokenising. Bad data fails in ``prepare_data``/``setup`` with a message that names the file, the
 line and the fix (``readers.py`` scans and parses, ``validation.py`` checks), rather than as a shape error
 in the middle of the first epoch or as rows silently merged by a stray quote.
+
+Besides train and dev, ``apt-fit test`` reads a *labeled* ``test.*`` file from the local folder (GLUE's
+public test sets have no labels, so the hub has none to offer: it fails early and says what file to
+provide), and ``apt-fit predict`` reads ``predict.*``, else ``test.*`` (labels optional: GLUE's unlabeled
+test files work), else the dev split: with a data folder that has neither, or the hub, predictions are
+made for the dev examples, whose labels let them be checked.
 """
 
 from __future__ import annotations
@@ -13,20 +19,29 @@ import os
 from pathlib import Path
 
 import lightning as L
+import pandas as pd
 from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from apt_lightning.backbone import load_tokenizer, resolve_backbone
+from apt_lightning.data import readers
 from apt_lightning.data.readers import EXTENSIONS, read_split
 from apt_lightning.data.tasks import GlueTask, get_task
-from apt_lightning.data.validation import check_max_length
+from apt_lightning.data.validation import MissingColumnError, Rows, check_frame, check_max_length
 
 GLUE_HUB_PATH = "nyu-mll/glue"
+# The splits each trainer stage reads; "predict" falls back to the dev split (see the module docstring).
+STAGE_SPLITS = {
+    "fit": ("train", "validation"),
+    "validate": ("validation",),
+    "test": ("test",),
+    "predict": ("predict",),
+}
 
 
 class GLUEDataModule(L.LightningDataModule):
-    """Tokenised GLUE train/validation splits with dynamic padding.
+    """Tokenised GLUE train/validation (and test, predict) splits with dynamic padding.
 
     Args:
         task: GLUE task name (see ``GLUE_TASKS``).
@@ -34,12 +49,14 @@ class GLUEDataModule(L.LightningDataModule):
         data_dir: ``None`` downloads ``nyu-mll/glue``; otherwise a folder with ``train.<ext>`` and a
             validation file (``dev``, ``validation``, or the task's validation split name, e.g.
             ``validation_matched``/``dev_matched`` for MNLI), ext one of tsv, jsonl, json, csv, parquet.
+            Optional: a labeled ``test.<ext>`` (``apt-fit test``) and ``predict.<ext>`` (``apt-fit
+            predict``, labels optional; without one it predicts ``test.<ext>``, else the dev split).
         max_length: truncate tokenised inputs to this many tokens (at most the backbone's positions).
         batch_size: training batch size.
         eval_batch_size: validation batch size.
         num_workers: DataLoader worker processes.
         train_limit: keep only the first N training examples (quick runs).
-        eval_limit: keep only the first N validation examples.
+        eval_limit: keep only the first N validation (and test, predict) examples.
     """
 
     def __init__(
@@ -73,6 +90,7 @@ class GLUEDataModule(L.LightningDataModule):
         self._data_dir = None if data_dir is None else Path(os.path.expandvars(data_dir)).expanduser()
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._datasets: dict[str, Dataset] = {}
+        self.predict_source: str | None = None  # the file (or hub split) predict reads, once set up
 
     @property
     def task_spec(self) -> GlueTask:
@@ -90,22 +108,30 @@ class GLUEDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Download the hub dataset once (rank 0), or check that the local folder has the files."""
+        splits = STAGE_SPLITS.get(self._stage(), STAGE_SPLITS["fit"])
         if self._data_dir is None:
+            if "test" in splits:
+                raise self._no_labeled_test("the hub's GLUE test sets have no labels")
             self._load_hub()
         else:
-            self._local_files()
+            self._local_files(splits)
 
     def setup(self, stage: str | None = None) -> None:
         """Read and tokenise the splits ``stage`` needs; splits already built are kept."""
-        needed = ("train", "validation") if stage in (None, "fit") else ("validation",)
+        stage = str(getattr(stage, "value", stage or "fit"))  # Lightning passes a TrainerFn
+        needed = STAGE_SPLITS.get(stage, STAGE_SPLITS["fit"])
         todo = [split for split in needed if split not in self._datasets]
         if not todo:
             return
+        if self._data_dir is None and "test" in todo:
+            raise self._no_labeled_test("the hub's GLUE test sets have no labels")
         self._check_max_length()
         raw = self._load_hub() if self._data_dir is None else self._load_local(todo)
         for split in todo:
             limit = self.hparams.train_limit if split == "train" else self.hparams.eval_limit
             data = raw[split]
+            if split == "predict" and "idx" not in data.column_names:  # the hub's splits have one
+                data = data.add_column("idx", list(range(len(data))))  # predictions name their row
             if limit is not None and limit < len(data):
                 data = data.select(range(limit))
             self._datasets[split] = self._tokenize(data, split)
@@ -115,6 +141,27 @@ class GLUEDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.hparams.eval_batch_size, shuffle=False)
+
+    def _stage(self) -> str:
+        trainer = getattr(self, "trainer", None)
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        return getattr(fn, "value", "fit") if fn is not None else "fit"
+
+    def _no_labeled_test(self, why: str, cls: type[Exception] = ValueError) -> Exception:
+        names = ", ".join(f"test.{ext}" for ext in EXTENSIONS)
+        columns = [*self._task.text_columns, "label"]
+        where = "a local data_dir" if self._data_dir is None else f"data_dir {str(self._data_dir)!r}"
+        return cls(
+            f"apt-fit test needs a labeled test split, and {why} (GLUE's public test sets are unlabeled). "
+            f"Put a labeled test file ({names}) with columns {columns} in {where}, "
+            "or evaluate on the dev split with `apt-fit validate`."
+        )
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split not in self._datasets:
@@ -134,10 +181,14 @@ class GLUEDataModule(L.LightningDataModule):
         tokenizer, max_length = self.tokenizer, self.hparams.max_length
         columns = self._task.text_columns
         label_type = float if self._task.is_regression else int
+        keep_index = split == "predict"  # only predictions carry the row index (the hub has it for all)
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
             out = tokenizer(*(batch[c] for c in columns), truncation=True, max_length=max_length)
-            out["labels"] = [label_type(label) for label in batch["label"]]
+            if "label" in batch:  # predict files may come without labels
+                out["labels"] = [label_type(label) for label in batch["label"]]
+            if keep_index:
+                out["idx"] = batch["idx"]
             return out
 
         return data.map(encode, batched=True, remove_columns=data.column_names, desc=f"Tokenizing {split}")
@@ -148,9 +199,12 @@ class GLUEDataModule(L.LightningDataModule):
         except ConnectionError as err:
             hint = "to train offline pass data_dir=<folder with train and dev files>"
             raise ConnectionError(f"{err}; {hint}") from err
-        return {"train": splits["train"], "validation": splits[self._task.validation_split]}
+        valid = splits[self._task.validation_split]
+        self.predict_source = f"{GLUE_HUB_PATH}/{self._task.name} {self._task.validation_split}"
+        return {"train": splits["train"], "validation": valid, "predict": valid}
 
-    def _local_files(self) -> dict[str, Path]:
+    def _local_files(self, splits: tuple[str, ...] = STAGE_SPLITS["fit"]) -> dict[str, Path]:
+        """The files of ``splits`` in the data folder (predict: ``predict.*``, ``test.*``, else dev)."""
         folder = self._data_dir
         if not folder.is_dir():
             raise FileNotFoundError(
@@ -158,31 +212,53 @@ class GLUEDataModule(L.LightningDataModule):
                 f"files or data_dir=None to download {GLUE_HUB_PATH}"
             )
         valid = self._task.validation_split
-        valid_stems = dict.fromkeys(("dev", "validation", valid, valid.replace("validation", "dev")))
-        stems = {"train": ("train",), "validation": tuple(valid_stems)}
+        valid_stems = tuple(dict.fromkeys(("dev", "validation", valid, valid.replace("validation", "dev"))))
+        stems = {"train": [("train",)], "validation": [valid_stems], "test": [("test",)]}
+        stems["predict"] = [("predict",), ("test",), valid_stems]
         files = {}
-        for split, names in stems.items():
-            expected = [f"{stem}.{ext}" for stem in names for ext in EXTENSIONS]
-            matches = [folder / name for name in expected if (folder / name).is_file()]
-            if not matches:
-                found = sorted(p.name for p in folder.iterdir()) or "nothing"
+        for split in splits:
+            for names in stems[split]:
+                found = self._find(split, names)
+                if found is not None:
+                    files[split] = found
+                    break
+            else:
+                if split == "test":
+                    raise self._no_labeled_test(
+                        f"data_dir {str(folder)!r} has no test file", FileNotFoundError
+                    )
+                expected = [f"{stem}.{ext}" for stem in stems[split][-1] for ext in EXTENSIONS]
+                listed = sorted(p.name for p in folder.iterdir()) or "nothing"
                 raise FileNotFoundError(
                     f"data_dir {str(folder)!r} has no {split} file; expected one of "
-                    f"{', '.join(expected)}; found: {found}"
+                    f"{', '.join(expected)}; found: {listed}"
                 )
-            if len(matches) > 1:
-                raise ValueError(
-                    f"data_dir {str(folder)!r} has several {split} files "
-                    f"({', '.join(p.name for p in matches)}); keep one"
-                )
-            files[split] = matches[0]
         return files
 
+    def _find(self, split: str, stems: tuple[str, ...]) -> Path | None:
+        expected = [f"{stem}.{ext}" for stem in stems for ext in EXTENSIONS]
+        matches = [self._data_dir / name for name in expected if (self._data_dir / name).is_file()]
+        if len(matches) > 1:
+            raise ValueError(
+                f"data_dir {str(self._data_dir)!r} has several {split} files "
+                f"({', '.join(p.name for p in matches)}); keep one"
+            )
+        return matches[0] if matches else None
+
     def _load_local(self, splits: list[str]) -> dict[str, Dataset]:
-        files = self._local_files()
+        files = self._local_files(tuple(splits))
         loaded = {}
         for split in splits:
-            frame = read_split(files[split], self._task, split)
+            if split == "predict":
+                frame = read_maybe_unlabeled(files[split], self._task, split)
+                self.predict_source = str(files[split])
+            else:
+                try:
+                    frame = read_split(files[split], self._task, split)
+                except MissingColumnError as err:
+                    if split == "test" and _unlabeled(files[split], self._task):
+                        raise self._no_labeled_test(f"{str(files[split])!r} has no label column") from err
+                    raise
             loaded[split] = Dataset.from_pandas(frame, preserve_index=False)
         return loaded
 
@@ -195,3 +271,45 @@ class GLUEDataModule(L.LightningDataModule):
         except (OSError, ValueError):
             return
         check_max_length(self.hparams.max_length, config, backbone)
+
+
+# ------------------------------------------------------------------------------ files without labels
+def _parse_any(path: Path, task: GlueTask, what: str) -> tuple[pd.DataFrame, Rows]:
+    """Parse a data file the way ``read_split`` does, before its column and label checks."""
+    if path.suffix == ".parquet":
+        frame = readers._parse(path, what, "Parquet", lambda: pd.read_parquet(path))
+        return frame, Rows(path, what, len(frame))
+    text = readers._decode(path, what)
+    if path.suffix in (".tsv", ".csv"):
+        return readers._read_delimited(path, text, task, what, "\t" if path.suffix == ".tsv" else ",")
+    if text.lstrip().startswith("["):
+        return readers._read_json_array(path, text, what)
+    return readers._read_json_lines(path, text, what)
+
+
+def _has_label(frame: pd.DataFrame, task: GlueTask) -> bool:
+    return "label" in frame.columns or any(
+        new == "label" and old in frame.columns for old, new in task.tsv_aliases.items()
+    )
+
+
+def _unlabeled(path: Path, task: GlueTask) -> bool:
+    """Whether the file parses but has no label column (GLUE's public test files)."""
+    try:
+        frame, _ = _parse_any(path, task, "test")
+    except ValueError:
+        return False
+    return not _has_label(frame, task)
+
+
+def read_maybe_unlabeled(path: Path, task: GlueTask, what: str) -> pd.DataFrame:
+    """``read_split`` with the label column optional: a file without one (GLUE's unlabeled test files)
+    passes the same checks and comes back without a ``label`` column."""
+    try:
+        return read_split(path, task, what)
+    except MissingColumnError:
+        frame, rows = _parse_any(path, task, what)
+        if _has_label(frame, task):
+            raise
+        placeholder = 0.0 if task.is_regression else 0
+        return check_frame(frame.assign(label=placeholder), task, rows).drop(columns="label")
