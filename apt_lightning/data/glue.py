@@ -19,16 +19,14 @@ import os
 from pathlib import Path
 
 import lightning as L
-import pandas as pd
 from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from apt_lightning.backbone import load_tokenizer, resolve_backbone
-from apt_lightning.data import readers
-from apt_lightning.data.readers import EXTENSIONS, read_split
+from apt_lightning.data.readers import EXTENSIONS, has_label, parse_file, read_split
 from apt_lightning.data.tasks import GlueTask, get_task
-from apt_lightning.data.validation import MissingColumnError, Rows, check_frame, check_max_length
+from apt_lightning.data.validation import MissingColumnError, check_max_length
 
 GLUE_HUB_PATH = "nyu-mll/glue"
 # The splits each trainer stage reads; "predict" falls back to the dev split (see the module docstring).
@@ -250,13 +248,15 @@ class GLUEDataModule(L.LightningDataModule):
         loaded = {}
         for split in splits:
             if split == "predict":
-                frame = read_maybe_unlabeled(files[split], self._task, split)
+                frame = read_split(files[split], self._task, split, labels_optional=True)
                 self.predict_source = str(files[split])
             else:
                 try:
                     frame = read_split(files[split], self._task, split)
                 except MissingColumnError as err:
-                    if split == "test" and _unlabeled(files[split], self._task):
+                    if split == "test" and not has_label(
+                        parse_file(files[split], self._task, split)[0], self._task
+                    ):
                         raise self._no_labeled_test(f"{str(files[split])!r} has no label column") from err
                     raise
             loaded[split] = Dataset.from_pandas(frame, preserve_index=False)
@@ -271,45 +271,3 @@ class GLUEDataModule(L.LightningDataModule):
         except (OSError, ValueError):
             return
         check_max_length(self.hparams.max_length, config, backbone)
-
-
-# ------------------------------------------------------------------------------ files without labels
-def _parse_any(path: Path, task: GlueTask, what: str) -> tuple[pd.DataFrame, Rows]:
-    """Parse a data file the way ``read_split`` does, before its column and label checks."""
-    if path.suffix == ".parquet":
-        frame = readers._parse(path, what, "Parquet", lambda: pd.read_parquet(path))
-        return frame, Rows(path, what, len(frame))
-    text = readers._decode(path, what)
-    if path.suffix in (".tsv", ".csv"):
-        return readers._read_delimited(path, text, task, what, "\t" if path.suffix == ".tsv" else ",")
-    if text.lstrip().startswith("["):
-        return readers._read_json_array(path, text, what)
-    return readers._read_json_lines(path, text, what)
-
-
-def _has_label(frame: pd.DataFrame, task: GlueTask) -> bool:
-    return "label" in frame.columns or any(
-        new == "label" and old in frame.columns for old, new in task.tsv_aliases.items()
-    )
-
-
-def _unlabeled(path: Path, task: GlueTask) -> bool:
-    """Whether the file parses but has no label column (GLUE's public test files)."""
-    try:
-        frame, _ = _parse_any(path, task, "test")
-    except ValueError:
-        return False
-    return not _has_label(frame, task)
-
-
-def read_maybe_unlabeled(path: Path, task: GlueTask, what: str) -> pd.DataFrame:
-    """``read_split`` with the label column optional: a file without one (GLUE's unlabeled test files)
-    passes the same checks and comes back without a ``label`` column."""
-    try:
-        return read_split(path, task, what)
-    except MissingColumnError:
-        frame, rows = _parse_any(path, task, what)
-        if _has_label(frame, task):
-            raise
-        placeholder = 0.0 if task.is_regression else 0
-        return check_frame(frame.assign(label=placeholder), task, rows).drop(columns="label")

@@ -34,24 +34,40 @@ _START, _FIELD, _QUOTED, _QUOTE_IN_QUOTED = range(4)  # the C parser's states th
 _EMPTY_FIX = "write the split's rows into it, or point data_dir at the folder that has them"
 
 
-def read_split(path: Path, task: GlueTask, what: str) -> pd.DataFrame:
-    """Read and check one data file (``what``: the split, for messages); return the task's columns with
-    the hub's names and labels as ids (floats for regression). Raises a ``DataFileError`` subclass."""
+def parse_file(path: Path, task: GlueTask, what: str) -> tuple[pd.DataFrame, Rows]:
+    """Decode and parse one data file (``what``: the split, for messages) with the structural checks
+    (encoding, quoting, field counts, JSON lines); the column and label checks are `check_frame`'s."""
     ext = path.suffix[1:]
     if ext == "parquet":
         if path.stat().st_size == 0:
             raise EmptyDataError(path, "the file is empty (0 bytes)", _EMPTY_FIX, what=what)
         frame = _parse(path, what, "Parquet", lambda: pd.read_parquet(path))
-        return check_frame(frame, task, Rows(path, what, len(frame)))
+        return frame, Rows(path, what, len(frame))
     text = _decode(path, what)
     if not text.strip():
         raise EmptyDataError(path, "the file is empty", _EMPTY_FIX, what=what)
     if ext in ("tsv", "csv"):
-        frame, rows = _read_delimited(path, text, task, what, "\t" if ext == "tsv" else ",")
-    elif text.lstrip().startswith("["):  # .json/.jsonl: a JSON array of records, or JSON lines
-        frame, rows = _read_json_array(path, text, what)
-    else:
-        frame, rows = _read_json_lines(path, text, what)
+        return _read_delimited(path, text, task, what, "\t" if ext == "tsv" else ",")
+    if text.lstrip().startswith("["):  # .json/.jsonl: a JSON array of records, or JSON lines
+        return _read_json_array(path, text, what)
+    return _read_json_lines(path, text, what)
+
+
+def has_label(frame: pd.DataFrame, task: GlueTask) -> bool:
+    """Whether a parsed file has the task's label column (under the hub's name or a GLUE TSV alias)."""
+    return "label" in frame.columns or any(
+        new == "label" and old in frame.columns for old, new in task.tsv_aliases.items()
+    )
+
+
+def read_split(path: Path, task: GlueTask, what: str, labels_optional: bool = False) -> pd.DataFrame:
+    """Read and check one data file; return the task's columns with the hub's names and labels as ids
+    (floats for regression). With `labels_optional`, a file without a label column (GLUE's public test
+    files) passes the same checks and comes back without ``label``. Raises a ``DataFileError`` subclass."""
+    frame, rows = parse_file(path, task, what)
+    if labels_optional and not has_label(frame, task):
+        placeholder = 0.0 if task.is_regression else 0
+        return check_frame(frame.assign(label=placeholder), task, rows).drop(columns="label")
     return check_frame(frame, task, rows)
 
 
