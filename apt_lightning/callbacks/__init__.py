@@ -1,5 +1,6 @@
-"""Callbacks that make APT's decisions on a schedule, and the efficiency monitor."""
+"""Callbacks that make APT's decisions on a schedule, the efficiency monitor and the run dashboard."""
 
+from apt_lightning.callbacks.dashboard import RunDashboard
 from apt_lightning.callbacks.distillation import EveryEvent, OnImprovement, SelfDistillation, SnapshotPolicy
 from apt_lightning.callbacks.efficiency import EfficiencyMonitor
 from apt_lightning.callbacks.events import PruningEvent
@@ -13,6 +14,7 @@ __all__ = [
     "EveryEvent",
     "OnImprovement",
     "PruningEvent",
+    "RunDashboard",
     "SelfDistillation",
     "SnapshotPolicy",
 ]
