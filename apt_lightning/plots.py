@@ -57,8 +57,8 @@ def plot_heatmap(
 ) -> Path:
     """A heatmap of `values` (one list per row), each cell annotated with its value when the grid is small.
 
-        `colors` (same shape) colours the cells instead of `values`, e.g. the fraction kept of each layer while
-        the annotation shows the count kept; `color_label` names the colour bar; `limits` fixes the colour range
+    `colors` (same shape) colours the cells instead of `values`, e.g. the fraction kept of each layer while
+    the annotation shows the count kept; `color_label` names the colour bar; `limits` fixes the colour range
     (default: the data's). Returns `path`."""
     import numpy as np
 
