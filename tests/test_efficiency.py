@@ -200,6 +200,15 @@ def test_monitor_writes_every_field(tmp_path):
     assert {"efficiency/tta_s", "efficiency/median_step_s", "efficiency/peak_memory_mb"} <= set(header)
 
 
+def test_monitor_with_log_false_logs_no_metrics(tmp_path):
+    """`log=False` keeps efficiency numbers out of the loggers (efficiency.json is still written)."""
+    _fit(tmp_path, EfficiencyMonitor(reference=0.8, log=False), epochs=1)
+    assert (tmp_path / "run" / "version_0" / "efficiency.json").is_file()
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    assert not [h for h in header if h.startswith("efficiency/")]
+
+
 def test_monitor_without_reference_uses_own_best_and_output_dir(tmp_path):
     monitor = EfficiencyMonitor(output_dir=tmp_path / "eff", tta_fraction=1.0)
     _fit(tmp_path, monitor, epochs=2)

@@ -149,7 +149,7 @@ class EfficiencyMonitor(Callback):
         self.reference, self.reference_file, self.reference_key = reference, reference_file, reference_key
         self.output_dir = output_dir
         self.cuda_sync = cuda_sync
-        self.log = log
+        self.log_metrics = log  # not `self.log`: Lightning binds the module's log method onto callbacks
         self.step_times: list[float] = []
         self.samples = 0
         self.history: list[dict] = []
@@ -244,7 +244,7 @@ class EfficiencyMonitor(Callback):
         new_tta = self.reference is not None and self.tta_s is None
         if new_tta:
             self.tta_s = time_to_accuracy([entry], self.reference, self.tta_fraction, self.mode)
-        if self.log:
+        if self.log_metrics:
             metrics = {"efficiency/wall_s": wall}
             if new_tta and self.tta_s is not None:
                 metrics["efficiency/tta_s"] = self.tta_s
@@ -359,7 +359,7 @@ class EfficiencyMonitor(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         summary = self.summary(trainer, pl_module)
-        if self.log:
+        if self.log_metrics:
             scalars = {
                 f"efficiency/{k}": float(v)
                 for k, v in summary.items()
