@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from apt_lightning.adapters import AdapterConfig, adapter_modules, inject_adapters
 from apt_lightning.backbone import resolve_backbone
-from apt_lightning.data.tasks import build_metrics, get_task
+from apt_lightning.data.tasks import TaskSpec, build_metrics, get_task
 from apt_lightning.optim import WarmupLinearLR
 from apt_lightning.structure import ModelShapes, SliceLog, get_structure
 
@@ -64,7 +64,9 @@ class APTModule(LightningModule):
 
     Args:
         backbone: hub name, local folder, or the alias `minilm-l6` (the packaged MiniLM).
-        task: GLUE task name; sets the number of labels, the loss and the metrics.
+        task: a GLUE task name, or a :class:`~apt_lightning.data.TaskSpec` (or a mapping of its fields)
+            describing your own dataset; sets the number of labels, their names (``id2label`` of exports),
+            the loss and the metrics. Under ``apt-fit`` the DataModule gets the same value.
         adapters: where and how to put adapters; None fine-tunes every weight.
         optimizer: factory called with the trainable parameters (rebuilt whenever shapes change).
         lr_scheduler: factory called with the optimizer and `total_steps`, `start_step`, `scale`.
@@ -76,7 +78,7 @@ class APTModule(LightningModule):
     def __init__(
         self,
         backbone: str = "minilm-l6",
-        task: str = "sst2",
+        task: str | TaskSpec = "sst2",
         adapters: AdapterConfig | None = _DEFAULT_ADAPTERS,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable = _default_scheduler,
@@ -87,14 +89,17 @@ class APTModule(LightningModule):
         super().__init__()
         if isinstance(adapters, dict):  # LightningCLI stores the dataclass as a mapping in checkpoints
             adapters = AdapterConfig(**adapters)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.task = get_task(task)
+        task = self.task.to_config()  # the hyperparameters keep a name or a plain mapping
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         path = resolve_backbone(backbone)
         kw = {"num_labels": self.task.num_labels, "attn_implementation": attn_implementation}
         if self.task.is_regression:
             kw["problem_type"] = "regression"
-        if pretrained:
-            self.student = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **kw)
+        if pretrained:  # a backbone saved with another head size gets a new head of the task's size
+            self.student = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch.float32, ignore_mismatched_sizes=True, **kw
+            )
         else:
             self.student = AutoModelForSequenceClassification.from_config(
                 AutoConfig.from_pretrained(path, **kw)
@@ -117,6 +122,7 @@ class APTModule(LightningModule):
                     raise ValueError(f"head module {name!r} not found in {type(self.student).__name__}")
                 if head is not None:
                     head.requires_grad_(True)
+        self._name_labels(self.task.label_names)
         self.student.train()  # from_pretrained returns eval mode; Lightning keeps module modes as given
         self.val_metrics = build_metrics(self.task, prefix="val/")
         self.test_metrics = build_metrics(self.task, prefix="test/")
@@ -159,12 +165,30 @@ class APTModule(LightningModule):
             return
         self.trainer.strategy.setup_optimizers(self.trainer)
 
+    def _name_labels(self, names) -> None:
+        """Take class names (the task's, or read from the data): `id2label` / `label2id` of the student."""
+        if not names or self.task.is_regression:
+            return
+        if len(names) != self.task.num_labels:
+            raise ValueError(
+                f"{len(names)} label names {list(names)}; task {self.task.name!r} has "
+                f"num_labels={self.task.num_labels}"
+            )
+        if tuple(names) != self.task.label_names:
+            self.task = self.task.with_label_names(tuple(names))
+        self.student.config.id2label = dict(enumerate(names))
+        self.student.config.label2id = {name: i for i, name in enumerate(names)}
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
-        """Refuse a datamodule `max_length` beyond the student's position embeddings before training."""
+        """Refuse a datamodule `max_length` beyond the student's position embeddings before training, and
+        take the label names the datamodule read from the data (a task given only `num_labels`)."""
         from apt_lightning.data.validation import check_max_length
 
         datamodule = getattr(self._trainer, "datamodule", None)
+        spec = getattr(datamodule, "task_spec", None)
+        if isinstance(spec, TaskSpec) and spec.label_names and not self.task.label_names:
+            self._name_labels(spec.label_names)
         max_length = getattr(datamodule, "hparams", {}).get("max_length")
         if isinstance(max_length, int):
             check_max_length(max_length, self.student.config, self.hparams.backbone)
@@ -256,6 +280,8 @@ class APTModule(LightningModule):
             state["shapes"] = structure.shapes().to_dict()
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
+        if self.task.label_names:
+            state["label_names"] = list(self.task.label_names)
         checkpoint["apt"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -278,6 +304,8 @@ class APTModule(LightningModule):
         grow = {n: r for n, r in state.get("ranks", {}).items() if r != self.adapters()[n].rank}
         self.grow_adapters(grow)
         self.lr_scale = state.get("lr_scale", 1.0)
+        if state.get("label_names") and not self.task.label_names:  # read from the data when training
+            self._name_labels(tuple(state["label_names"]))
         if self.teacher is not None and "teacher" in state:
             self.teacher.load_state_dict(state["teacher"])
         if self.distiller is None:

@@ -21,8 +21,8 @@ def _local_overrides(config: Path, backbone: Path) -> list[str]:
     args = []
     if "model" in spec:
         args += [f"--model.init_args.backbone={backbone}"]
-    if "data" in spec:
-        task = spec["model"]["init_args"].get("task", "sst2")
+    task = spec.get("model", {}).get("init_args", {}).get("task", "sst2")
+    if "data" in spec and isinstance(task, str):  # a user's own task (a mapping) keeps its data_dir
         folder = GLUE_DIR / ("mnli_subset" if task == "mnli" else task)
         args += [f"--data.init_args.data_dir={folder}"]
     return args

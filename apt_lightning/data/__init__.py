@@ -1,8 +1,9 @@
-"""GLUE data: the task registry (columns, labels, metrics), the DataModule that reads it, and the checks
-that local files pass before training (errors name the file, the line and the fix)."""
+"""Data: task descriptions (a GLUE preset name or a user's own ``TaskSpec``: columns, labels, metrics), the
+DataModule that reads them, and the checks that local files pass before training (errors name the file, the
+line and the fix)."""
 
 from apt_lightning.data.glue import GLUE_HUB_PATH, GLUEDataModule
-from apt_lightning.data.tasks import GLUE_TASKS, GlueTask, build_metrics, get_task
+from apt_lightning.data.tasks import GLUE_TASKS, GlueTask, TaskSpec, build_metrics, get_task
 from apt_lightning.data.validation import (
     DataEncodingError,
     DataFileError,
@@ -28,6 +29,7 @@ __all__ = [
     "MalformedDataError",
     "MaxLengthError",
     "MissingColumnError",
+    "TaskSpec",
     "build_metrics",
     "check_max_length",
     "get_task",

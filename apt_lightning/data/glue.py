@@ -1,4 +1,6 @@
-"""GLUE as a LightningDataModule, from the hub or from a local folder of GLUE-style files.
+"""Text classification / regression data as a LightningDataModule: the GLUE presets or a user's own
+dataset (a :class:`TaskSpec`: text column(s), label column, label names, metric), from the hub or from a
+local folder of TSV/CSV/JSON/JSONL/Parquet files.
 
 Users bring GLUE in several layouts (the original GLUE TSVs, exports in the hub's column names as
 JSONL/CSV/Parquet, or no files at all and a network), so every layout is normalised to the hub's columns
@@ -24,11 +26,11 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from apt_lightning.backbone import load_tokenizer, resolve_backbone
-from apt_lightning.data.readers import EXTENSIONS, has_label, parse_file, read_split
-from apt_lightning.data.tasks import GlueTask, get_task
-from apt_lightning.data.validation import MissingColumnError, check_max_length
+from apt_lightning.data.readers import EXTENSIONS, has_label, label_names_in, parse_file, read_split
+from apt_lightning.data.tasks import GLUE_HUB_PATH, TaskSpec, get_task
+from apt_lightning.data.validation import LabelError, MissingColumnError, check_max_length
 
-GLUE_HUB_PATH = "nyu-mll/glue"
+__all__ = ["GLUE_HUB_PATH", "GLUEDataModule", "STAGE_SPLITS"]
 # The splits each trainer stage reads; "predict" falls back to the dev split (see the module docstring).
 STAGE_SPLITS = {
     "fit": ("train", "validation"),
@@ -39,14 +41,16 @@ STAGE_SPLITS = {
 
 
 class GLUEDataModule(L.LightningDataModule):
-    """Tokenised GLUE train/validation (and test, predict) splits with dynamic padding.
+    """Tokenised train/validation (and test, predict) splits with dynamic padding.
 
     Args:
-        task: GLUE task name (see ``GLUE_TASKS``).
+        task: a GLUE task name (see ``GLUE_TASKS``), or a :class:`TaskSpec` (or a mapping of its fields)
+            describing your own dataset; under ``apt-fit`` it is the model's ``task``.
         tokenizer: backbone name for the tokenizer: ``minilm-l6``, a local folder or a hub id.
-        data_dir: ``None`` downloads ``nyu-mll/glue``; otherwise a folder with ``train.<ext>`` and a
-            validation file (``dev``, ``validation``, or the task's validation split name, e.g.
-            ``validation_matched``/``dev_matched`` for MNLI), ext one of tsv, jsonl, json, csv, parquet.
+        data_dir: ``None`` downloads the task's hub dataset (``nyu-mll/glue`` for GLUE); otherwise a
+            folder with ``train.<ext>`` and a validation file (``dev``, ``validation``, or the task's
+            validation split name, e.g. ``validation_matched``/``dev_matched`` for MNLI), ext one of tsv,
+            jsonl, json, csv, parquet.
             Optional: a labeled ``test.<ext>`` (``apt-fit test``) and ``predict.<ext>`` (``apt-fit
             predict``, labels optional; without one it predicts ``test.<ext>``, else the dev split).
         max_length: truncate tokenised inputs to this many tokens (at most the backbone's positions).
@@ -59,7 +63,7 @@ class GLUEDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        task: str = "sst2",
+        task: str | TaskSpec = "sst2",
         tokenizer: str = "minilm-l6",
         data_dir: str | None = None,
         max_length: int = 128,
@@ -71,6 +75,7 @@ class GLUEDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self._task = get_task(task)
+        task = self._task.to_config()  # the hyperparameters keep a name or a plain mapping
         for arg, value in (
             ("max_length", max_length),
             ("batch_size", batch_size),
@@ -89,9 +94,11 @@ class GLUEDataModule(L.LightningDataModule):
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._datasets: dict[str, Dataset] = {}
         self.predict_source: str | None = None  # the file (or hub split) predict reads, once set up
+        self._names_read = False  # label names read from the data (a task with only num_labels)
 
     @property
-    def task_spec(self) -> GlueTask:
+    def task_spec(self) -> TaskSpec:
+        """The task, with label names read from the data once set up (string labels, only num_labels)."""
         return self._task
 
     @property
@@ -110,7 +117,7 @@ class GLUEDataModule(L.LightningDataModule):
         if self._data_dir is None:
             if "test" in splits:
                 raise self._no_labeled_test("the hub's GLUE test sets have no labels")
-            self._load_hub()
+            self._hub_splits()
         else:
             self._local_files(splits)
 
@@ -124,7 +131,11 @@ class GLUEDataModule(L.LightningDataModule):
         if self._data_dir is None and "test" in todo:
             raise self._no_labeled_test("the hub's GLUE test sets have no labels")
         self._check_max_length()
-        raw = self._load_hub() if self._data_dir is None else self._load_local(todo)
+        if self._data_dir is None:
+            raw = self._load_hub()
+        else:
+            self._read_label_names(todo)
+            raw = self._load_local(todo)
         for split in todo:
             limit = self.hparams.train_limit if split == "train" else self.hparams.eval_limit
             data = raw[split]
@@ -153,7 +164,7 @@ class GLUEDataModule(L.LightningDataModule):
 
     def _no_labeled_test(self, why: str, cls: type[Exception] = ValueError) -> Exception:
         names = ", ".join(f"test.{ext}" for ext in EXTENSIONS)
-        columns = [*self._task.text_columns, "label"]
+        columns = [*self._task.text_columns, self._task.label_column]
         where = "a local data_dir" if self._data_dir is None else f"data_dir {str(self._data_dir)!r}"
         return cls(
             f"apt-fit test needs a labeled test split, and {why} (GLUE's public test sets are unlabeled). "
@@ -191,23 +202,98 @@ class GLUEDataModule(L.LightningDataModule):
 
         return data.map(encode, batched=True, remove_columns=data.column_names, desc=f"Tokenizing {split}")
 
-    def _load_hub(self) -> dict[str, Dataset]:
+    def _hub_splits(self):
+        task = self._task
+        if task.hub_path is None:
+            raise ValueError(
+                f"task {task.name!r} names no hub dataset and data_dir is None: pass data_dir=<folder with "
+                "train and dev files> (--data.init_args.data_dir), or give the task a hub_path "
+                "(and hub_config)"
+            )
         try:
-            splits = load_dataset(GLUE_HUB_PATH, self._task.name)
+            return load_dataset(task.hub_path, task.hub_config)
         except ConnectionError as err:
             hint = "to train offline pass data_dir=<folder with train and dev files>"
             raise ConnectionError(f"{err}; {hint}") from err
-        valid = splits[self._task.validation_split]
-        self.predict_source = f"{GLUE_HUB_PATH}/{self._task.name} {self._task.validation_split}"
-        return {"train": splits["train"], "validation": valid, "predict": valid}
+
+    def _load_hub(self) -> dict[str, Dataset]:
+        task = self._task
+        splits = self._hub_splits()
+        source = task.hub_path + (f"/{task.hub_config}" if task.hub_config else "")
+        for split in ("train", task.validation_split):
+            if split not in splits:
+                raise ValueError(
+                    f"{source} has no {split!r} split (it has {list(splits)}); set validation_split"
+                )
+        raw = {"train": splits["train"], "validation": splits[task.validation_split]}
+        if not task.is_glue:
+            raw = {split: self._hub_columns(data, f"{source} {split}") for split, data in raw.items()}
+        raw["predict"] = raw["validation"]
+        self.predict_source = f"{source} {task.validation_split}"
+        return raw
+
+    def _hub_columns(self, data: Dataset, where: str) -> Dataset:
+        """A user's hub split with the task's text columns and ``label`` as class ids (or floats)."""
+        task = self._task
+        missing = [c for c in (*task.text_columns, task.label_column) if c not in data.column_names]
+        if missing:
+            raise MissingColumnError(
+                where,
+                f"missing column(s) {missing}; found {data.column_names}",
+                "set text_columns / label_column",
+            )
+        feature = data.features[task.label_column]
+        if task.label_column != "label":
+            data = data.rename_column(task.label_column, "label")
+        if task.is_regression or getattr(feature, "names", None) is not None:  # ClassLabel: ids already
+            if not task.label_names and getattr(feature, "names", None):
+                self._adopt_names(tuple(feature.names), where)
+            return data
+        values = data.unique("label")
+        if all(isinstance(v, int | float) for v in values):
+            return data
+        if not task.label_names and not self._names_read:
+            self._adopt_names(tuple(sorted(map(str, values))), where)
+        ids = {name: i for i, name in enumerate(self._task.label_names)}
+        unknown = sorted({str(v) for v in values} - set(ids))
+        if unknown:
+            raise LabelError(
+                where,
+                f"label(s) {unknown[:10]} are not among the label names {list(ids)}",
+                "correct the task's label_names, or filter those rows out",
+            )
+        return data.map(lambda b: {"label": [ids[str(v)] for v in b["label"]]}, batched=True)
+
+    def _read_label_names(self, splits: list[str]) -> None:
+        """A classification task with ``num_labels`` only: names from the string labels of the training
+        file (without one, of the first file the stage reads)."""
+        if self._task.is_regression or self._task.label_names or self._names_read:
+            return
+        train = self._find("train", ("train",)) if self._data_dir.is_dir() else None
+        split, path = ("train", train) if train else (splits[0], self._local_files((splits[0],))[splits[0]])
+        names = label_names_in(path, self._task, split)
+        if names is not None:
+            self._adopt_names(names, str(path))
+        self._names_read = True
+
+    def _adopt_names(self, names: tuple[str, ...], where: str) -> None:
+        if len(names) != self._task.num_labels:
+            raise LabelError(
+                where,
+                f"{len(names)} label names {list(names)[:20]} but task {self._task.name!r} has "
+                f"num_labels={self._task.num_labels}",
+                "give the task's label_names (in class-id order), or correct num_labels",
+            )
+        self._task = self._task.with_label_names(names)
+        self._names_read = True
 
     def _local_files(self, splits: tuple[str, ...] = STAGE_SPLITS["fit"]) -> dict[str, Path]:
         """The files of ``splits`` in the data folder (predict: ``predict.*``, ``test.*``, else dev)."""
         folder = self._data_dir
         if not folder.is_dir():
             raise FileNotFoundError(
-                f"data_dir {str(folder)!r} is not a folder; pass a folder with GLUE "
-                f"files or data_dir=None to download {GLUE_HUB_PATH}"
+                f"data_dir {str(folder)!r} is not a folder; pass a folder with train and dev files"
+                + (f" or data_dir=None to download {self._task.hub_path}" if self._task.hub_path else "")
             )
         valid = self._task.validation_split
         valid_stems = tuple(dict.fromkeys(("dev", "validation", valid, valid.replace("validation", "dev"))))

@@ -1,4 +1,4 @@
-"""Reading one local GLUE file: decode it, scan its structure, parse it with pandas, check it.
+"""Reading one local data file: decode it, scan its structure, parse it with pandas, check it.
 
 pandas stays the parser (so valid files read exactly as they always have), but it is never trusted to
 notice broken files: a CSV quote left open makes it swallow the following lines into one field, and it
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from apt_lightning.data.tasks import GlueTask
+from apt_lightning.data.tasks import TaskSpec
 from apt_lightning.data.validation import (
     DataEncodingError,
     EmptyDataError,
+    LabelError,
     MalformedDataError,
     Rows,
     check_frame,
@@ -34,7 +35,7 @@ _START, _FIELD, _QUOTED, _QUOTE_IN_QUOTED = range(4)  # the C parser's states th
 _EMPTY_FIX = "write the split's rows into it, or point data_dir at the folder that has them"
 
 
-def parse_file(path: Path, task: GlueTask, what: str) -> tuple[pd.DataFrame, Rows]:
+def parse_file(path: Path, task: TaskSpec, what: str) -> tuple[pd.DataFrame, Rows]:
     """Decode and parse one data file (``what``: the split, for messages) with the structural checks
     (encoding, quoting, field counts, JSON lines); the column and label checks are `check_frame`'s."""
     ext = path.suffix[1:]
@@ -53,22 +54,46 @@ def parse_file(path: Path, task: GlueTask, what: str) -> tuple[pd.DataFrame, Row
     return _read_json_lines(path, text, what)
 
 
-def has_label(frame: pd.DataFrame, task: GlueTask) -> bool:
-    """Whether a parsed file has the task's label column (under the hub's name or a GLUE TSV alias)."""
-    return "label" in frame.columns or any(
-        new == "label" and old in frame.columns for old, new in task.tsv_aliases.items()
+def has_label(frame: pd.DataFrame, task: TaskSpec) -> bool:
+    """Whether a parsed file has the task's label column (under its name or a GLUE TSV alias)."""
+    return task.label_column in frame.columns or any(
+        new == task.label_column and old in frame.columns for old, new in task.tsv_aliases.items()
     )
 
 
-def read_split(path: Path, task: GlueTask, what: str, labels_optional: bool = False) -> pd.DataFrame:
-    """Read and check one data file; return the task's columns with the hub's names and labels as ids
-    (floats for regression). With `labels_optional`, a file without a label column (GLUE's public test
-    files) passes the same checks and comes back without ``label``. Raises a ``DataFileError`` subclass."""
+def read_split(path: Path, task: TaskSpec, what: str, labels_optional: bool = False) -> pd.DataFrame:
+    """Read and check one data file; return the task's text columns and ``label`` (ids, or floats for
+    regression). With `labels_optional`, a file without a label column (GLUE's public test files) passes
+    the same checks and comes back without ``label``. Raises a ``DataFileError`` subclass."""
     frame, rows = parse_file(path, task, what)
     if labels_optional and not has_label(frame, task):
         placeholder = 0.0 if task.is_regression else 0
-        return check_frame(frame.assign(label=placeholder), task, rows).drop(columns="label")
+        return check_frame(frame.assign(**{task.label_column: placeholder}), task, rows).drop(columns="label")
     return check_frame(frame, task, rows)
+
+
+def label_names_in(path: Path, task: TaskSpec, what: str) -> tuple[str, ...] | None:
+    """The class names a classification file's string labels give (sorted), for a task given only
+    ``num_labels``; None when its labels are class ids (or it has no label column: `read_split` says so).
+    Their number must be the task's ``num_labels`` (else a ``LabelError`` naming the file)."""
+    frame, rows = parse_file(path, task, what)
+    frame = frame.rename(columns={o: n for o, n in task.tsv_aliases.items() if n not in frame.columns})
+    if task.label_column not in frame.columns:
+        return None
+    labels = frame[task.label_column].dropna().astype(str).str.strip()
+    labels = labels[labels != ""]
+    if pd.to_numeric(labels, errors="coerce").notna().all():
+        return None
+    names = tuple(sorted(set(labels)))
+    if len(names) != task.num_labels:
+        raise rows.error(
+            LabelError,
+            f"column {task.label_column!r} has {len(names)} distinct labels {list(names)[:20]} but task "
+            f"{task.name!r} has num_labels={task.num_labels}",
+            "give the task's label_names (in class-id order), or correct num_labels",
+            line=rows.header_line,
+        )
+    return names
 
 
 def _decode(path: Path, what: str) -> str:
@@ -103,7 +128,7 @@ def _parse(path: Path, what: str, kind: str, read: Callable[[], pd.DataFrame]) -
 
 
 # ------------------------------------------------------------------------------ TSV and CSV
-def _read_delimited(path: Path, text: str, task: GlueTask, what: str, sep: str) -> tuple[pd.DataFrame, Rows]:
+def _read_delimited(path: Path, text: str, task: TaskSpec, what: str, sep: str) -> tuple[pd.DataFrame, Rows]:
     quoted = sep == ","  # GLUE TSVs contain unbalanced quotes, so quoting is off for TSV
     starts, fields, header = _scan_delimited(path, text, sep, quoted, what)
     headerless = sep == "\t" and bool(task.tsv_columns) and not set(task.text_columns) <= set(header)

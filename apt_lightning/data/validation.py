@@ -1,4 +1,4 @@
-"""Checks on local GLUE data, with errors that name the file, the line and the fix.
+"""Checks on local data files, with errors that name the file, the line and the fix.
 
 Every reader (``readers.py``) ends in :func:`check_frame`: the rows pandas parsed must be exactly the
 records the structural scan found (so nothing was silently merged or dropped), the task's columns must be
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from apt_lightning.data.tasks import GlueTask
+from apt_lightning.data.tasks import TaskSpec
 
 # Models that number positions from pad_token_id + 1 (fairseq's convention): their usable length is
 # max_position_embeddings - (pad_token_id + 1), e.g. 514 - 2 = 512 for RoBERTa.
@@ -112,9 +112,9 @@ class Rows:
         return f"line {self.lines[row]}" if self.lines is not None else f"{self.unit} {row + 1}"
 
 
-def check_frame(frame: pd.DataFrame, task: GlueTask, rows: Rows) -> pd.DataFrame:
-    """Check a parsed file against its structural scan and the task; return the task's columns with the
-    hub's names, the text as ``str`` and labels as ids (or floats for regression)."""
+def check_frame(frame: pd.DataFrame, task: TaskSpec, rows: Rows) -> pd.DataFrame:
+    """Check a parsed file against its structural scan and the task; return the task's text columns and
+    ``label`` (from ``task.label_column``), the text as ``str`` and labels as ids (floats for regression)."""
     if len(frame) != rows.count:
         raise rows.error(
             MalformedDataError,
@@ -136,18 +136,28 @@ def check_frame(frame: pd.DataFrame, task: GlueTask, rows: Rows) -> pd.DataFrame
             if old in frame.columns and new not in frame.columns
         }
     )
-    required = [*task.text_columns, "label"]
+    required = [*task.text_columns, task.label_column]
     missing = [c for c in required if c not in frame.columns]
     if missing:
+        if task.is_glue:
+            fix = (
+                f"name the columns {required} (the hub's names"
+                + (f", or the GLUE TSV's {list(task.tsv_aliases)}" if task.tsv_aliases else "")
+                + "), or, for your own dataset, give a task mapping instead of the GLUE name "
+                "(text_columns, label_column, label_names or num_labels: see apt_lightning.data.TaskSpec)"
+            )
+        else:
+            fix = (
+                f"name the columns {required}, or set the task's text_columns / label_column to the "
+                "file's column names"
+            )
         raise rows.error(
             MissingColumnError,
             f"missing column(s) {missing} for task {task.name!r}; found columns {list(frame.columns)}",
-            f"name the columns {required} (the hub's names"
-            + (f", or the GLUE TSV's {list(task.tsv_aliases)}" if task.tsv_aliases else "")
-            + ")",
+            fix,
             line=rows.header_line,
         )
-    frame = frame[required].copy().reset_index(drop=True)
+    frame = frame[required].copy().reset_index(drop=True).rename(columns={task.label_column: "label"})
     for column in task.text_columns:
         _check_text(frame[column], column, rows)
     frame["label"] = _label_ids(frame["label"], task, rows)
@@ -171,7 +181,7 @@ def _check_text(values: pd.Series, column: str, rows: Rows) -> None:
             )
 
 
-def _label_ids(labels: pd.Series, task: GlueTask, rows: Rows) -> pd.Series:
+def _label_ids(labels: pd.Series, task: TaskSpec, rows: Rows) -> pd.Series:
     """Map labels (ids, numeric strings or names) to ints in [0, num_labels), or floats for regression."""
     labels = labels.reset_index(drop=True)
     if task.is_regression:
@@ -200,11 +210,15 @@ def _label_ids(labels: pd.Series, task: GlueTask, rows: Rows) -> pd.Series:
             why = "not an integer class id"
         else:
             why = "out of range" if not task.is_regression else "not finite"
+        fix = "correct or delete those rows (is this file for another task, or are the labels shifted?)"
+        if task.label_names and not task.is_glue:
+            fix = "correct or delete those rows, or add the label to the task's label_names"
+        column = "" if task.label_column == "label" else f" (column {task.label_column!r})"
         raise rows.error(
             LabelError,
             f"label {shown!r} is not valid for task {task.name!r}, {why} "
-            f"({len(where)} of {len(labels)} rows): {listed}; allowed: {allowed}",
-            "correct or delete those rows (is this file for another task, or are the labels shifted?)",
+            f"({len(where)} of {len(labels)} rows): {listed}; allowed: {allowed}{column}",
+            fix,
             line=line,
         )
     return values.astype(float if task.is_regression else int)
