@@ -1,6 +1,19 @@
 """`apt-fit`: a thin LightningCLI. Model and data are in subclass mode, so any `class_path` can be swapped;
 the task and the tokenizer follow the model's settings; the config is saved next to the run.
 
+The APT callbacks are argument groups of their own (`CALLBACK_GROUPS`), set like model and data::
+
+    pruning: {target_sparsity: 0.6, start_step: 200}    # AdaptivePruning (--pruning.target_sparsity 0.5)
+    tuning: {strategy: top_half}                        # AdaptiveTuning (--tuning.max_rank 32)
+    distillation: {tau: 4.0}                            # SelfDistillation (--distillation.mu_max 1.0)
+
+A group left out or set to null (`--pruning null`) is off, so full fine-tuning and LoRA recipes name none;
+a group may take a `class_path` of a subclass (`pruning: {class_path: my_pruning.MyPruning, init_args:
+{...}}`). `trainer.callbacks` stays for any other callback (`--trainer.callbacks+=...`); the groups' callbacks
+run before them, in the order pruning, tuning, distillation. Configuring one of the APT classes both in its
+group and in `trainer.callbacks` is an error. apt-fit also puts the working directory on `sys.path` (as
+`python -m` does), so a `class_path` like `my_scorers.ActivationScorer` finds `./my_scorers.py`.
+
 Two things the stock LightningCLI does not do:
 
 - Periodic checkpoints: besides Lightning's end-of-epoch checkpoint, a `PeriodicCheckpoint` saves every
@@ -21,6 +34,8 @@ through a `PredictionsFile` callback, and prints where.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -29,10 +44,23 @@ from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from apt_lightning.callbacks import AdaptivePruning, AdaptiveTuning, SelfDistillation
+from apt_lightning.callbacks.dashboard import RunDashboard
 from apt_lightning.data import GLUEDataModule
 from apt_lightning.files import write_text_atomic
 from apt_lightning.module import APTModule
 from apt_lightning.pruning.schedule import resolve_step
+
+# The APT callbacks' argument groups: `--<key>.<arg>` on the command line, `<key>: {...}` in a config.
+CALLBACK_GROUPS: dict[str, type[Callback]] = {
+    "pruning": AdaptivePruning,
+    "tuning": AdaptiveTuning,
+    "distillation": SelfDistillation,
+}
+
+# Callbacks apt-fit adds to every run (after the configured ones), unless the run already has one of the
+# class (configure one in trainer.callbacks to change its arguments): classes with no required arguments.
+ALWAYS_ON: tuple[type[Callback], ...] = (RunDashboard,)
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
@@ -69,8 +97,6 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
 def auto_interval(trainer: Trainer) -> int:
     """A quarter of the pruning phase in optimizer steps, or a tenth of the run without pruning."""
-    from apt_lightning.callbacks import AdaptivePruning
-
     total = max(1, int(trainer.estimated_stepping_batches))
     pruning = next((cb for cb in trainer.callbacks if isinstance(cb, AdaptivePruning)), None)
     if pruning is None:
@@ -120,6 +146,8 @@ class APTCLI(LightningCLI):
             help="Save a resumable checkpoint every N optimizer steps, keeping the newest (auto: a quarter "
             "of the pruning phase; 0 or null: off). Lightning's end-of-epoch checkpoint is kept.",
         )
+        for key, cls in CALLBACK_GROUPS.items():
+            parser.add_lightning_class_args(cls, key, subclass_mode=True, required=False)
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's version, except that model arguments the checkpoint does not record keep their
@@ -153,12 +181,25 @@ class APTCLI(LightningCLI):
                     self.config[sub]["model"]["init_args"][key] = value
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """The trainer, with Lightning's end-of-epoch checkpoint (unless the config has a ModelCheckpoint)
-        and a `PeriodicCheckpoint`, unless checkpointing is off."""
+        """The trainer with the groups' callbacks first, then `trainer.callbacks`, then `ALWAYS_ON`;
+        Lightning's end-of-epoch checkpoint (unless the config has a ModelCheckpoint) and a
+        `PeriodicCheckpoint`, unless checkpointing is off; `PredictionsFile` when predicting."""
         config = self._get(self.config_init, "trainer", default={})
         every = self._get(self.config_init, "checkpoint_every_n_steps", default="auto")
-        callbacks = kwargs.get("callbacks", config.get("callbacks")) or []
-        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        groups = {key: self._get(self.config_init, key) for key in CALLBACK_GROUPS}
+        groups = {key: cb for key, cb in groups.items() if cb is not None}
+        user = kwargs.get("callbacks", config.get("callbacks")) or []
+        user = list(user) if isinstance(user, list) else [user]
+        for key in groups:
+            twice = [c for c in user if isinstance(c, CALLBACK_GROUPS[key])]
+            if twice:
+                raise ValueError(
+                    f"{type(twice[0]).__name__} is configured twice: as `{key}` and in trainer.callbacks. "
+                    f"Set its arguments under `{key}:` (--{key}.<arg>) and leave it out of "
+                    f"trainer.callbacks, or switch the group off with `{key}: null` (--{key} null)."
+                )
+        callbacks = [*groups.values(), *user]
+        callbacks += [cls() for cls in ALWAYS_ON if not any(isinstance(c, cls) for c in callbacks)]
         checkpointing = kwargs.get("enable_checkpointing", config.get("enable_checkpointing"))
         if (
             checkpointing is not False
@@ -168,15 +209,25 @@ class APTCLI(LightningCLI):
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
                 callbacks.append(ModelCheckpoint())  # what Lightning adds when the list has none
             callbacks.append(PeriodicCheckpoint(every))
-            kwargs["callbacks"] = callbacks
         if self.subcommand == "predict" and not any(isinstance(c, PredictionsFile) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, PredictionsFile()]
-        return super().instantiate_trainer(**kwargs)
+            callbacks.append(PredictionsFile())
+        # the groups' callbacks are in `callbacks` already: Lightning's own step appends nothing more
+        return self._instantiate_trainer({**config, **kwargs, "callbacks": callbacks}, [])
+
+
+def cwd_on_path() -> None:
+    """Put the working directory first on `sys.path`, as `python -m` does (console scripts put their own
+    folder there instead), so a config's `class_path: my_scorers.X` finds `./my_scorers.py`."""
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or ".") == cwd for p in sys.path):
+        sys.path.insert(0, cwd)
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> APTCLI:
     """Build (and with `run`, run) the CLI; returns it (`.trainer`, `.model`, `.datamodule`) for programmatic
-    use and tests. `run=False` takes no subcommand: it only parses and instantiates."""
+    use and tests. `run=False` takes no subcommand: it only parses and instantiates. The working directory
+    goes on `sys.path` first (`cwd_on_path`)."""
+    cwd_on_path()
     return APTCLI(
         APTModule,
         GLUEDataModule,

@@ -1,5 +1,6 @@
 """apt-ablate: overlays, suite checks, the runner (fake and real workers) and the report."""
 
+import copy
 import csv
 import json
 import os
@@ -15,7 +16,13 @@ from apt_lightning.tools.report import collect_runs, effects, paper_scores, writ
 from apt_lightning.tools.suite import cli, compose, inference, layout, train
 from apt_lightning.tools.suite.compose import plan
 from apt_lightning.tools.suite.load import load_suite, parse_sets
-from apt_lightning.tools.suite.overlay import apply_overlay, load_overlay, set_dotted
+from apt_lightning.tools.suite.overlay import (
+    apply_overlay,
+    apply_set,
+    canonical_config,
+    load_overlay,
+    set_dotted,
+)
 from apt_lightning.tools.suite.spec import SuiteError
 
 ABLATIONS = REPO / "configs" / "ablations"
@@ -24,6 +31,7 @@ APT_BASE = REPO / "configs" / "minilm_sst2_apt.yaml"
 if not APT_BASE.is_file():
     APT_BASE = REPO / "configs" / "quickstart_cpu.yaml"
 APT_CALLBACKS = ["AdaptivePruning", "AdaptiveTuning", "SelfDistillation"]
+GROUP_OF = {"AdaptivePruning": "pruning", "AdaptiveTuning": "tuning", "SelfDistillation": "distillation"}
 needs_glue = pytest.mark.skipif(not (GLUE_DIR / "sst2").is_dir(), reason="shared GLUE data not present")
 
 
@@ -32,11 +40,17 @@ def _base() -> dict:
 
 
 def _names(config: dict) -> list[str]:
+    """The APT callbacks switched on (apt-fit's groups), then the classes in trainer.callbacks."""
+    groups = [name for name, key in GROUP_OF.items() if config.get(key) is not None]
     callbacks = (config.get("trainer") or {}).get("callbacks") or []
-    return [cb["class_path"].rsplit(".", 1)[-1] for cb in callbacks]
+    return groups + [cb["class_path"].rsplit(".", 1)[-1] for cb in callbacks]
 
 
 def _args(config: dict, name: str) -> dict:
+    """A callback's arguments: its group's (flat in a recipe, init_args once composed) or its entry's."""
+    if name in GROUP_OF:
+        group = config[GROUP_OF[name]]
+        return group["init_args"] if "init_args" in group else group
     callbacks = config["trainer"]["callbacks"]
     return next(cb.get("init_args") or {} for cb in callbacks if cb["class_path"].endswith(name))
 
@@ -67,13 +81,21 @@ def _check_variant(name: str, config: dict, base: dict) -> None:
         assert _args(config, "AdaptiveTuning")["strategy"] == "uniform"
     elif name == "random_scoring":
         scorer = _args(config, "AdaptivePruning")["scorer"]
-        assert scorer["class_path"].endswith("RandomScorer") and scorer["init_args"]["seed"] == 3  # ${seed}
+        assert scorer["class_path"].endswith("RandomScorer") and scorer["init_args"] == {"seed": 3}  # ${seed}
     elif name == "uniform_scoring":
         assert _args(config, "AdaptivePruning")["scorer"] == "uniform"
-    elif name == "no_kurtosis":
-        assert _args(config, "AdaptivePruning")["scorer"]["init_args"] == {"kurtosis": False}
+    elif name == "no_kurtosis":  # merged onto the base's scorer: only kurtosis changes
+        scorer = _args(config, "AdaptivePruning")["scorer"]
+        assert scorer["class_path"].endswith("OutlierAwareSalience")
+        assert scorer["init_args"] == {
+            **_args(base, "AdaptivePruning")["scorer"]["init_args"],
+            "kurtosis": False,
+        }
     else:
-        assert name in ("apt", "no_distillation") and config == {**base, "trainer": config["trainer"]}
+        expected = canonical_config(base, "base")
+        if name == "no_distillation":
+            expected["distillation"] = None
+        assert name in ("apt", "no_distillation") and config == expected
 
 
 OVERLAYS = sorted(ABLATIONS.glob("*.yaml"))
@@ -127,29 +149,79 @@ def test_overlay_config_instantiates(overlay, tiny_backbone_dir, tmp_path):
 
 def test_overlay_errors_and_references():
     base = _base()
-    with pytest.raises(SuiteError, match="remove_callbacks names Nope"):
-        apply_overlay(base, {"remove_callbacks": ["Nope"]})
-    with pytest.raises(SuiteError, match="callback_args names Nope"):
-        apply_overlay(base, {"callback_args": {"Nope": {"x": 1}}})
-    with pytest.raises(SuiteError, match="refers to callback Nope"):
-        apply_overlay(base, {"set": {"a": "${Nope.x}"}})
+    with pytest.raises(SuiteError, match="is the old overlay syntax"):
+        apply_overlay(base, {"remove_callbacks": ["SelfDistillation"]})
+    with pytest.raises(SuiteError, match="unknown keys \\['prunning'\\]"):
+        apply_overlay(base, {"prunning": {"target_sparsity": 0.5}})
+    with pytest.raises(
+        SuiteError, match="`pruning` \\(AdaptivePruning\\) has no argument\\(s\\) \\['target_sparsty'\\]"
+    ):
+        apply_overlay(base, {"pruning": {"target_sparsty": 0.5}})
+    with pytest.raises(SuiteError, match="refers to 'nope.x', which the base config does not set"):
+        apply_overlay(base, {"data": {"init_args": {"a": "${nope.x}"}}})
+    with pytest.raises(SuiteError, match="AdaptivePruning is apt-fit's group: \\$\\{pruning.start_step\\}"):
+        apply_overlay(base, {"tuning": {"start_step": "${AdaptivePruning.start_step}"}})
     with pytest.raises(SuiteError, match="bad reference"):
-        apply_overlay(base, {"set": {"a": "${not a ref"}})
+        apply_overlay(base, {"data": {"init_args": {"a": "${not a ref"}}})
     # a reference to an argument the base leaves unset reads the class default
-    refs = {"x.alpha": "${AdaptivePruning.decay_alpha}", "x.seed": "${seed}"}
-    out = apply_overlay(base, {"set": refs}, seed=7)
-    assert out["x"] == {"alpha": 0.01, "seed": 7}
-    # callback_defaults fill only what the base leaves unset
-    defaults = {"AdaptivePruning": {"target_sparsity": 0.1, "plot": False}}
-    out = apply_overlay(base, {"callback_defaults": defaults})
-    target = _args(base, "AdaptivePruning")["target_sparsity"]
-    assert _args(out, "AdaptivePruning")["target_sparsity"] == target
-    assert _args(out, "AdaptivePruning")["plot"] is False
+    refs = {
+        "alpha": "${pruning.decay_alpha}",
+        "seed": "${seed}",
+        "lr": "${model.init_args.optimizer.init_args.lr}",
+    }
+    out = apply_overlay(base, {"data": {"init_args": refs}}, seed=7)
+    assert {k: out["data"]["init_args"][k] for k in refs} == {"alpha": 0.01, "seed": 7, "lr": 0.0005}
+    # a group merges onto the base's: only what the overlay names changes; null switches it off
+    out = apply_overlay(base, {"pruning": {"plot": False}, "distillation": None})
+    assert _args(out, "AdaptivePruning") == {**_args(base, "AdaptivePruning"), "plot": False}
+    assert (
+        out["distillation"] is None
+        and out["pruning"]["class_path"] == "apt_lightning.callbacks.AdaptivePruning"
+    )
     # refs: resolved against the run's overrides when given
-    refs = apply_overlay(base, {"set": {"trainer.callbacks.AdaptivePruning.init_args.start_step": 5}})
-    args = {"AdaptiveTuning": {"start_step": "${AdaptivePruning.start_step}"}}
-    out = apply_overlay(base, {"remove_callbacks": ["AdaptivePruning"], "callback_args": args}, refs=refs)
-    assert _args(out, "AdaptiveTuning")["start_step"] == 5
+    refs = apply_overlay(base, {"pruning": {"start_step": 5}})
+    overlay = {"pruning": None, "tuning": {"start_step": "${pruning.start_step}"}}
+    assert _args(apply_overlay(base, overlay, refs=refs), "AdaptiveTuning")["start_step"] == 5
+    with pytest.raises(SuiteError, match="refers to `pruning`, which is off"):
+        apply_overlay(base, overlay, refs=apply_overlay(base, {"pruning": None}))
+    # a base that lists an APT callback in trainer.callbacks (the old recipes) has it moved to its group
+    old = {
+        "trainer": {
+            "callbacks": [
+                {
+                    "class_path": "apt_lightning.callbacks.AdaptivePruning",
+                    "init_args": {"target_sparsity": 0.3},
+                }
+            ]
+        }
+    }
+    out = apply_overlay(old, {"pruning": {"start_step": 4}})
+    assert _args(out, "AdaptivePruning") == {"target_sparsity": 0.3, "start_step": 4}
+    assert out["trainer"]["callbacks"] == [] and out["tuning"] is None
+
+
+def test_suite_set_keys_are_apt_fit_keys():
+    base = canonical_config(_base(), "base")
+    config = apply_overlay(base, {"distillation": None})
+    apply_set(config, "pruning.start_step", 2, base, "v")
+    apply_set(config, "pruning.scorer", "uniform", base, "v")
+    assert (
+        _args(config, "AdaptivePruning")["start_step"] == 2
+        and _args(config, "AdaptivePruning")["scorer"] == "uniform"
+    )
+    apply_set(config, "distillation.tau", 2.0, base, "v")  # switched off by the variant: skipped
+    assert config["distillation"] is None
+    apply_set(config, "distillation", {"tau": 2.0}, base, "v")  # the whole group: switched on
+    assert _args(config, "SelfDistillation") == {"tau": 2.0}
+    off = apply_overlay(base, {"tuning": None})
+    with pytest.raises(SuiteError, match="sets an argument of `tuning`, which is off in the base config"):
+        apply_set(copy.deepcopy(off), "tuning.max_rank", 16, off, "v")
+    with pytest.raises(SuiteError, match="has no argument\\(s\\) \\['start_stp'\\]"):
+        apply_set(config, "pruning.start_stp", 2, base, "v")
+    with pytest.raises(
+        SuiteError, match="AdaptivePruning is apt-fit's `pruning` group; write `pruning.<arg>`"
+    ):
+        apply_set(config, "trainer.callbacks.AdaptivePruning.init_args.start_step", 2, base, "v")
 
 
 def test_overlay_file_checks(tmp_path):
@@ -157,8 +229,8 @@ def test_overlay_file_checks(tmp_path):
     bad.write_text("remove: [SelfDistillation]\n")
     with pytest.raises(SuiteError, match="unknown keys \\['remove'\\]"):
         load_overlay(bad)
-    bad.write_text("add_callbacks: [{init_args: {}}]\n")
-    with pytest.raises(SuiteError, match="need a class_path"):
+    bad.write_text("callback_args: {AdaptivePruning: {target_sparsity: 0.5}}\n")
+    with pytest.raises(SuiteError, match="is the old overlay syntax.*pruning: \\{target_sparsity: 0.5\\}"):
         load_overlay(bad)
     for text, shown in (
         ("{sst2: high}", "'high'"),
@@ -170,7 +242,7 @@ def test_overlay_file_checks(tmp_path):
             load_overlay(bad)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert apply_overlay(_base(), load_overlay(empty)) == _base()
+    assert apply_overlay(_base(), load_overlay(empty)) == canonical_config(_base(), "base")
 
 
 def _summary_row(variant, mean, std=None, task="sst2"):
@@ -234,12 +306,14 @@ def test_effects_against_full_apt_and_the_paper():
 
 
 def test_set_dotted_by_class_name_and_index():
-    config = _base()
-    assert set_dotted(config, "trainer.callbacks.AdaptiveTuning.init_args.max_rank", 16) == 1
-    assert _args(config, "AdaptiveTuning")["max_rank"] == 16
+    config = {
+        "trainer": {"callbacks": [{"class_path": "a.ModelCheckpoint"}, {"class_path": "b.EarlyStopping"}]}
+    }
+    assert set_dotted(config, "trainer.callbacks.EarlyStopping.init_args.patience", 16) == 1
+    assert _args(config, "EarlyStopping")["patience"] == 16
     assert set_dotted(config, "trainer.callbacks.Missing.init_args.x", 1) == 0
-    assert set_dotted(config, "trainer.callbacks.0.init_args.plot", False) == 1
-    assert _args(config, "AdaptivePruning")["plot"] is False
+    assert set_dotted(config, "trainer.callbacks.0.init_args.save_top_k", 2) == 1
+    assert _args(config, "ModelCheckpoint")["save_top_k"] == 2
     assert set_dotted(config, "new.deep.key", [1]) == 1 and config["new"] == {"deep": {"key": [1]}}
     with pytest.raises(SuiteError, match="outside a list"):
         set_dotted(config, "trainer.callbacks.9.init_args.x", 1)
@@ -302,13 +376,18 @@ def _suite(tmp_path: Path, name: str = "s", **changes) -> Path:
             {"set": {"trainer.callbacks.AdaptivePrunning.init_args.x": 1}},
             "addresses callback AdaptivePrunning",
         ),
+        ({"set": {"pruning.target_sparsty": 0.5}}, "`pruning` \\(AdaptivePruning\\) has no argument"),
+        (
+            {"set": {"trainer.callbacks.AdaptivePruning.init_args.start_step": 2}},
+            "AdaptivePruning is apt-fit's `pruning` group",
+        ),
         (
             {
                 "variants": [
                     {
                         "name": "apt",
                         "overlay": "no_distillation",
-                        "set": {"trainer.callbacks.SelfDistillation.init_args.tau": 2.0},
+                        "set": {"distillation.tau": 2.0},
                     },
                     "ft",
                 ]
@@ -860,13 +939,13 @@ def test_relabel_after_a_recipe_change(tmp_path, capsys):
     capped = {
         "name": "capped",
         "overlay": "apt",
-        "set": {"trainer.callbacks.SelfDistillation.init_args.mu_max": 0.5},
+        "set": {"distillation.mu_max": 0.5},
     }
     _finish_all(_relabel_suite(tmp_path, None, ["apt", capped]))
     paper = {
         "name": "paper_mu",
         "overlay": "apt",
-        "set": {"trainer.callbacks.SelfDistillation.init_args.mu_max": 1.0},
+        "set": {"distillation.mu_max": 1.0},
     }
     new_suite = _relabel_suite(tmp_path, 0.5, ["apt", paper])
     out = tmp_path / "out"
@@ -915,7 +994,7 @@ def test_relabel_puts_every_run_back_when_a_move_fails(tmp_path, monkeypatch):
     capped = {
         "name": "capped",
         "overlay": "apt",
-        "set": {"trainer.callbacks.SelfDistillation.init_args.mu_max": 0.5},
+        "set": {"distillation.mu_max": 0.5},
     }
     _finish_all(_relabel_suite(tmp_path, None, ["apt", capped]))
     out = tmp_path / "out"
@@ -923,7 +1002,7 @@ def test_relabel_puts_every_run_back_when_a_move_fails(tmp_path, monkeypatch):
     paper = {
         "name": "paper_mu",
         "overlay": "apt",
-        "set": {"trainer.callbacks.SelfDistillation.init_args.mu_max": 1.0},
+        "set": {"distillation.mu_max": 1.0},
     }
     suite = load_suite(_relabel_suite(tmp_path, 0.5, ["apt", paper]))
     moves = []

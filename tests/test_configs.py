@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import GLUE_DIR, REPO
 
-from apt_lightning.cli import main, run_cli
+from apt_lightning.cli import CALLBACK_GROUPS, main, run_cli
 from apt_lightning.data import GLUEDataModule
 from apt_lightning.module import APTModule
 
@@ -46,6 +46,16 @@ def test_config_instantiates(config, tiny_backbone_dir, monkeypatch):
     declared = [c["class_path"].rsplit(".", 1)[-1] for c in spec.get("trainer", {}).get("callbacks", [])]
     present = [type(c).__name__ for c in cli.trainer.callbacks]
     assert all(name in present for name in declared)
+    # apt-fit's callback groups: on exactly where the recipe configures them, with the recipe's arguments
+    if "model" not in spec:
+        spec = {**yaml.safe_load((REPO / "configs" / "quickstart_cpu.yaml").read_text()), **spec}
+    for key, cls in CALLBACK_GROUPS.items():
+        built = [c for c in cli.trainer.callbacks if isinstance(c, cls)]
+        assert len(built) == (spec.get(key) is not None), key
+        for arg, value in (spec.get(key) or {}).items():
+            attr = getattr(built[0], arg, None)
+            if isinstance(value, int | float | str) and isinstance(attr, int | float | str):
+                assert attr == value, (key, arg)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))

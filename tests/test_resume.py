@@ -82,13 +82,11 @@ PRUNING = {"target_sparsity": 0.5, "start_step": 4, "end_step": 16, "num_events"
 def fit_config(backbone, out: Path, callbacks: list[dict] = (), **top) -> dict:
     """24 identical batches, one epoch; prune at steps 8, 12, 16 (2-step decay windows), grow ranks,
     distil; AdamW at lr 1e-3 / wd 0.01 (not the module defaults 2e-4 / 0.1)."""
-    apt_callbacks = [
-        {"class_path": "apt_lightning.callbacks.AdaptivePruning", "init_args": {**PRUNING, "plot": False}},
-        {"class_path": "apt_lightning.callbacks.AdaptiveTuning", "init_args": {"budget_multiple": 3.0}},
-        {"class_path": "apt_lightning.callbacks.SelfDistillation", "init_args": {"mu_max": 0.5}},
-    ]
     return {
         "seed_everything": 0,
+        "pruning": {**PRUNING, "plot": False},
+        "tuning": {"budget_multiple": 3.0},
+        "distillation": {"mu_max": 0.5},
         **top,
         "trainer": {
             "max_epochs": 1,
@@ -104,7 +102,7 @@ def fit_config(backbone, out: Path, callbacks: list[dict] = (), **top) -> dict:
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": str(out), "name": "apt"},
             },
-            "callbacks": apt_callbacks + list(callbacks),
+            "callbacks": list(callbacks),
         },
         "model": {
             "class_path": "apt_lightning.APTModule",
@@ -313,11 +311,13 @@ def test_periodic_checkpoints_by_default_inside_the_pruning_phase(backbone, tmp_
 def test_periodic_checkpoint_settings(backbone, tmp_path, top, trainer, expected):
     config = fit_config(backbone, tmp_path, **top)
     config["trainer"].update(trainer, max_steps=1, callbacks=[])
+    config.update(pruning=None, tuning=None, distillation=None)
     cli = run_cli(["fit", "--config", str(write_config(tmp_path / "apt.yaml", config))])
     kinds = [type(cb).__name__ for cb in cli.trainer.callbacks if "Checkpoint" in type(cb).__name__]
     assert kinds == expected
     if "checkpoint_every_n_steps" in top and expected[-1] == "PeriodicCheckpoint":
-        assert cli.trainer.callbacks[-1]._every_n_train_steps == 5
+        periodic = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PeriodicCheckpoint))
+        assert periodic._every_n_train_steps == 5
 
 
 # ---------------------------------------------------------------- schedule changes on resume

@@ -76,7 +76,7 @@ def fitted(tiny_backbone_dir, tmp_path_factory):
 def _run(fitted, sub, *extra, data=None, config=True, ckpt=None):
     args = _common(fitted["backbone"], data or fitted["data"], fitted["root"])
     if not config:  # the APT callbacks are fit's business: validate/test/predict without them
-        args.append("--trainer.callbacks=[]")
+        args += ["--pruning=null", "--tuning=null", "--distillation=null"]
     return run_cli([sub, *args, f"--ckpt_path={ckpt or fitted['ckpt']}", *extra])
 
 

@@ -3,9 +3,9 @@
 Overrides apply in the order overlay, suite ``set``, task, variant ``set``, ``--set``; then the runner sets
 the seed, the loggers (CSV into ``<run>/logs``, W&B if enabled), the EfficiencyMonitor (its TTA reference is
 the FT run's best metric of the same task and seed when that run finished first) and turns the default
-checkpointing off (it saves ``<run>/final.ckpt`` itself). In every ``set``, a list is indexed by position or
-by class name: ``trainer.callbacks.AdaptivePruning.init_args.start_step: 2`` sets every AdaptivePruning
-(a variant that removed it is skipped; a name neither the base nor the variant has is an error).
+checkpointing off (it saves ``<run>/final.ckpt`` itself). Every ``set`` key is an apt-fit key, dotted
+(`overlay`): ``pruning.start_step: 2`` sets AdaptivePruning's start step (a variant that switched pruning
+off skips it; a group neither the base nor the variant switched on is an error).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from pathlib import Path
 from apt_lightning.tools.suite.layout import CONFIG, LOG_DIR, run_dir_for
 from apt_lightning.tools.suite.overlay import (
     apply_overlay,
+    apply_set,
     callback_list,
-    class_keys,
+    canonical_config,
     class_name,
     load_overlay,
     load_yaml,
     resolve_refs,
-    set_dotted,
 )
 from apt_lightning.tools.suite.spec import RunSpec, Suite, SuiteError, TaskSpec, VariantSpec
 
@@ -47,6 +47,7 @@ def compose_config(suite: Suite, variant: VariantSpec, task: TaskSpec, seed: int
     if not isinstance(base, dict):
         raise SuiteError(f"base config {variant.base_path} must be a mapping")
     where = f"variant {variant.name}"
+    base = canonical_config(base, f"base config {variant.base_path}")
     sets = [*suite.set.items(), ("model.init_args.task", task.task)]
     if task.data_dir is not None:
         sets.append(("data.init_args.data_dir", task.data_dir))
@@ -54,9 +55,9 @@ def compose_config(suite: Suite, variant: VariantSpec, task: TaskSpec, seed: int
     sets = [(key, resolve_refs(value, base, seed, f"{where}: {key}")) for key, value in sets]
     config = base
     if variant.overlay_path is not None:
-        effective = copy.deepcopy(base)  # the base as this run changes it: what ${Class.arg} refers to
+        effective = copy.deepcopy(base)  # the base as this run changes it: what ${key.arg} refers to
         for key, value in sets:
-            set_dotted(effective, key, value)
+            apply_set(effective, key, value, base, where)
         config = apply_overlay(
             base,
             load_overlay(variant.overlay_path),
@@ -64,9 +65,9 @@ def compose_config(suite: Suite, variant: VariantSpec, task: TaskSpec, seed: int
             f"{where} ({variant.overlay_path.name})",
             refs=effective,
         )
+    config = copy.deepcopy(config)
     for key, value in sets:
-        _check_class_key(base, config, key, where)
-        set_dotted(config, key, value)
+        apply_set(config, key, value, base, where)
     config["seed_everything"] = seed
     trainer = config.setdefault("trainer", {})
     loggers: list[dict] = [
@@ -93,18 +94,6 @@ def compose_config(suite: Suite, variant: VariantSpec, task: TaskSpec, seed: int
         if monitor is not None:
             cbs.append(monitor)
     return config
-
-
-def _check_class_key(base: dict, config: dict, key: str, where: str) -> None:
-    """A key addressing a callback by class name must name one of the base's or the run's callbacks (a typo
-    check); one the variant removed is skipped quietly (suite-wide settings meet every variant)."""
-    known = {class_name(cb) for cb in callback_list(copy.deepcopy(base)) + callback_list(config)}
-    for name in class_keys(key):
-        if name not in known:
-            raise SuiteError(
-                f"{where}: {key!r} addresses callback {name}, which neither the base config nor "
-                f"this variant has (callbacks: {sorted(known)})"
-            )
 
 
 def _efficiency_entry(options: dict, monitor: str) -> dict | None:

@@ -17,7 +17,7 @@ paths to the working directory)::
     strict: false                         # exit 1 when any run failed
     keep_checkpoints: true                # keep <run>/final.ckpt after benchmarking
     args: ["--trainer.accelerator=cpu"]   # extra apt-fit arguments, appended to every run
-    set: {trainer.max_steps: 12}          # dotted overrides for every run
+    set: {trainer.max_steps: 12, pruning.start_step: 2}   # apt-fit keys, dotted, for every run
     variants:                             # a name (overlay <name>.yaml) or a mapping:
       - apt
       - {name: ft, seeds: [0, 1, 2], tasks: [sst2], overlay: ft, base: ../other.yaml, set: {...}}

@@ -1,23 +1,31 @@
-"""The overlay language: how a variant changes one base recipe (an ``apt-fit`` config).
+"""The override language: how a variant changes one base recipe (an ``apt-fit`` config).
 
-Overlay files (``configs/ablations/<variant>.yaml``)::
+There is one set of keys, apt-fit's own: a config file's keys, ``--key.sub`` on the command line. The APT
+callbacks are apt-fit's groups ``pruning``, ``tuning`` and ``distillation`` (`apt_lightning.cli.
+CALLBACK_GROUPS`), written flat (``pruning: {target_sparsity: 0.5}``) or as ``{class_path, init_args}``;
+a group that is null or left out is off.
+
+Overlay files (``configs/ablations/<variant>.yaml``) are partial apt-fit configs merged onto the base,
+plus two keys for the report::
 
     description: one line for RESULTS.md
     paper: {source: Table 4, sst2: 92.9}           # the paper's score for this variant (report only)
-    remove_callbacks: [SelfDistillation]           # by class name (the last part of class_path)
-    add_callbacks:                                 # appended, full {class_path, init_args} entries
-      - {class_path: lightning.pytorch.callbacks.LearningRateMonitor}
-    callback_args:                                 # init_args set on every callback of that class
-      AdaptivePruning: {target_sparsity: 0.2}
-    callback_defaults:                             # like callback_args, only where the base sets nothing
-      AdaptiveTuning: {start_step: ${AdaptivePruning.start_step}}
-    set:                                           # dotted keys into the config; null is a value
-      model.init_args.adapters: null
+    pruning: {target_sparsity: 0.2}                # merged into the base's pruning group
+    distillation: null                             # switched off
+    tuning: {start_step: "${pruning.start_step}"}  # a reference (below)
+    model: {init_args: {adapters: null}}           # any apt-fit key
 
-Order: remove, add, callback_args, callback_defaults, set. Removing or configuring a callback the base
-lacks is an error. A string value that is exactly ``${Class.arg}`` becomes that argument of the base's
-callback as the run's overrides (`compose`) set it, or its class default when nothing sets it; exactly
-``${seed}`` becomes the run's seed.
+Merging: a mapping onto a mapping merges key by key, except that a different ``class_path`` replaces the
+whole mapping; anything else (null, a list, a scalar) replaces. Suite ``set`` keys are the same keys
+dotted (``pruning.start_step: 2``, ``model.init_args.adapters: null``) and replace the value at that key;
+a key inside a group the variant switched off is skipped, one inside a group nobody switched on is an
+error, as is an argument the group's class does not take. In a list, an integer part is an index and
+any other part a class name (``trainer.callbacks.EfficiencyMonitor.init_args.x``: every such entry).
+
+A string value that is exactly ``${seed}`` becomes the run's seed; exactly ``${a.b}`` becomes that
+dotted key of the base as the run's overrides (`compose`) set it, for a group argument its class default
+when nothing sets it (``${pruning.start_step}``). Composed configs hold every group as ``{class_path,
+init_args}``; a base that lists an APT callback in ``trainer.callbacks`` has it moved into its group.
 """
 
 from __future__ import annotations
@@ -33,17 +41,27 @@ import yaml
 
 from apt_lightning.tools.suite.spec import SuiteError
 
-_OVERLAY_KEYS = {
-    "description",
-    "paper",
-    "remove_callbacks",
-    "add_callbacks",
-    "callback_args",
-    "callback_defaults",
-    "set",
-}
+_META_KEYS = {"description", "paper"}
+_CONFIG_KEYS = {"seed_everything", "trainer", "model", "data", "checkpoint_every_n_steps", "ckpt_path"}
+_OLD_KEYS = {"remove_callbacks", "add_callbacks", "callback_args", "callback_defaults", "set"}
+_REF = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
 
-_REF = re.compile(r"^\$\{([A-Za-z_][\w]*)(?:\.([A-Za-z_]\w*))?\}$")
+
+def groups() -> dict[str, str]:
+    """apt-fit's callback groups: {key: class path of its default class}."""
+    from apt_lightning.cli import CALLBACK_GROUPS
+
+    def path(cls: type) -> str:  # the package's export (apt_lightning.callbacks.X) where there is one
+        package = cls.__module__.rpartition(".")[0]
+        if package and getattr(importlib.import_module(package), cls.__name__, None) is cls:
+            return f"{package}.{cls.__name__}"
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    return {key: path(cls) for key, cls in CALLBACK_GROUPS.items()}
+
+
+def _group_of_class(name: str) -> str | None:
+    return next((key for key, path in groups().items() if path.rsplit(".", 1)[-1] == name), None)
 
 
 # ---------------------------------------------------------------------- files
@@ -61,7 +79,7 @@ def set_dotted(config: dict, key: str, value: Any) -> int:
     """Set ``a.b.c`` in a nested config, creating mappings on the way; return how many places were set.
 
     In a list, an integer part is an index and any other part a class name: ``trainer.callbacks.
-    AdaptivePruning.init_args.start_step`` sets that argument of every AdaptivePruning entry (none: 0).
+    EfficiencyMonitor.init_args.reference`` sets that argument of every EfficiencyMonitor entry (none: 0).
     """
     return _set_parts(config, key.split("."), value, key)
 
@@ -91,7 +109,7 @@ def _set_parts(node: Any, parts: list[str], value: Any, key: str) -> int:
 
 
 def class_keys(key: str) -> list[str]:
-    """Class names a dotted key addresses inside lists (``trainer.callbacks.AdaptivePruning...``)."""
+    """Class names a dotted key addresses inside lists (``trainer.callbacks.EfficiencyMonitor...``)."""
     parts = key.split(".")
     return [p for prev, p in zip(parts, parts[1:], strict=False) if prev == "callbacks" and not p.isdigit()]
 
@@ -114,6 +132,7 @@ def class_name(entry: Any) -> str:
 
 
 def callback_list(config: dict) -> list:
+    """`trainer.callbacks` of `config` as a list (created if missing): the callbacks besides the groups."""
     trainer = config.setdefault("trainer", {}) or {}
     config["trainer"] = trainer
     cbs = trainer.get("callbacks")
@@ -126,56 +145,170 @@ def callback_list(config: dict) -> list:
 
 
 def class_default(class_path: str, arg: str) -> Any:
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise SuiteError(f"cannot import {class_path} to read the default of {arg!r}: {err}") from err
-    param = inspect.signature(cls).parameters.get(arg)
+    param = _parameters(class_path, f"read the default of {arg!r}").get(arg)
     if param is None or param.default is inspect.Parameter.empty:
         raise SuiteError(f"{class_path} has no argument {arg!r} with a default")
     return param.default
 
 
-def resolve_refs(value: Any, base: dict, seed: int | None, where: str) -> Any:
+def _parameters(class_path: str, why: str) -> dict[str, inspect.Parameter]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise SuiteError(f"cannot import {class_path} to {why}: {err}") from err
+    return dict(inspect.signature(cls).parameters)
+
+
+# ---------------------------------------------------------------------- groups
+def canonical_group(key: str, value: Any, where: str) -> dict | None:
+    """A group's value as ``{class_path, init_args}`` (None: off); its argument names are checked."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"class_path": value}
+    if not isinstance(value, dict):
+        raise SuiteError(f"{where}: `{key}` must be a mapping of arguments or null, got {value!r}")
+    args = {k: v for k, v in value.items() if k not in ("class_path", "init_args")}
+    args.update(value.get("init_args") or {})
+    class_path = value.get("class_path") or groups()[key]
+    params = _parameters(class_path, f"check `{key}`")
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(args) - set(params))
+        if unknown:
+            raise SuiteError(
+                f"{where}: `{key}` ({class_path.rsplit('.', 1)[-1]}) has no argument(s) {unknown}; "
+                f"it takes {sorted(params)}"
+            )
+    return {"class_path": class_path, "init_args": args}
+
+
+def canonical_config(config: dict, where: str) -> dict:
+    """A copy of `config` with every group as ``{class_path, init_args}`` or None, and APT callbacks
+    listed in ``trainer.callbacks`` moved into their groups."""
+    config = copy.deepcopy(config)
+    listed = (config.get("trainer") or {}).get("callbacks")
+    if isinstance(listed, list | dict):
+        cbs = callback_list(config)
+        for entry in list(cbs):
+            key = _group_of_class(class_name(entry))
+            if key is not None and config.get(key) is None:
+                config[key] = entry
+                cbs.remove(entry)
+    for key in groups():
+        config[key] = canonical_group(key, config.get(key), where)
+    return config
+
+
+def merge(base: Any, over: Any) -> Any:
+    """`over` merged onto `base` (module docstring); neither is modified."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return copy.deepcopy(over)
+    if "class_path" in over and base.get("class_path") not in (None, over["class_path"]):
+        return copy.deepcopy(over)
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if key in out else copy.deepcopy(value)
+    return out
+
+
+def apply_set(config: dict, key: str, value: Any, base: dict, where: str) -> None:
+    """Set one dotted key of a suite's ``set`` in `config` (canonical), the module docstring's rules;
+    `base` (canonical) tells a group the variant switched off from one nobody switched on."""
+    head, *rest = key.split(".")
+    if head in groups():
+        if not rest:
+            config[head] = canonical_group(head, value, f"{where}: {key}")
+            return
+        if config.get(head) is None:
+            if base.get(head) is not None:
+                return  # the variant switched the group off: suite-wide settings skip it
+            raise SuiteError(
+                f"{where}: {key!r} sets an argument of `{head}`, which is off in the base config and in this "
+                f"variant; set `{head}: {{...}}` to switch it on"
+            )
+        if rest[0] not in ("class_path", "init_args"):
+            rest = ["init_args", *rest]
+        if rest[0] == "init_args" and len(rest) > 1:
+            canonical_group(head, {**config[head], "init_args": {rest[1]: None}}, f"{where}: {key}")
+        set_dotted(config[head], ".".join(rest), value)
+        return
+    known = {class_name(cb) for cb in callback_list(copy.deepcopy(base)) + callback_list(config)}
+    for name in class_keys(key):
+        group = _group_of_class(name)
+        if group is not None:
+            raise SuiteError(f"{where}: {key!r}: {name} is apt-fit's `{group}` group; write `{group}.<arg>`")
+        if name not in known:
+            raise SuiteError(
+                f"{where}: {key!r} addresses callback {name}, which neither the base config nor "
+                f"this variant has (callbacks: {sorted(known)})"
+            )
+    set_dotted(config, key, value)
+
+
+# ---------------------------------------------------------------------- references
+def resolve_refs(value: Any, refs: dict, seed: int | None, where: str) -> Any:
+    """`value` with ``${seed}`` and ``${a.b}`` references replaced (`refs`: a canonical config)."""
     if isinstance(value, dict):
-        return {k: resolve_refs(v, base, seed, where) for k, v in value.items()}
+        return {k: resolve_refs(v, refs, seed, where) for k, v in value.items()}
     if isinstance(value, list):
-        return [resolve_refs(v, base, seed, where) for v in value]
+        return [resolve_refs(v, refs, seed, where) for v in value]
     if not isinstance(value, str) or not value.startswith("${"):
         return value
     match = _REF.match(value)
     if match is None:
-        raise SuiteError(f"{where}: bad reference {value!r}; use ${{seed}} or ${{CallbackClass.arg}}")
-    name, arg = match.groups()
-    if arg is None:
-        if name != "seed":
-            raise SuiteError(f"{where}: unknown reference {value!r}; use ${{seed}} or ${{CallbackClass.arg}}")
+        raise SuiteError(f"{where}: bad reference {value!r}; use ${{seed}} or ${{key.arg}}")
+    path = match.group(1)
+    if path == "seed":
         return 0 if seed is None else seed
-    entries = [cb for cb in callback_list(copy.deepcopy(base)) if class_name(cb) == name]
-    if not entries:
-        raise SuiteError(f"{where}: {value} refers to callback {name}, which the base config does not have")
-    args = entries[0].get("init_args") or {}
-    return args[arg] if arg in args else class_default(entries[0]["class_path"], arg)
+    head, _, arg = path.partition(".")
+    missing = object()
+    if head in groups() and arg:
+        group = refs.get(head)
+        if group is None:
+            raise SuiteError(f"{where}: {value} refers to `{head}`, which is off in the base config")
+        inner = arg if arg.split(".")[0] in ("class_path", "init_args") else f"init_args.{arg}"
+        found = get_dotted(group, inner, missing)
+        if found is missing and "." not in arg:
+            return class_default(group["class_path"], arg)
+        if found is missing:
+            raise SuiteError(f"{where}: {value}: `{head}` sets no {arg!r}")
+        return found
+    found = get_dotted(refs, path, missing)
+    if found is missing:
+        group = _group_of_class(head)
+        hint = f"; {head} is apt-fit's group: ${{{group}.{arg}}}" if group else ""
+        raise SuiteError(f"{where}: {value} refers to {path!r}, which the base config does not set{hint}")
+    return found
 
 
+# ---------------------------------------------------------------------- overlays
 def load_overlay(path: Path) -> dict:
     """Read and check an overlay file (see the module docstring); an empty file is the identity."""
     data = load_yaml(path, "overlay") or {}
     if not isinstance(data, dict):
         raise SuiteError(f"overlay {path} must be a mapping")
-    unknown = set(data) - _OVERLAY_KEYS
+    check_overlay(data, f"overlay {path}")
+    return data
+
+
+def check_overlay(data: dict, where: str) -> None:
+    """Raise SuiteError for keys apt-fit does not have, old-syntax keys, unknown group arguments and a
+    malformed `paper`."""
+    old = sorted(set(data) & _OLD_KEYS)
+    if old:
+        raise SuiteError(
+            f"{where}: {old} is the old overlay syntax; an overlay is now a partial apt-fit config, "
+            "e.g. `pruning: {target_sparsity: 0.5}`, `distillation: null`, "
+            "`model: {init_args: {adapters: null}}`"
+        )
+    allowed = _META_KEYS | _CONFIG_KEYS | set(groups())
+    unknown = set(data) - allowed
     if unknown:
-        raise SuiteError(f"overlay {path}: unknown keys {sorted(unknown)}; allowed: {sorted(_OVERLAY_KEYS)}")
-    for key in ("callback_args", "callback_defaults", "set"):
-        if not isinstance(data.get(key) or {}, dict):
-            raise SuiteError(f"overlay {path}: {key} must be a mapping")
-    for key in ("remove_callbacks", "add_callbacks"):
-        if not isinstance(data.get(key) or [], list):
-            raise SuiteError(f"overlay {path}: {key} must be a list")
-    for entry in data.get("add_callbacks") or []:
-        if not isinstance(entry, dict) or "class_path" not in entry:
-            raise SuiteError(f"overlay {path}: add_callbacks entries need a class_path, got {entry!r}")
+        raise SuiteError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    for key in groups():
+        if key in data:
+            canonical_group(key, data[key], where)
     paper = data.get("paper") or {}
     from apt_lightning.data.tasks import GLUE_TASKS
 
@@ -187,43 +320,26 @@ def load_overlay(path: Path) -> dict:
     }
     if not isinstance(paper, dict) or bad:
         raise SuiteError(
-            f"overlay {path}: paper must map GLUE task names ({', '.join(GLUE_TASKS)}) to the paper's "
+            f"{where}: paper must map GLUE task names ({', '.join(GLUE_TASKS)}) to the paper's "
             f"scores (numbers) plus an optional source (text), got {bad or paper!r}"
         )
-    return data
 
 
 def apply_overlay(
     base: dict, overlay: dict, seed: int | None = None, where: str = "overlay", refs: dict | None = None
 ) -> dict:
-    """Return a copy of `base` (an apt-fit config) changed by `overlay`; `base` is not modified.
+    """Return `base` (an apt-fit config) merged with `overlay`, groups canonical; `base` is not modified.
 
-    ``${Class.arg}`` references read `refs` (default: `base`), e.g. the base with the run's overrides.
+    References read `refs` (default: `base`), e.g. the base with the run's overrides.
     """
-    refs = base if refs is None else refs
-    config = copy.deepcopy(base)
-    cbs = callback_list(config)
-    for name in overlay.get("remove_callbacks") or []:
-        if not any(class_name(cb) == name for cb in cbs):
-            have = [class_name(cb) for cb in cbs]
-            raise SuiteError(f"{where}: remove_callbacks names {name}, but the base has only {have}")
-        cbs[:] = [cb for cb in cbs if class_name(cb) != name]
-    cbs.extend(copy.deepcopy(overlay.get("add_callbacks") or []))
-    for key, only_missing in (("callback_args", False), ("callback_defaults", True)):
-        for name, args in (overlay.get(key) or {}).items():
-            targets = [cb for cb in cbs if class_name(cb) == name]
-            if not targets:
-                raise SuiteError(
-                    f"{where}: {key} names {name}, which is not among the callbacks "
-                    f"{[class_name(cb) for cb in cbs]}"
-                )
-            for cb in targets:
-                init = cb.setdefault("init_args", {}) or {}
-                cb["init_args"] = init
-                for arg, value in (args or {}).items():
-                    if only_missing and init.get(arg) is not None:
-                        continue
-                    init[arg] = resolve_refs(value, refs, seed, f"{where}: {key}.{name}.{arg}")
-    for key, value in (overlay.get("set") or {}).items():
-        set_dotted(config, key, resolve_refs(value, refs, seed, f"{where}: set.{key}"))
+    check_overlay(overlay, where)
+    config = canonical_config(base, where)
+    refs = canonical_config(base if refs is None else refs, where)  # not `config`: it changes below
+    for key, value in overlay.items():
+        if key in _META_KEYS:
+            continue
+        value = resolve_refs(value, refs, seed, f"{where}: {key}")
+        if key in groups():
+            value = canonical_group(key, value, where)
+        config[key] = merge(config[key], value) if key in config else copy.deepcopy(value)
     return config
