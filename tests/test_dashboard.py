@@ -169,6 +169,7 @@ def test_plain_fit_without_wandb_or_apt_callbacks(backbone, tmp_path, capsys):
     assert printed and all(p.is_file() for p in printed)
     assert any(p.suffix == ".ckpt" for p in printed) and any(p.name == "metrics.csv" for p in printed)
     assert "val/accuracy" in out and "pruning.json" not in out
+    assert "6 optimizer steps, 1 epoch(s) completed" in out  # 6 batches, max_steps 6
 
 
 def test_config_reads_callback_arguments_back():

@@ -50,7 +50,8 @@ def _structure(pl_module: LightningModule) -> dict | None:
 
 def run_summary(dashboard, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
     """Final sparsity, best / final metric, peak memory, TTA (when EfficiencyMonitor ran)."""
-    out: dict[str, Any] = {"global_step": trainer.global_step, "epochs": trainer.current_epoch}
+    epochs = trainer.fit_loop.epoch_progress.current.completed
+    out: dict[str, Any] = {"global_step": trainer.global_step, "epochs": epochs}
     structure = _structure(pl_module)
     pruner = _find(trainer, "AdaptivePruning")
     done = [r for r in pruner.history if "achieved_sparsity" in r] if pruner is not None else []
@@ -149,7 +150,7 @@ def format_summary(summary: dict[str, Any], files: dict[str, Path], wandb_logger
     def line(label: str, text: str) -> None:
         lines.append(f"  {label:<22} {text}")
 
-    line("steps", f"{summary['global_step']} optimizer steps, {summary['epochs'] + 1} epoch(s)")
+    line("steps", f"{summary['global_step']} optimizer steps, {summary['epochs']} epoch(s) completed")
     if summary.get("final_sparsity") is not None:
         text = f"{summary['final_sparsity']:.4f}"
         if summary.get("params_kept") is not None and summary.get("params_full"):
