@@ -30,20 +30,16 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 
+from apt_lightning.callbacks.pruning import AdaptivePruning
 from apt_lightning.callbacks.run_config import run_config
+from apt_lightning.callbacks.summary import collect_files, find_callback, format_summary, run_summary
+from apt_lightning.callbacks.tuning import AdaptiveTuning
 
 
 def _wandb_loggers(trainer: Trainer) -> list:
     from lightning.pytorch.loggers import WandbLogger
 
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-
-
-def _find(trainer: Trainer, name: str):
-    import apt_lightning.callbacks as cbs
-
-    cls = getattr(cbs, name)
-    return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
 
 
 def short_names(names: list[str]) -> list[str]:
@@ -153,7 +149,7 @@ class RunDashboard(Callback):
     # ------------------------------------------------------------------ heatmaps
     @staticmethod
     def _event_counts(trainer: Trainer) -> tuple[int, int]:
-        pruning, tuning = _find(trainer, "AdaptivePruning"), _find(trainer, "AdaptiveTuning")
+        pruning, tuning = find_callback(trainer, AdaptivePruning), find_callback(trainer, AdaptiveTuning)
         done = sum("heads_per_layer" in r for r in pruning.history) if pruning is not None else 0
         return done, len(tuning.history) if tuning is not None else 0
 
@@ -166,7 +162,7 @@ class RunDashboard(Callback):
         from apt_lightning.plots import plot_heatmap
 
         folder, paths = self._folder(trainer), {}
-        pruner, tuner = _find(trainer, "AdaptivePruning"), _find(trainer, "AdaptiveTuning")
+        pruner, tuner = find_callback(trainer, AdaptivePruning), find_callback(trainer, AdaptiveTuning)
         structure = getattr(pl_module, "structure", None)
         records = [r for r in pruner.history if "heads_per_layer" in r] if pruner is not None else []
         if pruning and records and structure is not None:
@@ -213,7 +209,6 @@ class RunDashboard(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from apt_lightning.callbacks.summary import collect_files, format_summary, run_summary
 
         paths = self._render(trainer, pl_module) if self.images else {}
         kept_plot = self._kept_per_layer_plot(trainer, pl_module)
@@ -235,7 +230,7 @@ class RunDashboard(Callback):
 
     def _kept_per_layer_plot(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         """`kept_per_layer.png` from AdaptivePruning (plot=True), else drawn here from its last event."""
-        pruner = _find(trainer, "AdaptivePruning")
+        pruner = find_callback(trainer, AdaptivePruning)
         records = [r for r in pruner.history if "heads_per_layer" in r] if pruner is not None else []
         if not records or trainer.log_dir is None:
             return None

@@ -33,6 +33,11 @@ from typing import Any
 
 from lightning import LightningModule, Trainer
 
+from apt_lightning.callbacks.distillation import SelfDistillation
+from apt_lightning.callbacks.efficiency import EfficiencyMonitor
+from apt_lightning.callbacks.pruning import AdaptivePruning
+from apt_lightning.callbacks.tuning import AdaptiveTuning
+
 _PRIMITIVE = (bool, int, float, str, type(None))
 _TRAINER_KEYS = (
     "max_epochs",
@@ -52,7 +57,6 @@ _TRAINER_KEYS = (
 def section_name(cb: object) -> str:
     """Short config section of a callback: pruning, tuning, distillation, efficiency, dashboard, or the
     class name in snake case."""
-    from apt_lightning.callbacks import AdaptivePruning, AdaptiveTuning, EfficiencyMonitor, SelfDistillation
 
     for cls, name in (
         (AdaptivePruning, "pruning"),

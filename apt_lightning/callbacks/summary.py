@@ -10,11 +10,13 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from apt_lightning.callbacks.efficiency import EfficiencyMonitor
+from apt_lightning.callbacks.pruning import AdaptivePruning
+from apt_lightning.callbacks.tuning import AdaptiveTuning
 
-def _find(trainer: Trainer, name: str):
-    import apt_lightning.callbacks as cbs
 
-    cls = getattr(cbs, name)
+def find_callback(trainer: Trainer, cls: type):
+    """The trainer's first callback of class `cls`, or None."""
     return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
 
 
@@ -22,7 +24,7 @@ def resolve_monitor(dashboard, trainer: Trainer, pl_module: LightningModule) -> 
     """The summary's validation metric and its mode (see `RunDashboard`'s arguments)."""
     monitor, mode = dashboard.monitor, dashboard.mode
     if monitor is None:
-        efficiency = _find(trainer, "EfficiencyMonitor")
+        efficiency = find_callback(trainer, EfficiencyMonitor)
         checkpoint = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
         task = getattr(pl_module, "task", None)
         recorded = [k for entry in dashboard.metric_history for k in entry if k not in ("step", "epoch")]
@@ -40,7 +42,6 @@ def resolve_monitor(dashboard, trainer: Trainer, pl_module: LightningModule) -> 
 
 
 def _structure(pl_module: LightningModule) -> dict | None:
-    from apt_lightning.callbacks.efficiency import EfficiencyMonitor
 
     try:
         return EfficiencyMonitor._structure(pl_module)
@@ -53,7 +54,7 @@ def run_summary(dashboard, trainer: Trainer, pl_module: LightningModule) -> dict
     epochs = trainer.fit_loop.epoch_progress.current.completed
     out: dict[str, Any] = {"global_step": trainer.global_step, "epochs": epochs}
     structure = _structure(pl_module)
-    pruner = _find(trainer, "AdaptivePruning")
+    pruner = find_callback(trainer, AdaptivePruning)
     done = [r for r in pruner.history if "achieved_sparsity" in r] if pruner is not None else []
     if structure is not None:
         out.update(
@@ -66,7 +67,7 @@ def run_summary(dashboard, trainer: Trainer, pl_module: LightningModule) -> dict
     if pruner is not None:
         out["target_sparsity"] = pruner.target_sparsity
         out["pruning_events"] = len(done)
-    tuner = _find(trainer, "AdaptiveTuning")
+    tuner = find_callback(trainer, AdaptiveTuning)
     if tuner is not None and tuner.history:
         out["tuning_params"] = tuner.history[-1]["tuning_params"]
         out["max_adapter_rank"] = max(tuner.history[-1]["ranks"].values(), default=None)
@@ -83,7 +84,7 @@ def run_summary(dashboard, trainer: Trainer, pl_module: LightningModule) -> dict
         out.update(
             best_metric=best, best_step=best_step, final_metric=values[-1][1], final_step=values[-1][0]
         )
-    efficiency = _find(trainer, "EfficiencyMonitor")
+    efficiency = find_callback(trainer, EfficiencyMonitor)
     if efficiency is not None:
         numbers = efficiency.summary(trainer, pl_module)
         for key in ("peak_memory_mb", "memory_kind", "tta_s", "tta_target", "train_wall_s", "samples_per_s"):
@@ -130,7 +131,7 @@ def collect_files(trainer: Trainer, plots: dict[str, Path]) -> dict[str, Path]:
         metrics_file = getattr(path, "metrics_file_path", None)
         if isinstance(metrics_file, str):
             files.setdefault("metrics", Path(metrics_file))
-    efficiency = _find(trainer, "EfficiencyMonitor")
+    efficiency = find_callback(trainer, EfficiencyMonitor)
     if efficiency is not None and (efficiency.output_dir or log_dir) is not None:
         files["efficiency"] = Path(efficiency.output_dir or log_dir) / "efficiency.json"
     files.update(plots)
