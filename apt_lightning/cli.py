@@ -46,6 +46,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from apt_lightning.callbacks import AdaptivePruning, AdaptiveTuning, SelfDistillation
 from apt_lightning.callbacks.dashboard import RunDashboard
+from apt_lightning.callbacks.events import find_callback
 from apt_lightning.data import GLUEDataModule
 from apt_lightning.files import write_text_atomic
 from apt_lightning.module import APTModule
@@ -98,7 +99,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
 def auto_interval(trainer: Trainer) -> int:
     """A quarter of the pruning phase in optimizer steps, or a tenth of the run without pruning."""
     total = max(1, int(trainer.estimated_stepping_batches))
-    pruning = next((cb for cb in trainer.callbacks if isinstance(cb, AdaptivePruning)), None)
+    pruning = find_callback(trainer, AdaptivePruning)
     if pruning is None:
         return max(1, total // 10)
     start = resolve_step(pruning.start_step, total, "start_step")
@@ -170,8 +171,6 @@ class APTCLI(LightningCLI):
         try:
             self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
         except SystemExit:
-            import sys
-
             sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
             raise
         init_args = getattr(configured, "init_args", None)

@@ -33,7 +33,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from apt_lightning import export_remote
 from apt_lightning.adapters import merge_adapters
@@ -346,9 +346,9 @@ def main(argv: list[str] | None = None) -> None:
         module = module_from_checkpoint(args.checkpoint)
     except CheckpointError as err:
         parser.error(str(err))
-    from apt_lightning.backbone import resolve_backbone
+    from apt_lightning.backbone import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(module.hparams.backbone))
+    tokenizer = load_tokenizer(module.hparams.backbone)  # with the pad token the model was trained with
     out = export_pruned(
         module.student,
         args.output,

@@ -107,6 +107,8 @@ def test_masked_equals_compacted(kind, tied, arch):
     torch.testing.assert_close(logits(model, x), masked, rtol=0, atol=ATOL)
     s = structure.shapes()
     assert s.heads == [0, 3, 5, 6] and s.kv_groups == [[], [2, 1], [1, 2, 2], [2, 2, 2]]
+    fresh = type(structure)(model).shapes()  # the layout is read from the modules, not the config
+    assert (fresh.heads, fresh.kv_groups, fresh.neurons) == (s.heads, s.kv_groups, s.neurons)
     assert layers[1].self_attn.k_proj.out_features == 2 * HEAD_DIM  # the KV head of the dead group is gone
     assert layers[2].self_attn.apt_kv_index.tolist() == [0, 1, 1, 2, 2]  # uneven groups: gathered k/v
     assert layers[3].self_attn.num_key_value_groups == 2 and not hasattr(layers[3].self_attn, "apt_kv_index")

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 
+from apt_lightning.callbacks.events import find_callback
 from apt_lightning.callbacks.pruning import AdaptivePruning
 from apt_lightning.callbacks.run_config import run_config
-from apt_lightning.callbacks.summary import collect_files, find_callback, format_summary, run_summary
+from apt_lightning.callbacks.summary import collect_files, format_summary, run_summary
 from apt_lightning.callbacks.tuning import AdaptiveTuning
 
 

@@ -178,8 +178,9 @@ def cli_config(trainer: Trainer) -> dict[str, Any] | None:
 
 
 def flatten_cli(config: Mapping) -> dict[str, Any]:
-    """The CLI config flattened; the callbacks are left to the live section names (`pruning.*`, ...)."""
-    config = dict(config)
+    """The CLI config flattened; the callbacks (the groups and `trainer.callbacks`) are left to the live
+    section names (`pruning.*`, ...), read from the callbacks themselves."""
+    config = {k: v for k, v in config.items() if k not in ("pruning", "tuning", "distillation")}
     trainer = dict(config.get("trainer") or {})
     trainer.pop("callbacks", None)
     config["trainer"] = trainer

@@ -11,13 +11,9 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from apt_lightning.callbacks.efficiency import EfficiencyMonitor
+from apt_lightning.callbacks.events import find_callback
 from apt_lightning.callbacks.pruning import AdaptivePruning
 from apt_lightning.callbacks.tuning import AdaptiveTuning
-
-
-def find_callback(trainer: Trainer, cls: type):
-    """The trainer's first callback of class `cls`, or None."""
-    return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
 
 
 def resolve_monitor(dashboard, trainer: Trainer, pl_module: LightningModule) -> tuple[str | None, str]:
@@ -41,19 +37,11 @@ def resolve_monitor(dashboard, trainer: Trainer, pl_module: LightningModule) -> 
     return monitor, mode
 
 
-def _structure(pl_module: LightningModule) -> dict | None:
-
-    try:
-        return EfficiencyMonitor._structure(pl_module)
-    except Exception:  # a module without a prunable structure
-        return None
-
-
 def run_summary(dashboard, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
     """Final sparsity, best / final metric, peak memory, TTA (when EfficiencyMonitor ran)."""
     epochs = trainer.fit_loop.epoch_progress.current.completed
     out: dict[str, Any] = {"global_step": trainer.global_step, "epochs": epochs}
-    structure = _structure(pl_module)
+    structure = EfficiencyMonitor._structure(pl_module)  # None without a prunable structure
     pruner = find_callback(trainer, AdaptivePruning)
     done = [r for r in pruner.history if "achieved_sparsity" in r] if pruner is not None else []
     if structure is not None:

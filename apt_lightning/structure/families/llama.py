@@ -157,14 +157,22 @@ class LlamaStructure(FamilyStructure):
         config = model.config
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.costs = UnitCosts(head=2 * self.head_dim, kv_head=2 * self.head_dim, neuron=3)
-        per_group = config.num_attention_heads // config.num_key_value_heads
-        # the KV head of each query head, per layer (kept in step with compaction)
-        self.head_groups = [
-            [h // per_group for h in range(config.num_attention_heads)] for _ in range(len(self.layers))
-        ]
+        # the KV head of each query head, per layer, read from the modules (a compacted model's layout
+        # lives there), then kept in step with compaction
+        self.head_groups = [self._read_head_groups(layer) for layer in self.layers]
         self._start()
 
     # ----------------------------------------------------------------- structure queries
+    def _read_head_groups(self, layer: nn.Module) -> list[int]:
+        if not self._has_attention(layer):
+            return []
+        att = layer.self_attn
+        index = getattr(att, "apt_kv_index", None)
+        if index is not None:
+            return index.tolist()
+        per_group = att.num_key_value_groups
+        return [h // per_group for h in range(att.q_proj.out_features // self.head_dim)]
+
     def _has_attention(self, layer: nn.Module) -> bool:
         return not isinstance(layer.self_attn, SkippedSelfAttention)
 
