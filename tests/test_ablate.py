@@ -1019,3 +1019,56 @@ def test_relabel_puts_every_run_back_when_a_move_fails(tmp_path, monkeypatch):
         relabel_module.relabel(suite, {"capped": "apt", "apt": "paper_mu"})
     after = {p: p.read_bytes() for p in sorted(out.glob("*/*/seed*/*")) if p.is_file()}
     assert after == before and not list(out.glob(".relabel*"))
+
+
+def test_overlay_arguments_merge_into_the_bases_own_class():
+    """An overlay's bare arguments belong to the class the base names (a subclass, another spelling), and the
+    base's other arguments stay."""
+    base = {
+        "pruning": {
+            "class_path": "apt_lightning.callbacks.pruning.AdaptivePruning",
+            "init_args": {"target_sparsity": 0.6, "start_step": 200, "num_events": 10},
+        }
+    }
+    out = apply_overlay(base, {"pruning": {"target_sparsity": 0.5}})
+    assert out["pruning"] == {
+        "class_path": "apt_lightning.callbacks.pruning.AdaptivePruning",
+        "init_args": {"target_sparsity": 0.5, "start_step": 200, "num_events": 10},
+    }
+
+
+def test_relabel_compares_a_run_config_written_before_the_callback_groups():
+    """Runs trained when the APT callbacks were listed in trainer.callbacks compare equal to today's form."""
+    from apt_lightning.tools.suite.relabel import _comparable, differences
+
+    old = {
+        "trainer": {
+            "enable_checkpointing": False,
+            "callbacks": [
+                {
+                    "class_path": "apt_lightning.callbacks.AdaptivePruning",
+                    "init_args": {"target_sparsity": 0.6},
+                },
+                {"class_path": "apt_lightning.callbacks.EfficiencyMonitor", "init_args": {"reference": 0.9}},
+            ],
+        }
+    }
+    new = {
+        "checkpoint_every_n_steps": "auto",
+        "trainer": {
+            "enable_checkpointing": False,
+            "callbacks": [
+                {"class_path": "apt_lightning.callbacks.EfficiencyMonitor", "init_args": {"reference": 0.9}},
+            ],
+        },
+        "pruning": {
+            "class_path": "apt_lightning.callbacks.AdaptivePruning",
+            "init_args": {"target_sparsity": 0.6},
+        },
+        "tuning": None,
+        "distillation": None,
+    }
+    stored = _comparable(old, new, "run")
+    assert differences(stored, new, Path("a"), Path("b")) == []
+    new["pruning"]["init_args"]["target_sparsity"] = 0.5
+    assert differences(stored, new, Path("a"), Path("b"))  # a real difference still shows

@@ -161,8 +161,10 @@ def _parameters(class_path: str, why: str) -> dict[str, inspect.Parameter]:
 
 
 # ---------------------------------------------------------------------- groups
-def canonical_group(key: str, value: Any, where: str) -> dict | None:
-    """A group's value as ``{class_path, init_args}`` (None: off); its argument names are checked."""
+def canonical_group(key: str, value: Any, where: str, default_class: str | None = None) -> dict | None:
+    """A group's value as ``{class_path, init_args}`` (None: off); its argument names are checked. Arguments
+    without a class_path belong to `default_class` (the group's class in the config they are merged onto),
+    else to the group's standard class."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -171,7 +173,7 @@ def canonical_group(key: str, value: Any, where: str) -> dict | None:
         raise SuiteError(f"{where}: `{key}` must be a mapping of arguments or null, got {value!r}")
     args = {k: v for k, v in value.items() if k not in ("class_path", "init_args")}
     args.update(value.get("init_args") or {})
-    class_path = value.get("class_path") or groups()[key]
+    class_path = value.get("class_path") or default_class or groups()[key]
     params = _parameters(class_path, f"check `{key}`")
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(args) - set(params))
@@ -340,6 +342,7 @@ def apply_overlay(
             continue
         value = resolve_refs(value, refs, seed, f"{where}: {key}")
         if key in groups():
-            value = canonical_group(key, value, where)
+            current = (config.get(key) or {}).get("class_path")
+            value = canonical_group(key, value, where, default_class=current)
         config[key] = merge(config[key], value) if key in config else copy.deepcopy(value)
     return config

@@ -26,7 +26,7 @@ import yaml
 from apt_lightning.files import write_json_atomic, write_text_atomic
 from apt_lightning.tools.suite.compose import config_digest, fit_argv, plan, rerun_command
 from apt_lightning.tools.suite.layout import CONFIG, DONE, RUN_META, run_status, seed_folders, seed_of
-from apt_lightning.tools.suite.overlay import callback_list, class_default, class_name
+from apt_lightning.tools.suite.overlay import callback_list, canonical_config, class_default, class_name
 from apt_lightning.tools.suite.spec import RunSpec, Suite, SuiteError
 
 _ABSENT = object()
@@ -87,11 +87,26 @@ def differences(stored: dict, wanted: dict, old_dir: Path, new_dir: Path) -> lis
 def _wanted(run: RunSpec, stored: dict) -> dict:
     """The new variant's config with the TTA reference the run was launched with (it depends on timing)."""
     wanted = copy.deepcopy(run.config)
-    for new, old in zip(callback_list(wanted), callback_list(copy.deepcopy(stored)), strict=False):
-        if class_name(new) == class_name(old) == "EfficiencyMonitor":
-            given = {k: v for k, v in (old.get("init_args") or {}).items() if k in _REFERENCE_ARGS}
-            new["init_args"] = {**(new.get("init_args") or {}), **given}
+    olds = [cb for cb in callback_list(copy.deepcopy(stored)) if class_name(cb) == "EfficiencyMonitor"]
+    news = [cb for cb in callback_list(wanted) if class_name(cb) == "EfficiencyMonitor"]
+    for new, old in zip(news, olds, strict=False):
+        given = {k: v for k, v in (old.get("init_args") or {}).items() if k in _REFERENCE_ARGS}
+        new["init_args"] = {**(new.get("init_args") or {}), **given}
     return wanted
+
+
+def _comparable(stored: dict, wanted: dict, where: str) -> dict:
+    """A stored run config in today's form: APT callbacks listed in ``trainer.callbacks`` (the syntax before
+    the callback groups) moved into their groups; a run from before periodic checkpoints, trained with
+    checkpointing off, has the option the new config has (it had no effect there)."""
+    stored = canonical_config(stored, where)
+    if (
+        "checkpoint_every_n_steps" not in stored
+        and (stored.get("trainer") or {}).get("enable_checkpointing") is False
+    ):
+        if "checkpoint_every_n_steps" in wanted:
+            stored["checkpoint_every_n_steps"] = wanted["checkpoint_every_n_steps"]
+    return stored
 
 
 def _read(path: Path, problems: list[str]) -> dict | None:
@@ -135,6 +150,7 @@ def relabel(suite: Suite, renames: dict[str, str], log=print) -> list[tuple[Path
                 continue
             stored, meta, done = files
             wanted = _wanted(run, stored)
+            stored = _comparable(stored, wanted, str(old_dir))
             problems += [f"{old_dir}: {d}" for d in differences(stored, wanted, old_dir, run.run_dir)]
             plans.append((old_dir, run, _new_files(suite, run, wanted, meta, done, old_dir)))
     if problems:
