@@ -233,3 +233,32 @@ def test_glue_name_on_a_user_csv_says_how_to_describe_it(sentiment_dir, tiny_bac
     data = _data("sst2", sentiment_dir, tiny_backbone_dir)
     with pytest.raises(MissingColumnError, match=r"missing column\(s\) \['sentence'\].*give a task mapping"):
         data.setup("fit")
+
+
+# ---------------------------------------------------------------- hub datasets: the same label checks
+def _hub_module(tiny_backbone_dir, **task):
+    from apt_lightning.data import GLUEDataModule, TaskSpec
+
+    spec = TaskSpec(name="hub", hub_path="user/dataset", **task)
+    return GLUEDataModule(task=spec, tokenizer=str(tiny_backbone_dir))
+
+
+def test_hub_class_labels_follow_the_tasks_names(tiny_backbone_dir):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
+    data = Dataset.from_dict({"text": ["bad", "good", "fine"], "label": [0, 1, 1]}, features=features)
+    swapped = _hub_module(tiny_backbone_dir, label_names=("pos", "neg"))._hub_columns(data, "hub train")
+    assert swapped["label"] == [1, 0, 0]  # ids renumbered by name: "good" is the task's "pos" = 0
+    same = _hub_module(tiny_backbone_dir, label_names=("neg", "pos"))._hub_columns(data, "hub train")
+    assert same["label"] == [0, 1, 1]
+    with pytest.raises(ValueError, match=r"label names \['neg', 'pos'\] are not the task's"):
+        _hub_module(tiny_backbone_dir, label_names=("bad", "good"))._hub_columns(data, "hub train")
+
+
+def test_hub_integer_labels_must_be_class_ids(tiny_backbone_dir):
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"text": ["a", "b"], "label": [0, 7]})
+    with pytest.raises(ValueError, match=r"label\(s\) \[7\] are not class ids in \[0, 2\)"):
+        _hub_module(tiny_backbone_dir, num_labels=2)._hub_columns(data, "hub train")

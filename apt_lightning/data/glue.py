@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 import lightning as L
-from datasets import Dataset, load_dataset
+from datasets import Dataset, Value, load_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, DataCollatorWithPadding, PreTrainedTokenizerBase
 
@@ -245,12 +245,20 @@ class GLUEDataModule(L.LightningDataModule):
         feature = data.features[task.label_column]
         if task.label_column != "label":
             data = data.rename_column(task.label_column, "label")
-        if task.is_regression or getattr(feature, "names", None) is not None:  # ClassLabel: ids already
-            if not task.label_names and getattr(feature, "names", None):
-                self._adopt_names(tuple(feature.names), where)
+        if task.is_regression:
             return data
+        names = getattr(feature, "names", None)
+        if names is not None:  # ClassLabel: ids in the dataset's order of names
+            return self._hub_class_ids(data, list(names), where)
         values = data.unique("label")
         if all(isinstance(v, int | float) for v in values):
+            bad = sorted(v for v in values if not (float(v).is_integer() and 0 <= v < self._task.num_labels))
+            if bad:
+                raise LabelError(
+                    where,
+                    f"label(s) {bad[:10]} are not class ids in [0, {self._task.num_labels})",
+                    "correct num_labels / label_names, or filter those rows out",
+                )
             return data
         if not task.label_names and not self._names_read:
             self._adopt_names(tuple(sorted(map(str, values))), where)
@@ -263,6 +271,25 @@ class GLUEDataModule(L.LightningDataModule):
                 "correct the task's label_names, or filter those rows out",
             )
         return data.map(lambda b: {"label": [ids[str(v)] for v in b["label"]]}, batched=True)
+
+    def _hub_class_ids(self, data: Dataset, names: list[str], where: str) -> Dataset:
+        """ClassLabel ids renumbered to the task's label names (the dataset's when the task has none); the
+        two sets of names must agree."""
+        task = self._task
+        if not task.label_names:
+            self._adopt_names(tuple(names), where)
+            return data
+        if set(names) != set(task.label_names):
+            raise LabelError(
+                where,
+                f"the dataset's label names {names} are not the task's label_names {list(task.label_names)}",
+                "give label_names as the dataset names them (any order), or leave them out",
+            )
+        if names == list(task.label_names):
+            return data
+        order = [task.label_names.index(n) for n in names]  # dataset id -> task id (-1: unlabeled, kept)
+        data = data.cast_column("label", Value("int64"))
+        return data.map(lambda b: {"label": [order[i] if i >= 0 else i for i in b["label"]]}, batched=True)
 
     def _read_label_names(self, splits: list[str]) -> None:
         """A classification task with ``num_labels`` only: names from the string labels of the training
