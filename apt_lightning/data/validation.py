@@ -17,22 +17,8 @@ import numpy as np
 import pandas as pd
 
 from apt_lightning.data.tasks import TaskSpec
+from apt_lightning.structure import position_limit
 
-# Models that number positions from pad_token_id + 1 (fairseq's convention): their usable length is
-# max_position_embeddings - (pad_token_id + 1), e.g. 514 - 2 = 512 for RoBERTa.
-_OFFSET_POSITIONS = {
-    "roberta",
-    "roberta-prelayernorm",
-    "xlm-roberta",
-    "xlm-roberta-xl",
-    "camembert",
-    "data2vec-text",
-    "xmod",
-    "ibert",
-    "longformer",
-    "luke",
-    "mpnet",
-}
 _SHOWN = 5  # how many line numbers a message lists
 
 
@@ -222,24 +208,6 @@ def _label_ids(labels: pd.Series, task: TaskSpec, rows: Rows) -> pd.Series:
             line=line,
         )
     return values.astype(float if task.is_regression else int)
-
-
-def position_limit(config) -> tuple[int, str] | None:
-    """The longest input the model's position embeddings take, and how that number was found; None when
-    the config does not say (e.g. relative or rotary positions without a maximum)."""
-    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        positions = getattr(config, attr, None)
-        if isinstance(positions, int) and positions > 0:
-            break
-    else:
-        return None
-    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
-        offset = (getattr(config, "pad_token_id", None) or 0) + 1
-        return (
-            positions - offset,
-            f"{attr}={positions} less pad_token_id + 1 = {offset}, where positions start",
-        )
-    return positions, f"{attr}={positions}"
 
 
 def check_max_length(max_length: int, config, backbone: str) -> None:

@@ -114,17 +114,13 @@ class PrunableStructure(Protocol):
 
     Class-level facts: `model_types` it handles, `default_adapter_targets` (Linear name suffixes),
     `head_modules` (task-head modules trained in full beside the adapters), `presets` (benchmark
-    configs built in code, random weights), `fusions` (inference fusions `fuse` offers) and
-    `max_positions(config)` (the longest input the position embeddings allow)."""
+    configs built in code, random weights) and `fusions` (inference fusions `fuse` offers)."""
 
     model_types: ClassVar[tuple[str, ...]]
     default_adapter_targets: ClassVar[list[str]]
     head_modules: ClassVar[list[str]]
     presets: ClassVar[dict[str, Callable[..., Any]]]
     fusions: ClassVar[tuple[str, ...]]
-
-    @staticmethod
-    def max_positions(config) -> int: ...
 
     def fuse(self, fusions: list[str]) -> dict[str, int]: ...
 
@@ -171,13 +167,45 @@ def family_of(model_type: str | None) -> type:
     return _FAMILIES[model_type]
 
 
+# Models that number positions from pad_token_id + 1 (fairseq's convention): their usable length is
+# max_position_embeddings - (pad_token_id + 1), e.g. 514 - 2 = 512 for RoBERTa.
+_OFFSET_POSITIONS = {
+    "roberta",
+    "roberta-prelayernorm",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "data2vec-text",
+    "xmod",
+    "ibert",
+    "longformer",
+    "luke",
+    "mpnet",
+}
+
+
+def position_limit(config) -> tuple[int, str] | None:
+    """The longest input the model's position embeddings take, and how that number was found; None when
+    the config does not say (e.g. relative or rotary positions without a maximum)."""
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        positions = getattr(config, attr, None)
+        if isinstance(positions, int) and positions > 0:
+            break
+    else:
+        return None
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        offset = (getattr(config, "pad_token_id", None) or 0) + 1
+        return (
+            positions - offset,
+            f"{attr}={positions} less pad_token_id + 1 = {offset}, where positions start",
+        )
+    return positions, f"{attr}={positions}"
+
+
 def max_positions(config) -> int:
-    """Longest input a model of `config` accepts: its family's rule (RoBERTa offsets positions by the pad
-    id + 1), else `max_position_embeddings`."""
-    try:
-        return family_of(getattr(config, "model_type", None)).max_positions(config)
-    except ValueError:
-        return int(getattr(config, "max_position_embeddings", 1 << 30))
+    """Longest input a model of `config` accepts (`position_limit`; unbounded when the config has none)."""
+    limit = position_limit(config)
+    return 1 << 30 if limit is None else limit[0]
 
 
 def registered_families() -> dict[str, type]:

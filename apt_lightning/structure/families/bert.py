@@ -88,14 +88,6 @@ class BertStructure(FamilyStructure):
 
         return fuse_bert(self.model, fusions)
 
-    @staticmethod
-    def max_positions(config) -> int:
-        """Longest input the position embeddings allow (RoBERTa-like models offset positions by pad + 1)."""
-        limit = int(config.max_position_embeddings)
-        if config.model_type == "roberta":
-            limit -= int(config.pad_token_id or 0) + 1
-        return limit
-
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.base = model.base_model

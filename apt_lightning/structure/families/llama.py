@@ -142,11 +142,6 @@ class LlamaStructure(FamilyStructure):
     }
     fusions = ()
 
-    @staticmethod
-    def max_positions(config) -> int:
-        """Longest input the rotary position range was trained for."""
-        return int(config.max_position_embeddings)
-
     def fuse(self, fusions: list[str]) -> dict[str, int]:
         raise ValueError("the LLaMA family offers no inference fusions")
 
