@@ -8,7 +8,7 @@ from conftest import tiny_batch, tiny_config, tiny_model
 from helpers_apt import quiet_trainer
 
 from apt_lightning.pruning import prune_to_sparsity
-from apt_lightning.structure import get_structure, preset_config
+from apt_lightning.structure import get_structure, max_positions, preset_config
 from apt_lightning.tools import bench
 from apt_lightning.tools.bench import benchmark, cli, protocol, run_cli
 
@@ -468,7 +468,7 @@ def test_presets_match_published_shapes():
         c.pad_token_id,
     )
     assert shape == (768, 12, 12, 3072, 50265, 514, 1, 1)
-    assert bench.max_seq_len(c) == 512
+    assert max_positions(c) == 512  # RoBERTa: 514 positions less pad + 1
     m = preset_config("minilm-l6")
     assert (m.hidden_size, m.num_hidden_layers, m.intermediate_size) == (384, 6, 1536)
     with pytest.raises(ValueError, match="unknown preset"):

@@ -5,7 +5,7 @@ writes the table, `telemetry` samples GPU clocks, `cli` is the command line.
 """
 
 from apt_lightning.tools.bench.cli import build_parser, main, run_cli
-from apt_lightning.tools.bench.models import PRESETS, max_seq_len, model_from_config, unpadded_attention
+from apt_lightning.tools.bench.models import PRESETS, model_from_config, unpadded_attention
 from apt_lightning.tools.bench.protocol import DTYPES, Runner, benchmark, measure_all
 from apt_lightning.tools.bench.reporting import markdown_table
 
@@ -17,7 +17,6 @@ __all__ = [
     "build_parser",
     "main",
     "markdown_table",
-    "max_seq_len",
     "measure_all",
     "model_from_config",
     "run_cli",

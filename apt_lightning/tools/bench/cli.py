@@ -27,13 +27,12 @@ from apt_lightning.files import write_text_atomic
 from apt_lightning.fusion import FUSIONS, fuse_for_inference
 from apt_lightning.pruning import DATA_FREE_SCORERS as SCORERS
 from apt_lightning.pruning import prune_to_sparsity
-from apt_lightning.structure import preset_config
+from apt_lightning.structure import max_positions, preset_config
 from apt_lightning.tools.bench.models import (
     PRESETS,
     config_from_json,
     dense_like,
     describe,
-    max_seq_len,
     model_from_config,
 )
 from apt_lightning.tools.bench.protocol import _MIN_BLOCK, DTYPES, measure_all
@@ -275,7 +274,7 @@ def _main(
     else:
         block, block_seconds = args.block or 0, args.block_seconds or 0.0
     models, records = _load_models(parser, args)
-    limit = min(max_seq_len(m.config) for m in models.values())
+    limit = min(max_positions(m.config) for m in models.values())
     if args.seq_len > limit:
         parser.error(f"--seq-len {args.seq_len} exceeds the model's {limit} position embeddings")
     infos = {name: {**describe(model), "pruning": records.get(name)} for name, model in models.items()}

@@ -11,7 +11,6 @@ from typing import Any
 from torch import nn
 
 from apt_lightning.structure import get_structure, preset_names
-from apt_lightning.structure import max_positions as max_seq_len  # noqa: F401  (re-exported for the bench)
 
 PRESETS = tuple(preset_names())
 

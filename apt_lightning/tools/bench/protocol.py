@@ -49,8 +49,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from apt_lightning.structure import max_positions
 from apt_lightning.telemetry import ClockSampler, current_rss_mb, peak_rss_mb, reset_peak_rss
-from apt_lightning.tools.bench.models import max_seq_len, unpadded_attention
+from apt_lightning.tools.bench.models import unpadded_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MIN_BLOCK = 10
@@ -101,8 +102,8 @@ class Runner:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-        if seq_len > max_seq_len(model.config):
-            raise ValueError(f"seq_len {seq_len} exceeds the model's {max_seq_len(model.config)} positions")
+        if seq_len > max_positions(model.config):
+            raise ValueError(f"seq_len {seq_len} exceeds the model's {max_positions(model.config)} positions")
         self.model, self.batch_size, self.seq_len, self.dtype = model, batch_size, seq_len, dtype
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
