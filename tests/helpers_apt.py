@@ -5,6 +5,7 @@
   data as an uninterrupted one whatever Lightning does with a mid-epoch restart.
 - `CountingScorer`: a custom `Scorer` subclass that a YAML config selects by `class_path`.
 - `make_module`: a seeded `APTModule` on the tiny backbone (conftest's `backbone` fixture).
+- `quickstart_args`: apt-fit arguments running a recipe (the CPU quickstart) on a backbone with small data.
 """
 
 from __future__ import annotations
@@ -45,6 +46,27 @@ def repeated_batch_loader(num_batches: int, batch: int = 8, length: int = 12, se
     base = synthetic_batch(batch, length, seed)
     rows = [{k: v[i] for k, v in base.items()} for i in range(batch)]
     return DataLoader([rows[i % batch] for i in range(num_batches * batch)], batch_size=batch, shuffle=False)
+
+
+def quickstart_args(backbone, tmp_path, *extra, config: Path | None = None) -> list[str]:
+    """apt-fit arguments (no subcommand) for `config` (default: the CPU quickstart) on `backbone`: 160
+    SST-2 sentences from the shared data, 2 epochs, logs under `tmp_path`."""
+    from conftest import GLUE_DIR, REPO
+
+    return [
+        "--config",
+        str(config or REPO / "configs" / "quickstart_cpu.yaml"),
+        f"--model.init_args.backbone={backbone}",
+        f"--data.init_args.data_dir={GLUE_DIR / 'sst2'}",
+        "--data.init_args.train_limit=160",
+        "--data.init_args.eval_limit=32",
+        "--data.init_args.batch_size=8",
+        "--trainer.max_epochs=2",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
 
 
 def quiet_trainer(**kw) -> L.Trainer:

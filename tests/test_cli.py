@@ -5,6 +5,7 @@ import json
 
 import pytest
 from conftest import GLUE_DIR, REPO
+from helpers_apt import quickstart_args
 
 from apt_lightning.backbone import BackboneNotFoundError
 from apt_lightning.cli import main, run_cli
@@ -14,21 +15,7 @@ pytestmark = pytest.mark.skipif(not GLUE_DIR.exists(), reason="shared GLUE data 
 
 
 def _args(backbone, tmp_path, *extra):
-    return [
-        "fit",
-        "--config",
-        str(REPO / "configs" / "quickstart_cpu.yaml"),
-        f"--model.init_args.backbone={backbone}",
-        f"--data.init_args.data_dir={GLUE_DIR / 'sst2'}",
-        "--data.init_args.train_limit=160",
-        "--data.init_args.eval_limit=32",
-        "--data.init_args.batch_size=8",
-        "--trainer.max_epochs=2",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-        "--trainer.enable_progress_bar=false",
-        *extra,
-    ]
+    return ["fit", *quickstart_args(backbone, tmp_path, *extra)]
 
 
 def test_fit_end_to_end_with_apt_callbacks(tiny_backbone_dir, tmp_path):

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import yaml
 from conftest import GLUE_DIR, REPO
+from helpers_apt import quickstart_args
 
 from apt_lightning.callbacks import AdaptivePruning, AdaptiveTuning, SelfDistillation
 from apt_lightning.cli import CALLBACK_GROUPS, run_cli
@@ -21,20 +22,7 @@ APT = (AdaptivePruning, AdaptiveTuning, SelfDistillation)
 
 
 def _args(backbone, tmp_path, *extra, config=QUICKSTART):
-    return [
-        "--config",
-        str(config),
-        f"--model.init_args.backbone={backbone}",
-        f"--data.init_args.data_dir={GLUE_DIR / 'sst2'}",
-        "--data.init_args.train_limit=160",
-        "--data.init_args.eval_limit=32",
-        "--data.init_args.batch_size=8",
-        "--trainer.max_epochs=2",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-        "--trainer.enable_progress_bar=false",
-        *extra,
-    ]
+    return quickstart_args(backbone, tmp_path, *extra, config=config)
 
 
 def _apt(cli) -> list:

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import yaml
-from helpers_apt import make_module, repeated_batch_loader
+from helpers_apt import make_module, quiet_trainer, repeated_batch_loader
 from lightning.pytorch.loggers import CSVLogger
 
 from apt_lightning.callbacks import (
@@ -26,19 +26,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(tmp_path: Path, loggers, callbacks, max_steps: int = 12) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
+    return quiet_trainer(
         max_steps=max_steps,
         logger=loggers,
         callbacks=callbacks,
         default_root_dir=tmp_path,
+        enable_checkpointing=True,
         log_every_n_steps=2,
         val_check_interval=6,
         limit_val_batches=1,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
 
 
