@@ -43,6 +43,7 @@ import torch
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from apt_lightning.callbacks import AdaptivePruning, AdaptiveTuning, SelfDistillation
 from apt_lightning.callbacks.dashboard import RunDashboard
@@ -208,10 +209,24 @@ class APTCLI(LightningCLI):
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
                 callbacks.append(ModelCheckpoint())  # what Lightning adds when the list has none
             callbacks.append(PeriodicCheckpoint(every))
+        _warn_monitored_checkpoints(callbacks)
         if self.subcommand == "predict" and not any(isinstance(c, PredictionsFile) for c in callbacks):
             callbacks.append(PredictionsFile())
         # the groups' callbacks are in `callbacks` already: Lightning's own step appends nothing more
         return self._instantiate_trainer({**config, **kwargs, "callbacks": callbacks}, [])
+
+
+def _warn_monitored_checkpoints(callbacks: list[Callback]) -> None:
+    """A plain monitored ModelCheckpoint next to pruning may keep a mid-pruning (wider) model as best."""
+    if not any(isinstance(c, AdaptivePruning) for c in callbacks):
+        return
+    for c in callbacks:
+        if type(c) is ModelCheckpoint and c.monitor is not None:
+            rank_zero_warn(
+                f"ModelCheckpoint(monitor={c.monitor!r}) may keep a checkpoint from before the final "
+                "sparsity as its best; apt_lightning.callbacks.FinalSparsityCheckpoint (same arguments) "
+                "only considers validations after the last pruning event"
+            )
 
 
 def cwd_on_path() -> None:

@@ -5,6 +5,7 @@ from apt_lightning.callbacks.distillation import EveryEvent, OnImprovement, Self
 from apt_lightning.callbacks.efficiency import EfficiencyMonitor
 from apt_lightning.callbacks.events import PruningEvent
 from apt_lightning.callbacks.pruning import AdaptivePruning
+from apt_lightning.callbacks.selection import FinalSparsityCheckpoint
 from apt_lightning.callbacks.tuning import AdaptiveTuning
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "AdaptiveTuning",
     "EfficiencyMonitor",
     "EveryEvent",
+    "FinalSparsityCheckpoint",
     "OnImprovement",
     "PruningEvent",
     "RunDashboard",

@@ -14,7 +14,8 @@
 - At fit end: a W&B run summary (final sparsity, params kept, best and final validation metric, peak
   memory, TTA and training wall time when `EfficiencyMonitor` ran) and, on stdout, where the checkpoints,
   config.yaml, metrics.csv, pruning.json, tuning.json, efficiency.json and plots are, with the final
-  sparsity and the best / final metric. Works without W&B and without any APT callback.
+  sparsity and the best / final metric. The best counts only validations at the final sparsity
+  (`apt_lightning.callbacks.selection`). Works without W&B and without any APT callback.
 
 In `setup` the callback moves itself to the end of `trainer.callbacks`: at fit end the other callbacks have
 written their files, and the image rendering after an event falls outside `EfficiencyMonitor`'s step times.
@@ -33,6 +34,7 @@ from lightning import Callback, LightningModule, Trainer
 from apt_lightning.callbacks.events import find_callback
 from apt_lightning.callbacks.pruning import AdaptivePruning
 from apt_lightning.callbacks.run_config import run_config
+from apt_lightning.callbacks.selection import at_final_sparsity
 from apt_lightning.callbacks.summary import collect_files, format_summary, run_summary
 from apt_lightning.callbacks.tuning import AdaptiveTuning
 
@@ -144,7 +146,12 @@ class RunDashboard(Callback):
         }
         if values:
             self.metric_history.append(
-                {"step": trainer.global_step, "epoch": trainer.current_epoch, **values}
+                {
+                    "step": trainer.global_step,
+                    "epoch": trainer.current_epoch,
+                    "at_final_sparsity": at_final_sparsity(trainer),
+                    **values,
+                }
             )
 
     # ------------------------------------------------------------------ heatmaps

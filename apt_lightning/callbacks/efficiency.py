@@ -15,8 +15,12 @@ Records, over one `fit`:
   `monitor` value reaches `tta_fraction` of a reference (see `tta_target`). The reference is `reference`,
   or a key of a JSON file (`reference_file`, e.g. the full fine-tuning run's `efficiency.json` and its
   `best_metric`), or, with neither, this run's own best (the FT run's TTA against itself).
-- the metric history (step, wall_s, metric) at every validation, and the seconds spent in scoring, search,
-  compaction and rank growth, read from the `timing` dict of `AdaptivePruning` / `AdaptiveTuning`.
+- the metric history (step, wall_s, metric, at_final_sparsity) at every validation, and the seconds spent
+  in scoring, search, compaction and rank growth, read from the `timing` dict of `AdaptivePruning` /
+  `AdaptiveTuning`.
+- the best metric over the validations taken at the final sparsity only (`apt_lightning.callbacks.selection`:
+  after the last pruning event; every validation without pruning), its step, the steps that counted
+  (`best_counted_steps`), and the final value (`final_metric`, the last validation). TTA reads every point.
 
 At the end of fit it writes `efficiency.json` atomically into `output_dir` (default `trainer.log_dir`) and
 logs the scalar numbers to every Lightning logger under `efficiency/`.
@@ -36,6 +40,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from apt_lightning.callbacks.selection import at_final_sparsity
 from apt_lightning.files import write_json_atomic
 from apt_lightning.telemetry import peak_rss_mb, reset_peak_rss
 
@@ -69,11 +74,28 @@ def time_to_accuracy(
     return None
 
 
-def best_metric(history: Sequence[Mapping[str, Any]], mode: str = "max") -> float | None:
-    values = [e["metric"] for e in history if e["metric"] is not None and not math.isnan(e["metric"])]
-    if not values:
+def counted(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The entries a best metric counts: those taken at the final sparsity (`at_final_sparsity`, recorded
+    by `EfficiencyMonitor`; entries without the flag, e.g. from older files, count), with a metric."""
+    return [
+        e
+        for e in history
+        if e.get("at_final_sparsity", True) and e["metric"] is not None and not math.isnan(e["metric"])
+    ]
+
+
+def best_entry(history: Sequence[Mapping[str, Any]], mode: str = "max") -> Mapping[str, Any] | None:
+    """The first entry with the best counted metric (see `counted`), or None."""
+    entries = counted(history)
+    if not entries:
         return None
-    return max(values) if mode == "max" else min(values)
+    pick = max if mode == "max" else min
+    return pick(entries, key=lambda e: e["metric"])
+
+
+def best_metric(history: Sequence[Mapping[str, Any]], mode: str = "max") -> float | None:
+    entry = best_entry(history, mode)
+    return None if entry is None else entry["metric"]
 
 
 def read_reference(path: str | Path, key: str = "best_metric") -> float:
@@ -239,6 +261,7 @@ class EfficiencyMonitor(Callback):
             "epoch": trainer.current_epoch,
             "wall_s": wall,
             "metric": float(value),
+            "at_final_sparsity": at_final_sparsity(trainer),
         }
         self.history.append(entry)
         new_tta = self.reference is not None and self.tta_s is None
@@ -311,7 +334,9 @@ class EfficiencyMonitor(Callback):
         """Everything efficiency.json holds (see the module docstring for how each number is measured)."""
         steps = len(self.step_times)
         step_total = sum(self.step_times)
-        best = best_metric(self.history, self.mode)
+        best_at = best_entry(self.history, self.mode)
+        best = None if best_at is None else best_at["metric"]
+        last = next((e for e in reversed(self.history) if e["metric"] is not None), None)
         reference = self.reference
         source = "value" if self.reference_file is None else str(self.reference_file)
         if reference is None and best is not None:
@@ -345,6 +370,10 @@ class EfficiencyMonitor(Callback):
             "tta_target": None if reference is None else tta_target(reference, self.tta_fraction, self.mode),
             "tta_s": tta,
             "best_metric": best,
+            "best_step": None if best_at is None else best_at["step"],
+            "best_counted_steps": [e["step"] for e in counted(self.history)],
+            "final_metric": None if last is None else last["metric"],
+            "final_step": None if last is None else last["step"],
             "metric_history": self.history,
             "pruning_overhead": self._overhead(trainer),
             "structure": self._structure(pl_module),

@@ -15,6 +15,8 @@ from apt_lightning.callbacks.events import find_callback
 from apt_lightning.callbacks.pruning import AdaptivePruning
 from apt_lightning.callbacks.tuning import AdaptiveTuning
 
+_NOT_METRICS = ("step", "epoch", "at_final_sparsity")  # the keys of a metric_history entry besides metrics
+
 
 def resolve_monitor(dashboard, trainer: Trainer, pl_module: LightningModule) -> tuple[str | None, str]:
     """The summary's validation metric and its mode (see `RunDashboard`'s arguments)."""
@@ -23,7 +25,7 @@ def resolve_monitor(dashboard, trainer: Trainer, pl_module: LightningModule) -> 
         efficiency = find_callback(trainer, EfficiencyMonitor)
         checkpoint = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
         task = getattr(pl_module, "task", None)
-        recorded = [k for entry in dashboard.metric_history for k in entry if k not in ("step", "epoch")]
+        recorded = [k for entry in dashboard.metric_history for k in entry if k not in _NOT_METRICS]
         if efficiency is not None:
             monitor, mode = efficiency.monitor, mode or efficiency.mode
         elif checkpoint is not None:
@@ -38,7 +40,8 @@ def resolve_monitor(dashboard, trainer: Trainer, pl_module: LightningModule) -> 
 
 
 def run_summary(dashboard, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-    """Final sparsity, best / final metric, peak memory, TTA (when EfficiencyMonitor ran)."""
+    """Final sparsity, best / final metric, peak memory, TTA (when EfficiencyMonitor ran). The best counts
+    only validations at the final sparsity (`apt_lightning.callbacks.selection`); the final is the last."""
     epochs = trainer.fit_loop.epoch_progress.current.completed
     out: dict[str, Any] = {"global_step": trainer.global_step, "epochs": epochs}
     structure = EfficiencyMonitor._structure(pl_module)  # None without a prunable structure
@@ -62,16 +65,18 @@ def run_summary(dashboard, trainer: Trainer, pl_module: LightningModule) -> dict
     monitor, mode = resolve_monitor(dashboard, trainer, pl_module)
     out["monitor"], out["mode"] = monitor, mode
     values = [
-        (e["step"], e[monitor])
+        (e["step"], e[monitor], e.get("at_final_sparsity", True))
         for e in dashboard.metric_history
         if monitor in e and not math.isnan(e[monitor])
     ]
     if values:
-        pick = max if mode == "max" else min
-        best_step, best = pick(values, key=lambda v: v[1])
-        out.update(
-            best_metric=best, best_step=best_step, final_metric=values[-1][1], final_step=values[-1][0]
-        )
+        out.update(final_metric=values[-1][1], final_step=values[-1][0])
+        counted = [(step, value) for step, value, final in values if final]
+        out["counted_points"], out["validation_points"] = len(counted), len(values)
+        if counted:  # only validations at the final sparsity (apt_lightning.callbacks.selection)
+            pick = max if mode == "max" else min
+            out["best_step"], out["best_metric"] = pick(counted, key=lambda v: v[1])
+            out["first_counted_step"] = counted[0][0]
     efficiency = find_callback(trainer, EfficiencyMonitor)
     if efficiency is not None:
         numbers = efficiency.summary(trainer, pl_module)
@@ -148,12 +153,19 @@ def format_summary(summary: dict[str, Any], files: dict[str, Path], wandb_logger
             text += f"; target {summary['target_sparsity']:.4g}"
         line("final sparsity", text)
     monitor = summary.get("monitor")
-    if summary.get("best_metric") is not None:
-        line(
-            f"{monitor}",
-            f"best {_fmt(summary['best_metric'])} (step {summary['best_step']}), "
-            f"final {_fmt(summary['final_metric'])} (step {summary['final_step']})",
-        )
+    if summary.get("final_metric") is not None:
+        final = f"final {_fmt(summary['final_metric'])} (step {summary['final_step']})"
+        counted, total = summary["counted_points"], summary["validation_points"]
+        if summary.get("best_metric") is None:
+            text = f"{final}; no validation at the final sparsity, so no best"
+        else:
+            text = f"best {_fmt(summary['best_metric'])} (step {summary['best_step']}), {final}"
+            if counted < total:
+                text += (
+                    f"; best over the {counted} of {total} validations at the final sparsity "
+                    f"(from step {summary['first_counted_step']})"
+                )
+        line(f"{monitor}", text)
     elif monitor:
         line(f"{monitor}", "not logged (no validation ran)")
     if summary.get("tuning_params") is not None:

@@ -40,6 +40,7 @@ RUN_FIELDS = [
     "status",
     "monitor",
     "best_metric",
+    "best_over",
     "final_metric",
     "sparsity",
     "sparsity_source",
@@ -91,6 +92,21 @@ def _sparsity(log_dir: Path, efficiency: dict | None, config_text: str) -> tuple
     return None, "missing"
 
 
+def best_over(efficiency: dict | None) -> str:
+    """Which validations a run's best metric counted (efficiency.json's `at_final_sparsity` flags): "all N",
+    "K of N, steps A-B" (only those at the final sparsity), "none of N" or "" without a history. Files
+    written before the flag existed took the best over every validation and read "all N"."""
+    history = [h for h in (efficiency or {}).get("metric_history") or [] if isinstance(h, dict)]
+    if not history:
+        return ""
+    steps = [h.get("step") for h in history if h.get("at_final_sparsity", True)]
+    if len(steps) == len(history):
+        return f"all {len(history)}"
+    if not steps:
+        return f"none of {len(history)}"
+    return f"{len(steps)} of {len(history)}, steps {steps[0]}-{steps[-1]}"
+
+
 def read_run(run_dir: Path) -> dict:
     """One runs.csv row from a run folder (blanks where a file is missing)."""
     meta = read_json(run_dir / RUN_META) or {}
@@ -127,6 +143,7 @@ def read_run(run_dir: Path) -> dict:
         "status": status,
         "monitor": monitor,
         "best_metric": best,
+        "best_over": best_over(eff),
         "final_metric": history[-1][2] if history else (done or {}).get("final_metric"),
         "sparsity": sparsity,
         "sparsity_source": sparsity_source,

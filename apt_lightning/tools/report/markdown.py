@@ -183,8 +183,10 @@ def _definitions(bench: dict | None, inf_device: str | None) -> list[str]:
         "## What the numbers are",
         "",
         "- **best dev metric**: the best validation value of the task's primary metric over the run's "
-        "validation checks; mean ± sample standard deviation over seeds (n = finished seeds). Accuracy "
-        "and F1 in %.",
+        "validation checks at the final sparsity (after the last pruning event; every check for runs "
+        "without pruning: docs/method.md section 9), so a wider model seen mid-pruning never counts; the "
+        "Runs table says which checks counted (**best over**); mean ± sample standard deviation over "
+        "seeds (n = finished seeds). Accuracy and F1 in %.",
         "- **% of FT**: mean metric / mean metric of the FT reference on the same task.",
         "- **sparsity**: fraction of the counted encoder parameters (heads, FFN neurons, hidden dims; "
         "embeddings and classifier not counted) removed in the final model.",
@@ -211,13 +213,15 @@ def _runs_section(rows: list[dict]) -> list[str]:
     lines = [
         "## Runs",
         "",
-        "| run | status | best metric | sparsity | heads kept per layer | train wall (s) | folder |",
-        "|---|---|---:|---:|---|---:|---|",
+        "| run | status | best metric | best over (validations) | final metric | sparsity | "
+        "heads kept per layer | train wall (s) | folder |",
+        "|---|---|---:|---|---:|---:|---|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']}/{r['task_key']}/seed{r['seed']} | {r['status']} | "
-            f"{_f(r['best_metric'], '.4f')} | {_f(r['sparsity'], '.3f')} | {r['heads_per_layer'] or '–'} | "
+            f"{_f(r['best_metric'], '.4f')} | {r['best_over'] or '–'} | {_f(r['final_metric'], '.4f')} | "
+            f"{_f(r['sparsity'], '.3f')} | {r['heads_per_layer'] or '–'} | "
             f"{_f(r['train_wall_s'], '.0f')} | `{_rel(r['run_dir'])}` |"
         )
     renamed = [r for r in rows if (r["_meta"] or {}).get("relabelled_from")]

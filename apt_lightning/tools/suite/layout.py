@@ -196,8 +196,11 @@ def metric_history(
 
 
 def best_metric(efficiency: dict | None, done: dict | None, values: Sequence[float]) -> float | None:
-    """A run's best dev metric: the EfficiencyMonitor's, else done.json's, else the best of `values` (the
-    validation history, higher is better)."""
+    """A run's best dev metric: the EfficiencyMonitor's (over the validations at the final sparsity; None
+    when there was none), else done.json's, else the best of `values` (the validation history, higher is
+    better)."""
+    if efficiency and efficiency.get("metric_history"):
+        return number(efficiency.get("best_metric"))
     for record in (efficiency, done):
         best = number((record or {}).get("best_metric"))
         if best is not None:

@@ -1,0 +1,167 @@
+"""A run's best metric counts only validations at the final sparsity (issue 15, deviation 7): the
+EfficiencyMonitor's efficiency.json, the RunDashboard summary, checkpoint selection and the suite report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_apt import quiet_trainer, repeated_batch_loader
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from apt_lightning import APTModule
+from apt_lightning.callbacks import AdaptivePruning, EfficiencyMonitor, FinalSparsityCheckpoint, RunDashboard
+from apt_lightning.callbacks.efficiency import best_entry, best_metric, counted
+from apt_lightning.callbacks.summary import format_summary
+from apt_lightning.tools.report import collect_runs, write_report
+from apt_lightning.tools.report.collect import best_over
+from apt_lightning.tools.suite import layout
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 16 steps, validation every 2 (steps 2, ..., 16); pruning events at 4, 6, 8 with 1-step windows: the
+# final sparsity holds from step 9, so validations at 10, 12, 14, 16 count. The maximum (step 6) is
+# mid-pruning.
+SCRIPT = {2: 0.6, 4: 0.7, 6: 0.95, 8: 0.9, 10: 0.7, 12: 0.8, 14: 0.75, 16: 0.65}
+
+
+class ScriptedModule(APTModule):
+    """Validation logs `val/accuracy` = SCRIPT[global_step]."""
+
+    def validation_step(self, batch, batch_idx) -> None:
+        pass
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/accuracy", SCRIPT[self.global_step])
+
+
+def run(backbone, tmp_path, prune: bool = True):
+    torch.manual_seed(0)
+    model = ScriptedModule(backbone=str(backbone), task="sst2")
+    efficiency, dashboard = EfficiencyMonitor(output_dir=tmp_path), RunDashboard(print_summary=False)
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", monitor="val/accuracy", mode="max")
+    final = FinalSparsityCheckpoint(dirpath=tmp_path / "final", monitor="val/accuracy", mode="max")
+    callbacks = [efficiency, dashboard, plain, final]
+    if prune:
+        callbacks.insert(
+            0, AdaptivePruning(0.5, start_step=2, end_step=8, num_events=3, decay_steps=1, plot=False)
+        )
+    trainer = quiet_trainer(
+        max_steps=16,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        limit_val_batches=1,
+        val_check_interval=2,
+        enable_checkpointing=True,
+    )
+    trainer.fit(model, repeated_batch_loader(16), repeated_batch_loader(1))
+    return json.loads((tmp_path / "efficiency.json").read_text()), dashboard, plain, final
+
+
+def test_best_metric_counts_only_validations_at_the_final_sparsity(backbone, tmp_path):
+    eff, dashboard, plain, final = run(backbone, tmp_path)
+    flags = {h["step"]: h["at_final_sparsity"] for h in eff["metric_history"]}
+    assert flags == {s: s >= 10 for s in SCRIPT}
+    assert eff["best_metric"] == pytest.approx(0.8) and eff["best_step"] == 12  # not the mid-pruning 0.95
+    assert eff["best_counted_steps"] == [10, 12, 14, 16]
+    assert eff["final_metric"] == pytest.approx(0.65) and eff["final_step"] == 16
+    summary = dashboard.summary
+    assert summary["best_metric"] == pytest.approx(0.8) and summary["best_step"] == 12
+    assert summary["final_metric"] == pytest.approx(0.65)
+    assert (summary["counted_points"], summary["validation_points"]) == (4, 8)
+    text = format_summary(summary, {}, [])
+    assert "best 0.8 (step 12), final 0.65 (step 16); best over the 4 of 8 validations at the final" in text
+    # checkpoint selection: a plain ModelCheckpoint keeps the mid-pruning maximum, this one does not
+    assert float(plain.best_model_score) == pytest.approx(0.95) and "step=6" in plain.best_model_path
+    assert float(final.best_model_score) == pytest.approx(0.8) and "step=12" in final.best_model_path
+
+
+def test_without_pruning_every_validation_counts(backbone, tmp_path):
+    eff, dashboard, plain, final = run(backbone, tmp_path, prune=False)
+    assert all(h["at_final_sparsity"] for h in eff["metric_history"])
+    assert eff["best_metric"] == pytest.approx(0.95) and eff["best_step"] == 6
+    assert dashboard.summary["best_metric"] == pytest.approx(0.95)
+    assert "step=6" in final.best_model_path and "step=6" in plain.best_model_path
+
+
+def test_best_helpers_on_flagged_histories():
+    history = [
+        {"step": 2, "metric": 0.9, "at_final_sparsity": False},
+        {"step": 4, "metric": 0.7, "at_final_sparsity": True},
+        {"step": 6, "metric": float("nan"), "at_final_sparsity": True},
+        {"step": 8, "metric": 0.8, "at_final_sparsity": True},
+    ]
+    assert [e["step"] for e in counted(history)] == [4, 8]
+    assert best_metric(history) == 0.8 and best_entry(history)["step"] == 8
+    assert best_metric(history, "min") == 0.7
+    assert best_metric(history[:1]) is None  # no validation at the final sparsity: no best
+    old = [{"step": 2, "metric": 0.9}, {"step": 4, "metric": 0.7}]  # files from before the flag
+    assert best_metric(old) == 0.9
+    assert best_over({"metric_history": history}) == "3 of 4, steps 4-8"
+    assert best_over({"metric_history": old}) == "all 2"
+    assert best_over({"metric_history": history[:1]}) == "none of 1"
+    assert best_over(None) == ""
+    # the suite reads efficiency.json's best, and keeps its None rather than the best of every point
+    eff = {"best_metric": None, "metric_history": history[:1]}
+    assert layout.best_metric(eff, {"best_metric": 0.9}, [0.9]) is None
+    assert layout.best_metric(None, None, [0.9, 0.7]) == 0.9
+
+
+def _suite_run(root: Path) -> None:
+    run = root / "apt" / "sst2" / "seed0"
+    (run / "logs").mkdir(parents=True)
+    (run / "run.json").write_text(
+        json.dumps(
+            {"variant": "apt", "task": "sst2", "task_key": "sst2", "seed": 0, "monitor": "val/accuracy"}
+        )
+    )
+    (run / "done.json").write_text(json.dumps({"best_metric": 0.8, "wall_s": 40.0}))
+    history = [
+        {"step": 10 * (i + 1), "wall_s": 10.0 * (i + 1), "metric": m, "at_final_sparsity": i >= 2}
+        for i, m in enumerate([0.7, 0.95, 0.8, 0.75])
+    ]
+    (run / "logs" / "efficiency.json").write_text(
+        json.dumps({"best_metric": 0.8, "metric_history": history, "monitor": "val/accuracy"})
+    )
+
+
+def test_report_says_which_validations_counted(tmp_path):
+    _suite_run(tmp_path)
+    (row,) = collect_runs(tmp_path)
+    assert row["best_metric"] == 0.8 and row["final_metric"] == 0.75
+    assert row["best_over"] == "2 of 4, steps 30-40"
+    md = write_report(tmp_path).read_text()
+    assert "| 0.8000 | 2 of 4, steps 30-40 | 0.7500 |" in md
+    assert "validation checks at the final sparsity" in md
+    assert "best_over" in (tmp_path / "runs.csv").read_text().splitlines()[0]
+
+
+def test_apt_fit_warns_about_a_plain_monitored_checkpoint_next_to_pruning(
+    tiny_backbone_dir, tmp_path, recwarn
+):
+    from conftest import GLUE_DIR
+    from helpers_apt import quickstart_args
+
+    from apt_lightning.cli import run_cli
+
+    if not GLUE_DIR.exists():
+        pytest.skip("shared GLUE data not present")
+    plain = "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint"
+    with pytest.warns(UserWarning, match="FinalSparsityCheckpoint"):  # (pytest.warns records its own)
+        run_cli(
+            [
+                *quickstart_args(tiny_backbone_dir, tmp_path),
+                plain,
+                "--trainer.callbacks.monitor=val/accuracy",
+            ],
+            run=False,
+        )
+    chosen = "--trainer.callbacks+=apt_lightning.callbacks.FinalSparsityCheckpoint"
+    cli = run_cli(
+        [*quickstart_args(tiny_backbone_dir, tmp_path), chosen, "--trainer.callbacks.monitor=val/accuracy"],
+        run=False,
+    )
+    assert any(isinstance(c, FinalSparsityCheckpoint) for c in cli.trainer.callbacks)
+    assert not [w for w in recwarn if str(w.message).startswith("ModelCheckpoint(monitor=")]
