@@ -91,6 +91,14 @@ def _check_variant(name: str, config: dict, base: dict) -> None:
             **_args(base, "AdaptivePruning")["scorer"]["init_args"],
             "kurtosis": False,
         }
+    elif name.startswith("distill_"):  # distillation options, and for the authors' phases no compaction
+        spec = load_overlay(ABLATIONS / f"{name}.yaml")
+        expected = canonical_config(base, "base")
+        for key in ("pruning", "distillation"):
+            expected[key]["init_args"].update(spec.get(key) or {})
+        assert config == expected
+        authors = _args(config, "SelfDistillation").get("schedule") == "authors"
+        assert authors == (_args(config, "AdaptivePruning").get("compact_at") == "never")
     else:
         expected = canonical_config(base, "base")
         if name == "no_distillation":

@@ -261,6 +261,23 @@ class MuProbe(Callback):
         self.mu.append(pl_module.distill_weight)
 
 
+class TeacherAt(Callback):
+    """At the start of optimizer step `step` (put it before SelfDistillation, which drops the teacher when
+    distillation ends): the teacher's tensors, the student's parameters and a teacher forward."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.teacher: dict = {}
+        self.params: dict = {}
+        self.logits = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.teacher = {n: t.shape for n, t in pl_module.teacher.tensors.items()}
+            self.params = {n: p.shape for n, p in pl_module.student.named_parameters()}
+            self.logits = pl_module.teacher(pl_module.student, inputs_of(synthetic_batch())).logits
+
+
 @pytest.mark.parametrize("mu_max", [1.0, 0.5])
 def test_distillation_through_pruning_run(backbone, tmp_path, mu_max):
     model = make_module(backbone)
@@ -269,9 +286,9 @@ def test_distillation_through_pruning_run(backbone, tmp_path, mu_max):
     )
     distill = SelfDistillation(snapshot=EveryEvent(), layer_blocks=3, mu_max=mu_max)
     tuning = AdaptiveTuning(budget_multiple=2.0)
-    probe = MuProbe()
+    probe, teacher_at = MuProbe(), TeacherAt(8)
     trainer = quiet_trainer(
-        max_steps=12, callbacks=[pruning, tuning, distill, probe], default_root_dir=tmp_path
+        max_steps=12, callbacks=[pruning, tuning, teacher_at, distill, probe], default_root_dir=tmp_path
     )
     trainer.fit(model, train_dataloaders=repeated_batch_loader(12))
     assert [h["reason"] for h in distill.history] == ["start", "event 0", "event 1", "event 2"]
@@ -279,20 +296,19 @@ def test_distillation_through_pruning_run(backbone, tmp_path, mu_max):
     # mu ramps over the pruning phase (steps 2-8) up to mu_max, and distillation ends with the ramp
     assert probe.mu[:2] == [0.0, 0.0] and max(probe.mu) <= mu_max and probe.mu[7] > 0.5 * mu_max
     assert probe.mu[8:] == [0.0] * 4
-    params = dict(model.student.named_parameters())
+    assert not model.teacher.ready  # dropped when distillation ended
     shapes = model.structure.shapes()
     assert sum(shapes.heads) + sum(shapes.neurons) < 3 * 4 + 3 * 48  # it did prune and compact
-    for name, t in model.teacher.tensors.items():  # same shapes, up to the rank of adapters grown since
-        p = params[name]
+    # the teacher followed the compaction that opened the last event: same shapes, up to grown ranks
+    assert teacher_at.teacher and teacher_at.logits.shape == (8, 2)
+    for name, t in teacher_at.teacher.items():
+        p = teacher_at.params[name]
         if name.endswith("lora_A"):
-            assert t.shape[1:] == p.shape[1:] and t.shape[0] <= p.shape[0], name
+            assert t[1:] == p[1:] and t[0] <= p[0], name
         elif name.endswith("lora_B"):
-            assert t.shape[0] == p.shape[0] and t.shape[1] <= p.shape[1], name
+            assert t[0] == p[0] and t[1] <= p[1], name
         else:
-            assert t.shape == p.shape, name
-    model.eval()
-    batch = synthetic_batch()
-    assert model.teacher(model.student, inputs_of(batch)).logits.shape == (8, 2)
+            assert t == p, name
     assert model.distiller.transform.proj.in_features == shapes.hidden
 
 
@@ -343,7 +359,7 @@ def test_mu_ramp_and_snapshot_policies():
         ({"tau": -1.0}, "tau"),
         ({"pred_weight": 1.5}, "pred_weight"),
         ({"layer_weight": -0.1}, "layer_weight"),
-        ({"post_lr_scale": 0.0}, "post_lr_scale"),
+        ({"final_lr_scale": 0.0}, "final_lr_scale"),
         ({"distill_epochs": 0}, "distill_epochs"),
         ({"mu_max": 0.0}, r"mu_max must be in \(0, 1\], got 0.0"),
         ({"mu_max": 1.5}, "mu_max"),

@@ -2,10 +2,14 @@
 
 L_distill = w_pred * L_pred + w_layer * L_layer, with
 - L_pred: tau^2 * KL(softmax(t / tau) || softmax(s / tau)) (MSE for regression);
-- L_layer: sum over sampled teacher layers i of MSE(Tr(H_s^{phi(i)}), H_t^i) over kept hidden dims, one
-  teacher layer drawn per block of consecutive layers each step; phi(i) = i if student layer i is alive,
-  else the nearest alive layer (the one with the lower MSE when two are equally near); Tr is a
+- L_layer: sum over sampled teacher layers i of MSE(Tr(H_s^{phi(i)}), H_t^i); phi(i) = i if student layer
+  i is alive, else the nearest alive layer (the one with the lower MSE when two are equally near); Tr is a
   hidden x hidden map initialised to the identity, frozen, plus a trainable LoRA adapter.
+
+Three details of L_layer are options, each with the authors' code's behaviour available (docs/method.md
+section 7): which teacher layers (`layer_sampling`: "blocks", one drawn per block of consecutive layers each
+step, or "all"), over which hidden dims the MSE averages (`layer_mse`: "kept", the student's kept dims, or
+"all" dims of the teacher), and which student layers are alive (`alive`: "either" sublayer left, or "both").
 """
 
 from __future__ import annotations
@@ -36,6 +40,31 @@ def sample_teacher_layers(
         for lo, hi in zip(bounds, bounds[1:], strict=False)
         if hi > lo
     ]
+
+
+LAYER_SAMPLING = ("blocks", "all")
+LAYER_MSE = ("kept", "all")
+ALIVE = ("either", "both")
+
+
+def check_layer_options(layer_sampling: str, layer_mse: str, alive: str) -> None:
+    for name, value, allowed in (
+        ("layer_sampling", layer_sampling, LAYER_SAMPLING),
+        ("layer_mse", layer_mse, LAYER_MSE),
+        ("alive", alive, ALIVE),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def alive_layers(masks, num_layers: int, alive: str = "either") -> list[bool]:
+    """Student layers a teacher layer may map to: "either" (a layer with heads or neurons left) or "both"
+    (heads and neurons left, the authors' code); every layer without masks."""
+    if masks is None:
+        return [True] * num_layers
+    if alive == "both":
+        return [not (masks.head_zero[i] or masks.neuron_zero[i]) for i in range(num_layers)]
+    return [not (masks.head_zero[i] and masks.neuron_zero[i]) for i in range(num_layers)]
 
 
 def nearest_alive(layer: int, alive: list[bool]) -> list[int]:
@@ -75,14 +104,19 @@ class Distiller(nn.Module):
         layer_blocks: int = 4,
         transform_rank: int = 8,
         seed: int = 0,
+        layer_sampling: str = "blocks",
+        layer_mse: str = "kept",
+        alive: str = "either",
     ) -> None:
         super().__init__()
+        check_layer_options(layer_sampling, layer_mse, alive)
         self.tau, self.pred_weight, self.layer_weight, self.layer_blocks = (
             tau,
             pred_weight,
             layer_weight,
             layer_blocks,
         )
+        self.layer_sampling, self.layer_mse, self.alive = layer_sampling, layer_mse, alive
         self.transform = HiddenTransform(hidden, transform_rank)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -113,14 +147,16 @@ class Distiller(nn.Module):
         """hidden_states[i + 1] is the output of layer i."""
         n = len(student_hidden) - 1
         masks = getattr(pl_module.student, "apt_masks", None)
-        alive = (
-            [True] * n
-            if masks is None
-            else [not (masks.head_zero[i] and masks.neuron_zero[i]) for i in range(n)]
+        alive = alive_layers(masks, n, self.alive)
+        kept_only = self.layer_mse == "kept" and masks is not None and not masks.hidden_full
+        weight = masks.hidden if kept_only else None
+        layers = (
+            list(range(n))
+            if self.layer_sampling == "all"
+            else sample_teacher_layers(n, self.layer_blocks, self.generator)
         )
-        weight = None if masks is None or masks.hidden_full else masks.hidden
         total = student_hidden[-1].new_zeros(())
-        for i in sample_teacher_layers(n, self.layer_blocks, self.generator):
+        for i in layers:
             target = teacher_hidden[i + 1]
             losses = [
                 self._mse(self.transform(student_hidden[j + 1]), target, weight)

@@ -3,7 +3,9 @@
 No second model exists: the teacher forward is `torch.func.functional_call` on the student with the
 snapshot tensors substituted for the adapters and head, so every frozen weight is the same storage.
 It runs without gradients, in eval mode, with pruning masks off (full width at the current physical
-shape, docs/method.md section 7). Compaction slice logs keep the snapshot's shapes in step.
+shape, docs/method.md section 7). Compaction slice logs keep the snapshot's shapes in step. The teacher is
+as wide as the student's frozen weights: keeping it wider than the pruned student (the authors' schedule)
+means not compacting the student (`SelfDistillation(schedule="authors")`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ class TeacherView:
         """Copy the trainable tensors (adapters, head); frozen ones stay shared."""
         self.tensors = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
         self.snapshots += 1
+
+    def clear(self) -> None:
+        """Drop the snapshot (distillation is over): its memory is freed, `ready` turns False."""
+        self.tensors = {}
 
     def follow(self, log: SliceLog, student: nn.Module) -> None:
         """Apply a compaction to the snapshot; tensors of removed modules are dropped."""
