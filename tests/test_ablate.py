@@ -56,6 +56,15 @@ def _args(config: dict, name: str) -> dict:
 
 
 # ---------------------------------------------------------------------- overlays
+SCORER_OVERLAYS = {
+    "no_kurtosis": {"kurtosis": False},
+    "kurtosis_paper": {"kurtosis": "paper"},
+    "kurtosis_scaled": {"kurtosis": "scaled"},
+    "hidden_branch": {"hidden_salience": "branch"},
+}
+PRUNING_OVERLAYS = {"decay_before": {"mask_decay": "before"}, "warmup": {"warmup_steps": 0.1}}
+
+
 def _check_variant(name: str, config: dict, base: dict) -> None:
     pruning = _args(base, "AdaptivePruning")
     if name in ("ft", "lora"):
@@ -84,13 +93,15 @@ def _check_variant(name: str, config: dict, base: dict) -> None:
         assert scorer["class_path"].endswith("RandomScorer") and scorer["init_args"] == {"seed": 3}  # ${seed}
     elif name == "uniform_scoring":
         assert _args(config, "AdaptivePruning")["scorer"] == "uniform"
-    elif name == "no_kurtosis":  # merged onto the base's scorer: only kurtosis changes
+    elif name in SCORER_OVERLAYS:  # merged onto the base's scorer: only the named argument changes
         scorer = _args(config, "AdaptivePruning")["scorer"]
         assert scorer["class_path"].endswith("OutlierAwareSalience")
         assert scorer["init_args"] == {
             **_args(base, "AdaptivePruning")["scorer"]["init_args"],
-            "kurtosis": False,
+            **SCORER_OVERLAYS[name],
         }
+    elif name in PRUNING_OVERLAYS:
+        assert _args(config, "AdaptivePruning") == {**pruning, **PRUNING_OVERLAYS[name]}
     else:
         expected = canonical_config(base, "base")
         if name == "no_distillation":
@@ -110,6 +121,11 @@ def test_every_planned_overlay_exists():
         "random_scoring",
         "uniform_scoring",
         "no_kurtosis",
+        "kurtosis_paper",
+        "kurtosis_scaled",
+        "hidden_branch",
+        "decay_before",
+        "warmup",
         "no_distillation",
         "sparsity_0.2",
         "sparsity_0.5",
@@ -165,12 +181,12 @@ def test_overlay_errors_and_references():
         apply_overlay(base, {"data": {"init_args": {"a": "${not a ref"}}})
     # a reference to an argument the base leaves unset reads the class default
     refs = {
-        "alpha": "${pruning.decay_alpha}",
+        "decay": "${pruning.mask_decay}",
         "seed": "${seed}",
         "lr": "${model.init_args.optimizer.init_args.lr}",
     }
     out = apply_overlay(base, {"data": {"init_args": refs}}, seed=7)
-    assert {k: out["data"]["init_args"][k] for k in refs} == {"alpha": 0.01, "seed": 7, "lr": 0.0005}
+    assert {k: out["data"]["init_args"][k] for k in refs} == {"decay": "after", "seed": 7, "lr": 0.0005}
     # a group merges onto the base's: only what the overlay names changes; null switches it off
     out = apply_overlay(base, {"pruning": {"plot": False}, "distillation": None})
     assert _args(out, "AdaptivePruning") == {**_args(base, "AdaptivePruning"), "plot": False}
