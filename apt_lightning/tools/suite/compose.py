@@ -41,6 +41,14 @@ def primary_monitor(task: str) -> str:
     return f"val/{get_task(task).primary_metric}"
 
 
+def monitor_mode(task: str) -> str:
+    """`max` when the task's primary metric is higher-is-better (classification), `min` for a loss (the
+    task's `mode`; tasks without one are classification)."""
+    from apt_lightning.data.tasks import get_task
+
+    return str(getattr(get_task(task), "mode", "max"))
+
+
 def compose_config(suite: Suite, variant: VariantSpec, task: TaskSpec, seed: int, run_dir: Path) -> dict:
     """The complete apt-fit config of one run (see the module docstring for the order of overrides)."""
     base = load_yaml(variant.base_path, "base config")
@@ -90,14 +98,15 @@ def compose_config(suite: Suite, variant: VariantSpec, task: TaskSpec, seed: int
     if not any(class_name(cb) == "ModelCheckpoint" for cb in cbs):
         trainer["enable_checkpointing"] = False
     if suite.efficiency is not None and not any(class_name(cb) == "EfficiencyMonitor" for cb in cbs):
-        monitor = _efficiency_entry(suite.efficiency, primary_monitor(task.task))
+        monitor = _efficiency_entry(suite.efficiency, primary_monitor(task.task), monitor_mode(task.task))
         if monitor is not None:
             cbs.append(monitor)
     return config
 
 
-def _efficiency_entry(options: dict, monitor: str) -> dict | None:
-    """The EfficiencyMonitor callback entry, or None when that class is not importable (a seam for tests)."""
+def _efficiency_entry(options: dict, monitor: str, mode: str = "max") -> dict | None:
+    """The EfficiencyMonitor callback entry (following `monitor`, better when `mode`: max or min), or None
+    when that class is not importable (a seam for tests)."""
     class_path = options.get("class_path", EFFICIENCY_CLASS)
     module, _, name = class_path.rpartition(".")
     try:
@@ -105,8 +114,12 @@ def _efficiency_entry(options: dict, monitor: str) -> dict | None:
     except (ImportError, AttributeError):
         return None
     init = dict(options.get("init_args") or {})
-    if "monitor" in inspect.signature(cls).parameters:
+    params = inspect.signature(cls).parameters
+    if "monitor" in params:
         init.setdefault("monitor", monitor)
+    # only where the class default is wrong: configs of classification suites stay as they were
+    if "mode" in params and init.get("monitor") == monitor and params["mode"].default != mode:
+        init.setdefault("mode", mode)
     return {"class_path": class_path, "init_args": init}
 
 

@@ -29,6 +29,7 @@ from apt_lightning.files import write_json_atomic, write_text_atomic
 from apt_lightning.tools.suite.compose import (
     config_digest,
     fit_argv,
+    monitor_mode,
     primary_monitor,
     rerun_command,
     set_tta_reference,
@@ -39,12 +40,16 @@ from apt_lightning.tools.suite.layout import (
     CONFIG,
     DONE,
     EFFICIENCY,
+    EVAL_FAILED,
+    EVAL_LOG,
+    EXPORT_DIR,
     FAILED,
     FINAL_CKPT,
     INFERENCE,
     LOG_DIR,
     RUN_META,
     TRAIN_LOG,
+    ZERO_SHOT,
     best_metric,
     lock_holder,
     logged_metric,
@@ -80,13 +85,23 @@ def _reference_metric(suite: Suite, run: RunSpec) -> float | None:
 def _prepare(suite: Suite, run: RunSpec) -> list[str]:
     """Clear a previous attempt, write config.yaml and run.json; return the worker's command."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (DONE, FAILED, INFERENCE, BENCH_FAILED, FINAL_CKPT, TRAIN_LOG):
+    for stale in (
+        DONE,
+        FAILED,
+        INFERENCE,
+        BENCH_FAILED,
+        FINAL_CKPT,
+        TRAIN_LOG,
+        ZERO_SHOT,
+        EVAL_FAILED,
+        EVAL_LOG,
+    ):
         (run.run_dir / stale).unlink(missing_ok=True)
-    logs = run.run_dir / LOG_DIR
-    if logs.is_dir():
-        import shutil
+    for folder in (run.run_dir / LOG_DIR, run.run_dir / EXPORT_DIR):
+        if folder.is_dir():
+            import shutil
 
-        shutil.rmtree(logs)
+            shutil.rmtree(folder)
     config = copy.deepcopy(run.config)
     reference = _reference_metric(suite, run)
     has_ref = set_tta_reference(config, reference)
@@ -104,6 +119,7 @@ def _prepare(suite: Suite, run: RunSpec) -> list[str]:
         "overlay": str(run.variant.overlay_path or ""),
         "base": str(run.variant.base_path),
         "monitor": primary_monitor(run.task.task),
+        "mode": monitor_mode(run.task.task),
         "backbone": get_dotted(config, "model.init_args.backbone", "minilm-l6"),
         "reference_variant": suite.reference,
         "tta_reference": reference if has_ref else None,
@@ -291,7 +307,7 @@ def train_worker(run_dir: Path, extra: list[str]) -> int:
     trainer.save_checkpoint(run_dir / FINAL_CKPT, weights_only=True)  # the final model, not a resume point
     log_dir = Path(trainer.log_dir or run_dir / LOG_DIR)
     logged = [value for _, value in logged_metric(log_dir, meta.get("monitor", "val/accuracy"))]
-    best = best_metric(read_json(log_dir / EFFICIENCY), None, logged)
+    best = best_metric(read_json(log_dir / EFFICIENCY), None, logged, meta.get("mode", "max"))
     final = logged[-1] if logged else None
     import torch
 
@@ -304,6 +320,7 @@ def train_worker(run_dir: Path, extra: list[str]) -> int:
             "best_metric": best,
             "final_metric": final,
             "monitor": meta.get("monitor"),
+            "mode": meta.get("mode", "max"),
             "log_dir": str(log_dir),
             "checkpoint": str(run_dir / FINAL_CKPT),
             "config_digest": meta.get("config_digest"),
