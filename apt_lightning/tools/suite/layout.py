@@ -7,8 +7,11 @@ apt-ablate process, its worker and the worker's GPUs; see `tools.suite.lock`), `
 when training succeeded, the worker's last write: finished runs are skipped next time, and done wins
 over any failed.json) or ``failed.json`` (exit code and log tail; retried next time), and
 ``inference.json`` (the exported model against the dense one, measured after all training so no run
-shares the device with a benchmark). The suite folder holds ``suite.json`` (what the report needs to
-describe the suite), ``_dense/`` (the dense models' measurements) and the report's files.
+shares the device with a benchmark). With a validation split carved from the training data
+(``data.init_args.val_from_train``), ``selection/`` holds the checkpoint chosen on it until the worker has
+tested it on the official dev set; done.json then carries the test numbers. The suite folder holds
+``suite.json`` (what the report needs to describe the suite), ``_dense/`` (the dense models' measurements)
+and the report's files.
 
 The training side (`train`, `inference`, `relabel`) writes these files and the report reads them, all
 through the names and readers here. The ``logs/`` files are written by the library (EfficiencyMonitor,
@@ -33,6 +36,7 @@ from apt_lightning.callbacks.efficiency import best_metric as best_of_history
 DONE, FAILED, INFERENCE, BENCH_FAILED = "done.json", "failed.json", "inference.json", "inference_failed.json"
 RUN_META, CONFIG = "run.json", "config.yaml"
 LOG_DIR, TRAIN_LOG, FINAL_CKPT, LOCK = "logs", "train.log", "final.ckpt", "train.lock"
+SELECTION_DIR = "selection"  # the checkpoint chosen on the carved validation split, until it is tested
 # inside LOG_DIR, written by the library's callbacks and Lightning's CSVLogger
 EFFICIENCY, PRUNING, METRICS = "efficiency.json", "pruning.json", "metrics.csv"
 # the suite folder
