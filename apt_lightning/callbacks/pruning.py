@@ -150,6 +150,11 @@ class AdaptivePruning(Callback):
         if masks is not None:
             masks.observer = None
 
+    @property
+    def pruning_done(self) -> bool:
+        """The last event's window has closed: the widths will not change any more."""
+        return self.schedule is not None and self.next_event >= self.num_events and self.targets is None
+
     # ------------------------------------------------------------------ per step
     def _collecting(self, step: int) -> bool:
         s = self.schedule

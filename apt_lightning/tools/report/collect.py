@@ -1,7 +1,8 @@
 """Collecting a suite folder: one `runs.csv` row per run folder (blanks where a file is missing).
 
 Inputs (per run folder, `apt_lightning.tools.suite.layout`): ``run.json`` (what the run is),
-``done.json`` / ``failed.json`` (status), ``logs/efficiency.json`` (EfficiencyMonitor: memory, step time,
+``done.json`` / ``failed.json`` (status; the test metric of the checkpoint selected on a carved validation
+split), ``logs/efficiency.json`` (EfficiencyMonitor: memory, step time,
 metric history, pruning overhead), ``logs/pruning.json`` (AdaptivePruning events), ``logs/metrics.csv``
 (CSVLogger; the fallback for the metric history), ``inference.json`` (the exported model and the dense
 model under apt-bench's `benchmark`, or `generation_benchmark` for a causal LM), ``zero_shot.json``
@@ -47,6 +48,8 @@ RUN_FIELDS = [
     "best_metric",
     "final_metric",
     "perplexity",
+    "test_metric",
+    "selected_step",
     "sparsity",
     "sparsity_source",
     "heads_per_layer",
@@ -151,6 +154,8 @@ def read_run(run_dir: Path) -> dict:
         "best_metric": best,
         "final_metric": history[-1][2] if history else (done or {}).get("final_metric"),
         "perplexity": min(perplexities) if perplexities else None,
+        "test_metric": number((done or {}).get("test_metric")),
+        "selected_step": (done or {}).get("selected_step"),
         "sparsity": sparsity,
         "sparsity_source": sparsity_source,
         "heads_per_layer": " ".join(map(str, structure.get("heads_per_layer") or [])),

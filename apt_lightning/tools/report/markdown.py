@@ -77,6 +77,7 @@ def _tables(summary: list[dict], tasks: list[str]) -> list[str]:
                 _f(_pct(s["overhead_fraction"]), ".1f", "%"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += _test_table(rows)
         if causal_lm.is_causal_task(rows):
             lines += ["", *causal_lm.generation_table(rows)]
             continue
@@ -109,6 +110,29 @@ def _tables(summary: list[dict], tasks: list[str]) -> list[str]:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    return lines
+
+
+def _test_table(rows: list[dict]) -> list[str]:
+    """The test metric (official dev set) of the checkpoints selected on the carved validation split, for
+    the variants whose runs have one."""
+    tested = [s for s in rows if s.get("test_n")]
+    if not tested:
+        return []
+    metric = tested[0]["monitor"].removeprefix("val/")
+    lines = [
+        "",
+        "Test: the official dev set, scoring the checkpoint each run selected on the validation split carved "
+        "from its training data (only points at the final structure count):",
+        "",
+        f"| variant | test {metric}, mean ± std | % of FT |",
+        "|---|---:|---:|",
+    ]
+    for s in tested:
+        cell = _metric_cell(
+            {**s, "metric_mean": s["test_mean"], "metric_std": s["test_std"], "n": s["test_n"]}
+        )
+        lines.append(f"| {s['variant']} | {cell} | {_f(s['test_pct_of_ft'], '.1f')} |")
     return lines
 
 
@@ -199,6 +223,9 @@ def _definitions(
         "validation checks; mean ± sample standard deviation over seeds (n = finished seeds). Accuracy "
         "and F1 in %.",
         "- **% of FT**: mean metric / mean metric of the FT reference on the same task.",
+        "- **test** (runs whose validation split is carved from the training data): the official dev set's "
+        "metric of the checkpoint with the best validation value among those at the final structure; then "
+        "*best dev* above is the best value on the carved split.",
         "- **sparsity**: fraction of the counted encoder parameters (heads, FFN neurons, hidden dims; "
         "embeddings and classifier not counted) removed in the final model.",
         f"- **TTA**: training wall seconds until the dev metric first reached {TTA_FRACTION:.0%} of the FT "
@@ -228,13 +255,15 @@ def _runs_section(rows: list[dict]) -> list[str]:
     lines = [
         "## Runs",
         "",
-        "| run | status | best metric | sparsity | heads kept per layer | train wall (s) | folder |",
-        "|---|---|---:|---:|---|---:|---|",
+        "| run | status | best metric | test metric | sparsity | heads kept per layer | train wall (s) "
+        "| folder |",
+        "|---|---|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']}/{r['task_key']}/seed{r['seed']} | {r['status']} | "
-            f"{_f(r['best_metric'], '.4f')} | {_f(r['sparsity'], '.3f')} | {r['heads_per_layer'] or '–'} | "
+            f"{_f(r['best_metric'], '.4f')} | {_f(r.get('test_metric'), '.4f')} | "
+            f"{_f(r['sparsity'], '.3f')} | {r['heads_per_layer'] or '–'} | "
             f"{_f(r['train_wall_s'], '.0f')} | `{_rel(r['run_dir'])}` |"
         )
     renamed = [r for r in rows if (r["_meta"] or {}).get("relabelled_from")]

@@ -34,6 +34,10 @@ RESULT_FIELDS = [
     "metric_min",
     "metric_max",
     "pct_of_ft",
+    "test_n",
+    "test_mean",
+    "test_std",
+    "test_pct_of_ft",
     "sparsity",
     "tta_s",
     "tta_reached",
@@ -142,6 +146,7 @@ def summarize(
         runs = groups[(variant, task)]
         done = [r for r in runs if r["status"] == "done"]
         metrics = [r["best_metric"] for r in done if r["best_metric"] is not None]
+        tests = [r["test_metric"] for r in done if r.get("test_metric") is not None]
         ttas = [r["tta_s"] for r in done if r["tta_s"] is not None]
         steps = [r["median_step_s"] for r in done if r["median_step_s"] is not None]
         overhead = [
@@ -166,6 +171,9 @@ def summarize(
                 "metric_std": _std(metrics),
                 "metric_min": min(metrics) if metrics else None,
                 "metric_max": max(metrics) if metrics else None,
+                "test_n": len(tests),
+                "test_mean": _mean(tests),
+                "test_std": _std(tests),
                 "sparsity": _mean(r["sparsity"] for r in done),
                 "tta_s": _mean(ttas),
                 "tta_reached": f"{len(ttas)}/{len([r for r in done if r['_history']])}",
@@ -207,6 +215,8 @@ def summarize(
         ref = ft.get(s["task_key"], {})
         s["pct_of_ft"] = ratio(s["metric_mean"], ref.get("metric_mean"))
         s["pct_of_ft"] = None if s["pct_of_ft"] is None else 100 * s["pct_of_ft"]
+        s["test_pct_of_ft"] = ratio(s["test_mean"], ref.get("test_mean"))
+        s["test_pct_of_ft"] = None if s["test_pct_of_ft"] is None else 100 * s["test_pct_of_ft"]
         s["tta_vs_ft"] = ratio(s["tta_s"], ref.get("tta_s"))
         s["memory_vs_ft"] = ratio(s["peak_memory_mb"], ref.get("peak_memory_mb"))
         s["step_vs_ft"] = ratio(s["median_step_ms"], ref.get("median_step_ms"))

@@ -9,7 +9,9 @@ over any failed.json) or ``failed.json`` (exit code and log tail; retried next t
 ``inference.json`` (the exported model against the dense one, measured after all training so no run
 shares the device with a benchmark). A causal-LM run also gets ``export/`` (its exported model, from
 ``final.ckpt``) and ``zero_shot.json`` (apt-eval's accuracies of that export; ``zero_shot_failed.json``
-when it failed). The suite folder holds ``suite.json`` (what the report needs to
+when it failed). With a validation split carved from the training data (``data.init_args.val_from_train``),
+``selection/`` holds the checkpoint chosen on it until the worker has tested it on the official dev set;
+done.json then carries the test numbers. The suite folder holds ``suite.json`` (what the report needs to
 describe the suite), ``_dense/`` (the dense models' measurements and zero-shot scores) and the report's files.
 
 The training side (`train`, `inference`, `relabel`) writes these files and the report reads them, all
@@ -41,6 +43,7 @@ ZERO_SHOT, EVAL_FAILED, EVAL_LOG, EXPORT_DIR = (
     "export",
 )
 LOG_DIR, TRAIN_LOG, FINAL_CKPT, LOCK = "logs", "train.log", "final.ckpt", "train.lock"
+SELECTION_DIR = "selection"  # the checkpoint chosen on the carved validation split, until it is tested
 # inside LOG_DIR, written by the library's callbacks and Lightning's CSVLogger
 EFFICIENCY, PRUNING, METRICS = "efficiency.json", "pruning.json", "metrics.csv"
 # the suite folder

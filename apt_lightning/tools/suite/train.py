@@ -48,6 +48,7 @@ from apt_lightning.tools.suite.layout import (
     INFERENCE,
     LOG_DIR,
     RUN_META,
+    SELECTION_DIR,
     TRAIN_LOG,
     ZERO_SHOT,
     best_metric,
@@ -97,7 +98,7 @@ def _prepare(suite: Suite, run: RunSpec) -> list[str]:
         EVAL_LOG,
     ):
         (run.run_dir / stale).unlink(missing_ok=True)
-    for folder in (run.run_dir / LOG_DIR, run.run_dir / EXPORT_DIR):
+    for folder in (run.run_dir / LOG_DIR, run.run_dir / EXPORT_DIR, run.run_dir / SELECTION_DIR):
         if folder.is_dir():
             import shutil
 
@@ -291,7 +292,8 @@ def _indent(text: str) -> str:
 
 
 def train_worker(run_dir: Path, extra: list[str]) -> int:
-    """The body of one training process: apt-fit on config.yaml, final checkpoint, done.json."""
+    """The body of one training process: apt-fit on config.yaml, final checkpoint, the selected checkpoint
+    tested on the official dev set (with a carved validation split; `test_selected`), done.json."""
     watch_parent()  # stop when the apt-ablate process that started us is gone
     meta = read_json(run_dir / RUN_META) or {}
     t0 = time.time()
@@ -309,11 +311,13 @@ def train_worker(run_dir: Path, extra: list[str]) -> int:
     logged = [value for _, value in logged_metric(log_dir, meta.get("monitor", "val/accuracy"))]
     best = best_metric(read_json(log_dir / EFFICIENCY), None, logged, meta.get("mode", "max"))
     final = logged[-1] if logged else None
+    tested = test_selected(cli, meta.get("monitor", "val/accuracy"))
     import torch
 
     write_json_atomic(
         run_dir / DONE,
         {
+            **tested,
             "finished": time.time(),
             "wall_s": time.time() - t0,
             "global_step": trainer.global_step,
@@ -329,6 +333,40 @@ def train_worker(run_dir: Path, extra: list[str]) -> int:
         },
     )
     return 0
+
+
+def test_selected(cli, monitor: str) -> dict:
+    """With a validation split carved from the training data: the checkpoint the run's
+    `FinalStructureCheckpoint` chose on it (the final model when it saved none) tested on the official dev
+    set (the datamodule's test split), its file then deleted. Returns done.json's test keys ({} without a
+    carved split); a failing test is recorded as `test_error`, not lost with the trained run."""
+    from apt_lightning.callbacks import FinalStructureCheckpoint
+
+    trainer, datamodule = cli.trainer, cli.datamodule
+    if not getattr(datamodule, "carved", False):
+        return {}
+    selector = next((c for c in trainer.callbacks if isinstance(c, FinalStructureCheckpoint)), None)
+    path = selector.best_model_path if selector is not None and selector.best_model_path else None
+    out: dict[str, Any] = {"selected_checkpoint": "best" if path else "final"}
+    out["selected_step"] = trainer.global_step
+    if path:
+        import torch
+
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        out["selected_step"] = saved["global_step"]
+        out["selected_val_metric"] = float(selector.best_model_score)
+    try:
+        results = trainer.test(cli.model, datamodule=datamodule, ckpt_path=path, verbose=False)
+    except Exception as err:  # the trained run stays done; the report shows the test as missing
+        import traceback
+
+        traceback.print_exc()
+        return {**out, "test_error": repr(err)}
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    if path:
+        Path(path).unlink(missing_ok=True)
+    test_key = "test/" + monitor.removeprefix("val/")
+    return {**out, "test_metric": metrics.get(test_key), "test_monitor": test_key, "test_metrics": metrics}
 
 
 def _versions() -> dict:
