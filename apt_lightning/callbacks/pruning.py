@@ -17,6 +17,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from apt_lightning import distributed
 from apt_lightning.callbacks.events import PruningEvent, broadcast
 from apt_lightning.files import write_json_atomic
 from apt_lightning.pruning import (
@@ -107,6 +108,7 @@ class AdaptivePruning(Callback):
                 f"pruning ends at step {self.schedule.last_step} (end_step {end} + {self.decay_steps} "
                 f"decay steps) but training has only {total} optimizer steps; lower end_step or train longer"
             )
+        distributed.find_unused_parameters(trainer, "a layer with all heads or neurons masked is skipped")
         structure = pl_module.structure
         structure.install_masks()
         self.scorer.attach(structure)
@@ -165,6 +167,7 @@ class AdaptivePruning(Callback):
         t1 = time.perf_counter()
         budget = int((1.0 - sparsity) * self.full_count)
         keep = select_blocks(scores, structure.shapes(), budget, self.multiple_of)
+        keep = distributed.from_rank_zero(keep, f"the blocks kept at pruning event {event.index}")
         t2 = time.perf_counter()
         self.timing["score_s"] += t1 - t0
         self.timing["search_s"] += t2 - t1
@@ -187,6 +190,7 @@ class AdaptivePruning(Callback):
         self.history.append(record)
         self._log_scores(trainer, scores, step)
         self._decay(trainer, pl_module, step)
+        self._check_ranks(pl_module, f"pruning event {event.index} (step {step})")
 
     @torch.no_grad()
     def _decay(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
@@ -243,6 +247,11 @@ class AdaptivePruning(Callback):
             }
         )
         self._log_tables(trainer, record)
+        self._check_ranks(pl_module, f"the end of pruning event {record['event']}'s window")
+
+    def _check_ranks(self, pl_module: LightningModule, where: str) -> None:
+        """Under DDP: masks, widths, ranks, weights, teacher and salience equal on every rank."""
+        distributed.check_consistency(pl_module, where, scorer=self.scorer.state_dict())
 
     def _compact(self, pl_module: LightningModule) -> None:
         """Remove the blocks whose hard masks are 0 (if any); scorer statistics and optimizer follow."""
