@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from apt_lightning.adapters import AdapterConfig, adapter_modules, inject_adapters
 from apt_lightning.backbone import resolve_backbone
 from apt_lightning.data.tasks import TaskSpec, build_metrics, get_task
+from apt_lightning.distributed import rewrap_ddp
 from apt_lightning.optim import WarmupLinearLR
 from apt_lightning.structure import ModelShapes, SliceLog, get_structure
 
@@ -160,9 +161,11 @@ class APTModule(LightningModule):
 
     def rebuild_optimizer(self) -> None:
         """Re-create optimizer and LR scheduler after a shape change; the schedule continues from the
-        current global step (see `WarmupLinearLR`). Adam moments restart for the new tensors."""
+        current global step (see `WarmupLinearLR`). Adam moments restart for the new tensors. Under DDP
+        the wrapper is rebuilt first when parameters were replaced (docs/distributed.md)."""
         if self._trainer is None or self.trainer.strategy is None or not self.trainer.optimizers:
             return
+        rewrap_ddp(self.trainer)
         self.trainer.strategy.setup_optimizers(self.trainer)
 
     def _name_labels(self, names) -> None:
@@ -234,7 +237,7 @@ class APTModule(LightningModule):
         labels = batch.pop("labels")
         batch.pop("idx", None)
         logits = self.student(**batch).logits
-        self.log(f"{prefix}loss", self.task_loss(logits, labels), batch_size=labels.shape[0])
+        self.log(f"{prefix}loss", self.task_loss(logits, labels), batch_size=labels.shape[0], sync_dist=True)
         metrics.update(self._predictions(logits), labels)
 
     def _predictions(self, logits: torch.Tensor) -> torch.Tensor:
@@ -244,7 +247,8 @@ class APTModule(LightningModule):
         self._evaluate(batch, self.val_metrics, "val/")
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        # compute() gathers every rank's state already: sync_dist averages equal values (no warning)
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -252,7 +256,7 @@ class APTModule(LightningModule):
         self._evaluate(batch, self.test_metrics, "test/")
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
         self.test_metrics.reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:

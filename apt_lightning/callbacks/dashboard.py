@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 
+from apt_lightning import distributed
 from apt_lightning.callbacks.events import find_callback
 from apt_lightning.callbacks.pruning import AdaptivePruning
 from apt_lightning.callbacks.run_config import run_config
@@ -155,7 +156,7 @@ class RunDashboard(Callback):
         return done, len(tuning.history) if tuning is not None else 0
 
     def _folder(self, trainer: Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir) / "dashboard"
+        return Path(distributed.log_dir(trainer) or trainer.default_root_dir) / "dashboard"
 
     def _render(
         self, trainer: Trainer, pl_module: LightningModule, pruning=True, tuning=True
@@ -233,9 +234,10 @@ class RunDashboard(Callback):
         """`kept_per_layer.png` from AdaptivePruning (plot=True), else drawn here from its last event."""
         pruner = find_callback(trainer, AdaptivePruning)
         records = [r for r in pruner.history if "heads_per_layer" in r] if pruner is not None else []
-        if not records or trainer.log_dir is None:
+        log_dir = distributed.log_dir(trainer)
+        if not records or log_dir is None:
             return None
-        path = Path(trainer.log_dir) / "kept_per_layer.png"
+        path = Path(log_dir) / "kept_per_layer.png"
         if path.is_file():
             return path
         from apt_lightning.plots import plot_kept_per_layer

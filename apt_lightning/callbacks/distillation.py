@@ -12,6 +12,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from apt_lightning import distributed
 from apt_lightning.callbacks.events import PruningEvent, find_callback
 from apt_lightning.callbacks.pruning import AdaptivePruning
 from apt_lightning.distill import Distiller, TeacherView
@@ -140,6 +141,7 @@ class SelfDistillation(Callback):
             raise ValueError(
                 f"distillation start step ({self.start}) must come before the end step ({self.end})"
             )
+        distributed.find_unused_parameters(trainer, "the distiller's transform trains only while distilling")
         hidden = pl_module.student.config.hidden_size
         if pl_module.distiller is None:
             pl_module.distiller = Distiller(
@@ -149,7 +151,8 @@ class SelfDistillation(Callback):
                 self.layer_weight,
                 self.layer_blocks,
                 self.transform_rank,
-                seed=torch.initial_seed(),  # follows seed_everything: seeds sample different teacher layers
+                # follows seed_everything (seeds sample different teacher layers); rank 0's on every rank
+                seed=distributed.broadcast_object(torch.initial_seed()),
             )
         self._distiller = pl_module.distiller
         if pl_module.teacher is None:

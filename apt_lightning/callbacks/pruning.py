@@ -17,6 +17,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from apt_lightning import distributed
 from apt_lightning.callbacks.events import PruningEvent, broadcast
 from apt_lightning.files import write_json_atomic
 from apt_lightning.pruning import (
@@ -139,6 +140,7 @@ class AdaptivePruning(Callback):
                 f"pruning ends at step {self.schedule.last_step} (end_step {end}{after}) "
                 f"but training has only {total} optimizer steps; lower end_step or train longer"
             )
+        distributed.find_unused_parameters(trainer, "a layer with all heads or neurons masked is skipped")
         structure = pl_module.structure
         structure.install_masks()
         self.scorer.attach(structure)
@@ -201,6 +203,8 @@ class AdaptivePruning(Callback):
         t1 = time.perf_counter()
         budget = int((1.0 - sparsity) * self.full_count)
         keep = select_blocks(scores, pl_module.structure.shapes(), budget, self.multiple_of)
+        event = self.history[-1]["event"]
+        keep = distributed.from_rank_zero(keep, f"the blocks kept at pruning event {event}")
         t2 = time.perf_counter()
         self.timing["score_s"] += t1 - t0
         self.timing["search_s"] += t2 - t1
@@ -241,6 +245,7 @@ class AdaptivePruning(Callback):
         self.window_from = current
         self._log_scores(trainer, scores, step)
         self._decay(trainer, pl_module, step)
+        self._check_ranks(pl_module, f"pruning event {event.index} (step {step})")
 
     @staticmethod
     def _read_masks(pl_module: LightningModule) -> BlockTensors:
@@ -338,6 +343,11 @@ class AdaptivePruning(Callback):
             }
         )
         self._log_tables(trainer, record)
+        self._check_ranks(pl_module, f"the end of pruning event {record['event']}'s window")
+
+    def _check_ranks(self, pl_module: LightningModule, where: str) -> None:
+        """Under DDP: masks, widths, ranks, weights, teacher and salience equal on every rank."""
+        distributed.check_consistency(pl_module, where, scorer=self.scorer.state_dict())
 
     def _compact(self, pl_module: LightningModule) -> None:
         """Remove the blocks whose hard masks are 0 (if any); scorer statistics and optimizer follow."""

@@ -10,6 +10,7 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from apt_lightning import distributed
 from apt_lightning.callbacks.efficiency import EfficiencyMonitor
 from apt_lightning.callbacks.events import find_callback
 from apt_lightning.callbacks.pruning import AdaptivePruning
@@ -108,7 +109,8 @@ def collect_files(trainer: Trainer, plots: dict[str, Path]) -> dict[str, Path]:
             files[f"best_{kind}" if cb.monitor else kind] = Path(best)
         if cb.last_model_path and cb.last_model_path != best:
             files[f"last_{kind}"] = Path(cb.last_model_path)
-    log_dir = Path(trainer.log_dir) if trainer.log_dir is not None else None
+    log_dir = distributed.log_dir(trainer)  # rank 0 only: Trainer.log_dir's broadcast would hang DDP
+    log_dir = Path(log_dir) if log_dir is not None else None
     if log_dir is not None:
         saver = next((cb for cb in trainer.callbacks if type(cb).__name__ == "SaveConfigCallback"), None)
         files["config"] = log_dir / getattr(saver, "config_filename", "config.yaml")

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from apt_lightning.distributed import all_reduce_sum_, world_size
 from apt_lightning.pruning.blocks import BlockTensors, block_costs
 from apt_lightning.structure import ModelShapes, PrunableStructure
 
@@ -38,7 +39,11 @@ def build_scorer(scorer: Scorer | str) -> Scorer:
 
 
 class Scorer:
-    """Base class. Stateless scorers only implement `compute`; batch-driven ones also `observe`/`step`."""
+    """Base class. Stateless scorers only implement `compute`; batch-driven ones also `observe`/`step`.
+
+    Under DDP a batch-driven scorer observes only its rank's share of each global batch: sum its
+    statistics over ranks in `step` (`apt_lightning.distributed.all_reduce_sum_`), as `OutlierAwareSalience`
+    does. `AdaptivePruning` applies rank 0's decision on every rank either way."""
 
     name = "custom"
     observes_batches = False
@@ -168,7 +173,7 @@ class OutlierAwareSalience(Scorer):
         self.hidden_salience = hidden_salience
         self._act: dict[tuple[str, int], torch.Tensor] = {}
         self._grad: dict[tuple[str, int], torch.Tensor] = {}
-        self._tokens: dict[tuple[str, int], int] = {}
+        self._tokens: dict[tuple[str, int], int | torch.Tensor] = {}  # a tensor once reduced over ranks
         self.salience: dict[tuple[str, int], torch.Tensor] = {}
         self.mean_act: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -213,6 +218,7 @@ class OutlierAwareSalience(Scorer):
 
     @torch.no_grad()
     def step(self) -> None:
+        self._reduce_over_ranks()
         for key, act in self._act.items():
             grad = self._grad.get(key)
             if grad is None:
@@ -233,6 +239,25 @@ class OutlierAwareSalience(Scorer):
         self._act.clear()
         self._grad.clear()
         self._tokens.clear()
+
+    def _reduce_over_ranks(self) -> None:
+        """Under data parallelism each rank saw its share of the global batch: sum |x| and the token counts
+        over ranks, and average sum |dL/dx| (each rank's loss is the mean over its own share, so its
+        gradients are world-size times those of the global-batch mean loss). Then every rank holds what
+        one process computes on the global batch, and S is formed from global sums, not summed per rank
+        (docs/distributed.md). Sites are the same on every rank: the model is."""
+        n = world_size()
+        if n == 1:
+            return
+        keys = sorted(k for k in self._act if k in self._grad)
+        if not keys:
+            return
+        act = self._act[keys[0]]
+        tokens = torch.tensor([float(self._tokens[k]) for k in keys], device=act.device)
+        all_reduce_sum_([*(self._act[k] for k in keys), *(self._grad[k] for k in keys), tokens])
+        for k, count in zip(keys, tokens, strict=True):
+            self._grad[k] /= n
+            self._tokens[k] = count
 
     def _channel(self, kind: str, index: int, width: int, device) -> torch.Tensor:
         return self.salience.get((kind, index), torch.zeros(width, device=device))
