@@ -3,7 +3,9 @@ of causal-LM runs (a fake apt-eval), and the report's lower-is-better metric (ev
 and % of LoRA; classifier suites unchanged."""
 
 import csv
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -262,10 +264,12 @@ def test_a_run_records_its_metric_mode_and_loses_stale_evaluations(tmp_path):
 
 # ---------------------------------------------------------------------- the phases on causal-LM runs
 FAKE_EVAL = """
-import json, pathlib, sys
+import json, os, pathlib, sys
 argv = sys.argv[1:]
 with open(sys.argv[0] + ".calls", "a") as f:
     f.write(json.dumps(argv) + "\\n")
+with open(sys.argv[0] + ".gpus", "a") as f:
+    f.write(os.environ.get("CUDA_VISIBLE_DEVICES", "unset") + "\\n")
 arg = lambda flag: argv[argv.index(flag) + 1] if flag in argv else None
 if arg("--model-dir"):
     sidecar = json.loads((pathlib.Path(arg("--model-dir")) / "apt_shapes.json").read_text())
@@ -376,3 +380,19 @@ def test_bench_and_eval_phases_of_causal_lm_runs(llm_suite, capsys):
     md = write_report(suite.output_dir).read_text()
     assert "## Zero-shot accuracy" in md and "| `tiny-base` (untuned) | 40.00 |" in md
     assert "| apt | 45.00 (n=1) | 100.0 |" in md and "decode tok/s" in md
+
+
+@needs_glue
+def test_evaluations_run_in_parallel_over_the_suites_gpus(llm_suite):
+    """apt-eval processes take the suite's GPUs (CUDA_VISIBLE_DEVICES), `parallel` at a time; without GPUs
+    the variable is left as it is."""
+    suite, runs, script = llm_suite
+    gpus = Path(f"{script}.gpus")
+    evaluation.evaluate_runs(
+        dataclasses.replace(suite, gpus=["0", "1"], parallel=2), runs, log=lambda _: None
+    )
+    seen = gpus.read_text().split()
+    assert len(seen) == 5 and set(seen) == {"0", "1"}
+    gpus.unlink()
+    evaluation.evaluate_runs(dataclasses.replace(suite, gpus=None, parallel=3), runs, force=True, log=print)
+    assert set(gpus.read_text().split()) == {os.environ.get("CUDA_VISIBLE_DEVICES", "unset")}
