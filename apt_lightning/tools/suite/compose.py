@@ -41,6 +41,13 @@ def primary_monitor(task: str) -> str:
     return f"val/{get_task(task).primary_metric}"
 
 
+def primary_mode(task: str) -> str:
+    """Whether the task's model-selection metric is better higher ("max") or lower ("min": a loss)."""
+    from apt_lightning.data.tasks import get_task
+
+    return get_task(task).mode
+
+
 def compose_config(suite: Suite, variant: VariantSpec, task: TaskSpec, seed: int, run_dir: Path) -> dict:
     """The complete apt-fit config of one run (see the module docstring for the order of overrides)."""
     base = load_yaml(variant.base_path, "base config")
@@ -90,13 +97,13 @@ def compose_config(suite: Suite, variant: VariantSpec, task: TaskSpec, seed: int
     if not any(class_name(cb) == "ModelCheckpoint" for cb in cbs):
         trainer["enable_checkpointing"] = False
     if suite.efficiency is not None and not any(class_name(cb) == "EfficiencyMonitor" for cb in cbs):
-        monitor = _efficiency_entry(suite.efficiency, primary_monitor(task.task))
+        monitor = _efficiency_entry(suite.efficiency, primary_monitor(task.task), primary_mode(task.task))
         if monitor is not None:
             cbs.append(monitor)
     return config
 
 
-def _efficiency_entry(options: dict, monitor: str) -> dict | None:
+def _efficiency_entry(options: dict, monitor: str, mode: str = "max") -> dict | None:
     """The EfficiencyMonitor callback entry, or None when that class is not importable (a seam for tests)."""
     class_path = options.get("class_path", EFFICIENCY_CLASS)
     module, _, name = class_path.rpartition(".")
@@ -105,8 +112,11 @@ def _efficiency_entry(options: dict, monitor: str) -> dict | None:
     except (ImportError, AttributeError):
         return None
     init = dict(options.get("init_args") or {})
-    if "monitor" in inspect.signature(cls).parameters:
+    params = inspect.signature(cls).parameters
+    if "monitor" in params:
         init.setdefault("monitor", monitor)
+        if "mode" in params and init["monitor"] == monitor:
+            init.setdefault("mode", mode)
     return {"class_path": class_path, "init_args": init}
 
 

@@ -29,6 +29,7 @@ from apt_lightning.files import write_json_atomic, write_text_atomic
 from apt_lightning.tools.suite.compose import (
     config_digest,
     fit_argv,
+    primary_mode,
     primary_monitor,
     rerun_command,
     set_tta_reference,
@@ -104,6 +105,7 @@ def _prepare(suite: Suite, run: RunSpec) -> list[str]:
         "overlay": str(run.variant.overlay_path or ""),
         "base": str(run.variant.base_path),
         "monitor": primary_monitor(run.task.task),
+        "mode": primary_mode(run.task.task),
         "backbone": get_dotted(config, "model.init_args.backbone", "minilm-l6"),
         "reference_variant": suite.reference,
         "tta_reference": reference if has_ref else None,
