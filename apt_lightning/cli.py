@@ -40,14 +40,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning import Callback, Trainer
+from lightning import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from apt_lightning.callbacks import AdaptivePruning, AdaptiveTuning, SelfDistillation
 from apt_lightning.callbacks.dashboard import RunDashboard
 from apt_lightning.callbacks.events import find_callback
-from apt_lightning.data import GLUEDataModule
 from apt_lightning.files import write_text_atomic
 from apt_lightning.module import APTModule
 from apt_lightning.pruning.schedule import resolve_step
@@ -138,6 +137,8 @@ class PredictionsFile(Callback):
 
 class APTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        # any LightningDataModule; GLUEDataModule when the config names none (`data: {init_args: ...}`)
+        parser.set_defaults({"data": {"class_path": "apt_lightning.data.GLUEDataModule"}})
         parser.link_arguments("model.init_args.task", "data.init_args.task")
         parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
         parser.add_argument(
@@ -229,7 +230,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> APTCLI:
     cwd_on_path()
     return APTCLI(
         APTModule,
-        GLUEDataModule,
+        LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

@@ -113,6 +113,11 @@ class GLUEDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self._task = get_task(task)
+        if not isinstance(self._task, TaskSpec):
+            raise ValueError(
+                f"task {self._task.name!r} is causal-LM instruction tuning: use "
+                "apt_lightning.data.InstructionDataModule (data: class_path) for its data"
+            )
         task = self._task.to_config()  # the hyperparameters keep a name or a plain mapping
         for arg, value in (
             ("max_length", max_length),

@@ -21,7 +21,7 @@ paths to the working directory)::
     variants:                             # a name (overlay <name>.yaml) or a mapping:
       - apt
       - {name: ft, seeds: [0, 1, 2], tasks: [sst2], overlay: ft, base: ../other.yaml, set: {...}}
-    tasks:                                # GLUE task names, or labels with `task:`
+    tasks:                                # GLUE task names or instruction, or labels with `task:`
       sst2: {data_dir: "{data_root}/sst2", set: {data.init_args.train_limit: 256}}
       mnli9k: {task: mnli, label: MNLI-9k subset, data_dir: "{data_root}/mnli_subset"}
     efficiency: {init_args: {}}           # EfficiencyMonitor options, or false
@@ -183,7 +183,7 @@ def load_suite(
 
     The keyword arguments are the command line's overrides; `variants`, `tasks`, `seeds` select a subset.
     """
-    from apt_lightning.data.tasks import GLUE_TASKS, get_task
+    from apt_lightning.data.tasks import GLUE_TASKS, INSTRUCTION_TASK, get_task
 
     path = Path(path)
     raw = load_yaml(path, "suite file")
@@ -224,7 +224,7 @@ def load_suite(
             get_task(glue)
         except ValueError:
             raise SuiteError(
-                f"suite {path}: unknown task {glue!r} (tasks.{key}); known: {sorted(GLUE_TASKS)}"
+                f"suite {path}: unknown task {glue!r} (tasks.{key}); known: {sorted([*GLUE_TASKS, INSTRUCTION_TASK.name])}"
             ) from None
         data_dir = spec.get("data_dir")
         if data_dir is not None:
