@@ -224,7 +224,8 @@ def load_suite(
             get_task(glue)
         except ValueError:
             raise SuiteError(
-                f"suite {path}: unknown task {glue!r} (tasks.{key}); known: {sorted([*GLUE_TASKS, INSTRUCTION_TASK.name])}"
+                f"suite {path}: unknown task {glue!r} (tasks.{key}); "
+                f"known: {sorted([*GLUE_TASKS, INSTRUCTION_TASK.name])}"
             ) from None
         data_dir = spec.get("data_dir")
         if data_dir is not None:
