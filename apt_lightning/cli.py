@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning import Callback, Trainer
+from lightning import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -48,7 +48,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from apt_lightning.callbacks import AdaptivePruning, AdaptiveTuning, SelfDistillation
 from apt_lightning.callbacks.dashboard import RunDashboard
 from apt_lightning.callbacks.events import find_callback
-from apt_lightning.data import GLUEDataModule
 from apt_lightning.files import write_text_atomic
 from apt_lightning.module import APTModule
 from apt_lightning.pruning.schedule import resolve_step
@@ -139,6 +138,8 @@ class PredictionsFile(Callback):
 
 class APTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        # any LightningDataModule; GLUEDataModule when the config names none (`data: {init_args: ...}`)
+        parser.set_defaults({"data": {"class_path": "apt_lightning.data.GLUEDataModule"}})
         parser.link_arguments("model.init_args.task", "data.init_args.task")
         parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
         parser.add_argument(
@@ -217,15 +218,16 @@ class APTCLI(LightningCLI):
 
 
 def _warn_monitored_checkpoints(callbacks: list[Callback]) -> None:
-    """A plain monitored ModelCheckpoint next to pruning may keep a mid-pruning (wider) model as best."""
-    if not any(isinstance(c, AdaptivePruning) for c in callbacks):
+    """A plain monitored ModelCheckpoint next to pruning (any callback with `pruning_done`, see
+    `callbacks.events.structure_final`) may keep a mid-pruning (wider) model as best."""
+    if not any(hasattr(c, "pruning_done") for c in callbacks):
         return
     for c in callbacks:
         if type(c) is ModelCheckpoint and c.monitor is not None:
             rank_zero_warn(
                 f"ModelCheckpoint(monitor={c.monitor!r}) may keep a checkpoint from before the final "
-                "sparsity as its best; apt_lightning.callbacks.FinalSparsityCheckpoint (same arguments) "
-                "only considers validations after the last pruning event"
+                "structure as its best; apt_lightning.callbacks.FinalStructureCheckpoint ranks only "
+                "validations after the last pruning step"
             )
 
 
@@ -244,7 +246,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> APTCLI:
     cwd_on_path()
     return APTCLI(
         APTModule,
-        GLUEDataModule,
+        LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

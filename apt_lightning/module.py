@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from apt_lightning.adapters import AdapterConfig, adapter_modules, inject_adapters
 from apt_lightning.backbone import resolve_backbone
-from apt_lightning.data.tasks import TaskSpec, build_metrics, get_task
+from apt_lightning.causal_lm import build_causal_lm_metrics, causal_lm_loss
+from apt_lightning.data.tasks import InstructionTask, TaskSpec, build_metrics, get_task
+from apt_lightning.distributed import rewrap_ddp
 from apt_lightning.optim import WarmupLinearLR
 from apt_lightning.structure import ModelShapes, SliceLog, get_structure
 
@@ -60,17 +62,22 @@ def _checked_scheduler_factory(factory: LRSchedulerCallable) -> LRSchedulerCalla
 
 
 class APTModule(LightningModule):
-    """Sequence classification with APT adapters (or full fine-tuning when `adapters` is None).
+    """Sequence classification, or causal-LM instruction tuning (``task: instruction``), with APT adapters
+    (or full fine-tuning when `adapters` is None).
 
     Args:
         backbone: hub name, local folder, or the alias `minilm-l6` (the packaged MiniLM).
         task: a GLUE task name, or a :class:`~apt_lightning.data.TaskSpec` (or a mapping of its fields)
             describing your own dataset; sets the number of labels, their names (``id2label`` of exports),
-            the loss and the metrics. Under ``apt-fit`` the DataModule gets the same value.
+            the loss and the metrics. Under ``apt-fit`` the DataModule gets the same value. ``instruction``
+            trains the backbone as a causal LM (``AutoModelForCausalLM``) on the response tokens of
+            prompt/response pairs (`apt_lightning.causal_lm`; data: ``InstructionDataModule``).
         adapters: where and how to put adapters; None fine-tunes every weight.
         optimizer: factory called with the trainable parameters (rebuilt whenever shapes change).
         lr_scheduler: factory called with the optimizer and `total_steps`, `start_step`, `scale`.
-        head_modules: module names trained in full next to the adapters (the new task head).
+        head_modules: module names trained in full next to the adapters (the new task head). Default: the
+            family's classification head; none for a causal LM (its ``lm_head`` is usually tied to the
+            input embedding, which training it would unfreeze).
         pretrained: False builds the backbone's architecture with random weights (shape studies).
         attn_implementation: passed to transformers ("sdpa", "eager").
     """
@@ -78,7 +85,7 @@ class APTModule(LightningModule):
     def __init__(
         self,
         backbone: str = "minilm-l6",
-        task: str | TaskSpec = "sst2",
+        task: str | TaskSpec | InstructionTask = "sst2",
         adapters: AdapterConfig | None = _DEFAULT_ADAPTERS,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable = _default_scheduler,
@@ -93,17 +100,18 @@ class APTModule(LightningModule):
         task = self.task.to_config()  # the hyperparameters keep a name or a plain mapping
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         path = resolve_backbone(backbone)
-        kw = {"num_labels": self.task.num_labels, "attn_implementation": attn_implementation}
+        kw = {"attn_implementation": attn_implementation}
+        auto = AutoModelForCausalLM if self.causal_lm else AutoModelForSequenceClassification
+        if not self.causal_lm:
+            kw["num_labels"] = self.task.num_labels
         if self.task.is_regression:
             kw["problem_type"] = "regression"
         if pretrained:  # a backbone saved with another head size gets a new head of the task's size
-            self.student = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=torch.float32, ignore_mismatched_sizes=True, **kw
+            self.student = auto.from_pretrained(
+                path, dtype=torch.float32, ignore_mismatched_sizes=not self.causal_lm, **kw
             )
         else:
-            self.student = AutoModelForSequenceClassification.from_config(
-                AutoConfig.from_pretrained(path, **kw)
-            )
+            self.student = auto.from_config(AutoConfig.from_pretrained(path, **kw))
         if self.student.config.pad_token_id is None:  # decoders: the classifier reads the last non-pad token
             from apt_lightning.backbone import load_tokenizer
 
@@ -115,7 +123,9 @@ class APTModule(LightningModule):
         if adapters is not None:
             self.student.requires_grad_(False)
             inject_adapters(self.student, adapters)
-            names = head_modules if head_modules is not None else get_structure(self.student).head_modules
+            names = head_modules
+            if names is None:
+                names = [] if self.causal_lm else get_structure(self.student).head_modules
             for name in names:
                 head = getattr(self.student, name, None) or getattr(self.student.base_model, name, None)
                 if head is None and head_modules is not None:
@@ -124,13 +134,19 @@ class APTModule(LightningModule):
                     head.requires_grad_(True)
         self._name_labels(self.task.label_names)
         self.student.train()  # from_pretrained returns eval mode; Lightning keeps module modes as given
-        self.val_metrics = build_metrics(self.task, prefix="val/")
-        self.test_metrics = build_metrics(self.task, prefix="test/")
+        metrics = build_causal_lm_metrics if self.causal_lm else functools.partial(build_metrics, self.task)
+        self.val_metrics = metrics(prefix="val/")
+        self.test_metrics = metrics(prefix="test/")
         self.teacher = None  # a TeacherView, set by the SelfDistillation callback
         self.distiller = None  # computes the distillation loss, set by the SelfDistillation callback
         self.distill_weight = 0.0  # mu in L = mu * L_distill + (1 - mu) * L_task
 
     # ------------------------------------------------------------------ model-side mechanics
+    @property
+    def causal_lm(self) -> bool:
+        """Whether the student is a causal LM trained on response tokens (``task: instruction``)."""
+        return self.task.objective == "causal_lm"
+
     @property
     def structure(self):
         return get_structure(self.student)
@@ -160,9 +176,11 @@ class APTModule(LightningModule):
 
     def rebuild_optimizer(self) -> None:
         """Re-create optimizer and LR scheduler after a shape change; the schedule continues from the
-        current global step (see `WarmupLinearLR`). Adam moments restart for the new tensors."""
+        current global step (see `WarmupLinearLR`). Adam moments restart for the new tensors. Under DDP
+        the wrapper is rebuilt first when parameters were replaced (docs/distributed.md)."""
         if self._trainer is None or self.trainer.strategy is None or not self.trainer.optimizers:
             return
+        rewrap_ddp(self.trainer)
         self.trainer.strategy.setup_optimizers(self.trainer)
 
     def _name_labels(self, names) -> None:
@@ -208,6 +226,8 @@ class APTModule(LightningModule):
         return self.student(**inputs)
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.causal_lm:
+            return causal_lm_loss(logits, labels)
         if self.task.is_regression:
             return F.mse_loss(logits.squeeze(-1), labels.float())
         return F.cross_entropy(logits, labels)
@@ -220,7 +240,7 @@ class APTModule(LightningModule):
         loss = task
         logs = {"train/task_loss": task}
         if distill:
-            parts = self.distiller.loss(self, batch, out)
+            parts = self.distiller.loss(self, batch, out, response_labels=labels if self.causal_lm else None)
             mu = self.distill_weight
             loss = mu * parts["distill"] + (1 - mu) * task
             logs.update({f"train/{k}": v for k, v in parts.items()})
@@ -234,7 +254,10 @@ class APTModule(LightningModule):
         labels = batch.pop("labels")
         batch.pop("idx", None)
         logits = self.student(**batch).logits
-        self.log(f"{prefix}loss", self.task_loss(logits, labels), batch_size=labels.shape[0])
+        if self.causal_lm:  # the loss is a metric here: averaged over every response token of the split
+            metrics.update(logits, labels)
+            return
+        self.log(f"{prefix}loss", self.task_loss(logits, labels), batch_size=labels.shape[0], sync_dist=True)
         metrics.update(self._predictions(logits), labels)
 
     def _predictions(self, logits: torch.Tensor) -> torch.Tensor:
@@ -244,7 +267,8 @@ class APTModule(LightningModule):
         self._evaluate(batch, self.val_metrics, "val/")
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        # compute() gathers every rank's state already: sync_dist averages equal values (no warning)
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -252,7 +276,7 @@ class APTModule(LightningModule):
         self._evaluate(batch, self.test_metrics, "test/")
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
         self.test_metrics.reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:

@@ -56,12 +56,27 @@ def _args(config: dict, name: str) -> dict:
 
 
 # ---------------------------------------------------------------------- overlays
+SCORER_OVERLAYS = {
+    "no_kurtosis": {"kurtosis": False},
+    "kurtosis_paper": {"kurtosis": "paper"},
+    "kurtosis_scaled": {"kurtosis": "scaled"},
+    "hidden_branch": {"hidden_salience": "branch"},
+}
+PRUNING_OVERLAYS = {"decay_before": {"mask_decay": "before"}, "warmup": {"warmup_steps": 0.1}}
+
+
 def _check_variant(name: str, config: dict, base: dict) -> None:
     pruning = _args(base, "AdaptivePruning")
-    if name in ("ft", "lora"):
-        assert _names(config) == []
+    if name in ("ft", "lora", "peer_tp_ft", "peer_tp_lora"):  # the references and the peers built on them
+        peer = name.startswith("peer_")
+        assert _names(config) == (["TorchPruningPeer"] if peer else [])
         adapters = config["model"]["init_args"]["adapters"]
-        assert adapters is None if name == "ft" else adapters["targets"] == ["query", "value"]
+        assert adapters is None if name.endswith("ft") else adapters["targets"] == ["query", "value"]
+        if peer:  # APT's target over APT's pruning phase
+            args = _args(config, "TorchPruningPeer")
+            assert [args[k] for k in ("target_sparsity", "start_step", "end_step")] == [
+                pruning[k] for k in ("target_sparsity", "start_step", "end_step")
+            ]
         return
     expected = {
         "no_pruning": ["AdaptiveTuning", "SelfDistillation"],
@@ -84,13 +99,15 @@ def _check_variant(name: str, config: dict, base: dict) -> None:
         assert scorer["class_path"].endswith("RandomScorer") and scorer["init_args"] == {"seed": 3}  # ${seed}
     elif name == "uniform_scoring":
         assert _args(config, "AdaptivePruning")["scorer"] == "uniform"
-    elif name == "no_kurtosis":  # merged onto the base's scorer: only kurtosis changes
+    elif name in SCORER_OVERLAYS:  # merged onto the base's scorer: only the named argument changes
         scorer = _args(config, "AdaptivePruning")["scorer"]
         assert scorer["class_path"].endswith("OutlierAwareSalience")
         assert scorer["init_args"] == {
             **_args(base, "AdaptivePruning")["scorer"]["init_args"],
-            "kurtosis": False,
+            **SCORER_OVERLAYS[name],
         }
+    elif name in PRUNING_OVERLAYS:
+        assert _args(config, "AdaptivePruning") == {**pruning, **PRUNING_OVERLAYS[name]}
     elif name.startswith("distill_"):  # distillation options, and for the authors' phases no compaction
         spec = load_overlay(ABLATIONS / f"{name}.yaml")
         expected = canonical_config(base, "base")
@@ -118,12 +135,23 @@ def test_every_planned_overlay_exists():
         "random_scoring",
         "uniform_scoring",
         "no_kurtosis",
+        "kurtosis_paper",
+        "kurtosis_scaled",
+        "hidden_branch",
+        "decay_before",
+        "warmup",
         "no_distillation",
         "sparsity_0.2",
         "sparsity_0.5",
         "sparsity_0.8",
         "ft",
         "lora",
+        "peer_tp_ft",
+        "peer_tp_lora",
+        "distill_in_pruning",
+        "distill_authors",
+        "distill_authors_phases",
+        "distill_authors_layers",
     }
     assert wanted <= {p.stem for p in OVERLAYS}
 
@@ -152,7 +180,7 @@ def test_overlay_config_instantiates(overlay, tiny_backbone_dir, tmp_path):
     cli = run_cli(["--config", str(path)], run=False)
     present = [type(c).__name__ for c in cli.trainer.callbacks]
     assert all(name in present for name in _names(config))
-    assert (cli.model.adapters_config is None) == (overlay.stem == "ft")
+    assert (cli.model.adapters_config is None) == (overlay.stem in ("ft", "peer_tp_ft"))
 
 
 def test_overlay_errors_and_references():
@@ -173,12 +201,12 @@ def test_overlay_errors_and_references():
         apply_overlay(base, {"data": {"init_args": {"a": "${not a ref"}}})
     # a reference to an argument the base leaves unset reads the class default
     refs = {
-        "alpha": "${pruning.decay_alpha}",
+        "decay": "${pruning.mask_decay}",
         "seed": "${seed}",
         "lr": "${model.init_args.optimizer.init_args.lr}",
     }
     out = apply_overlay(base, {"data": {"init_args": refs}}, seed=7)
-    assert {k: out["data"]["init_args"][k] for k in refs} == {"alpha": 0.01, "seed": 7, "lr": 0.0005}
+    assert {k: out["data"]["init_args"][k] for k in refs} == {"decay": "after", "seed": 7, "lr": 0.0005}
     # a group merges onto the base's: only what the overlay names changes; null switches it off
     out = apply_overlay(base, {"pruning": {"plot": False}, "distillation": None})
     assert _args(out, "AdaptivePruning") == {**_args(base, "AdaptivePruning"), "plot": False}
@@ -475,6 +503,10 @@ def test_gpu_suite_plan(tmp_path):
     mnli = {r.variant.name: r.config for r in runs if r.task.key == "mnli9k" and r.seed == 0}
     assert mnli["ft"]["model"]["init_args"]["task"] == "mnli"
     assert _args(mnli["apt"], "AdaptivePruning")["start_step"] == 50
+    assert (
+        _args(mnli["peer_tp_lora"], "TorchPruningPeer")["start_step"] == 50
+    )  # APT's phase, as the task sets it
+    assert {c["data"]["init_args"]["val_from_train"] for c in mnli.values()} == {1000}
     sst2 = {r.variant.name: r.config for r in runs if r.task.key == "sst2" and r.seed == 0}
     # no_pruning copies the pruning schedule as this task overrides it (100), not the base's (200)
     assert (
@@ -488,8 +520,9 @@ def test_full_schedule_suite_is_the_base_recipe(tmp_path):
     (tmp_path / "sst2").mkdir()
     runs = plan(load_suite(SUITES / "minilm_gpu_full.yaml", data_root=str(tmp_path)))
     variants = ("apt", "ft", "no_distillation", "apt_paper_mu", "paper_mu_snapshot_on_improvement")
+    peers = ("peer_tp_ft", "peer_tp_lora")
     assert sorted(r.run_id for r in runs) == sorted(
-        f"{v}/sst2/seed{s}" for v in (*variants, "paper_mu_tau_code") for s in (0, 1, 2)
+        f"{v}/sst2/seed{s}" for v in (*variants, "paper_mu_tau_code", *peers) for s in (0, 1, 2)
     )
     base = yaml.safe_load(APT_BASE.read_text())
     configs = {r.variant.name: r.config for r in runs if r.seed == 0}
@@ -504,6 +537,11 @@ def test_full_schedule_suite_is_the_base_recipe(tmp_path):
     authors = _args(configs["paper_mu_snapshot_on_improvement"], "SelfDistillation")
     assert authors["snapshot"]["class_path"].endswith("OnImprovement")
     assert _args(configs["paper_mu_tau_code"], "SelfDistillation")["tau"] == pytest.approx(2 / 3, abs=1e-4)
+    for config in configs.values():  # honest selection, every variant alike
+        assert config["data"]["init_args"]["val_from_train"] == 2000
+        selection = _args(config, "FinalStructureCheckpoint")
+        assert selection["monitor"] == "val/accuracy" and selection["dirpath"].endswith("/selection")
+        assert "enable_checkpointing" not in config["trainer"] and config["checkpoint_every_n_steps"] is None
 
 
 @needs_glue
@@ -673,6 +711,7 @@ def _write_run(
     failed=False,
     efficiency=True,
     task="sst2",
+    test=None,
 ):
     run = root / variant / task / f"seed{seed}"
     (run / "logs").mkdir(parents=True)
@@ -712,6 +751,7 @@ def _write_run(
                 "device": "cpu",
                 "log_dir": str(run / "logs"),
                 "versions": {"torch": "x"},
+                **({} if test is None else {"test_metric": test, "selected_step": 20}),
             }
         )
     )
@@ -850,6 +890,26 @@ def test_report_from_synthetic_runs(tmp_path, capsys):
     assert "RESULTS.md" in capsys.readouterr().out
 
 
+def test_report_gives_the_test_numbers_of_selected_checkpoints(tmp_path):
+    """Runs selected on a carved validation split carry the official dev set's number as test; the report
+    gives it per run and per variant, against FT's, and leaves variants without one out of that table."""
+    root = tmp_path / "suite"
+    for seed, (ft, apt) in enumerate([(0.90, 0.88), (0.92, 0.86)]):
+        _write_run(root, "ft", seed, ft + 0.01, test=ft)
+        _write_run(root, "apt", seed, apt + 0.01, sparsity=0.6, test=apt)
+    _write_run(root, "lora", 0, 0.85)  # an older run, selected on the dev set: no test number
+    md = write_report(root).read_text()
+    res = {k[0]: v for k, v in _read_csv(root / "results.csv").items()}
+    assert float(res["apt"]["test_mean"]) == pytest.approx(0.87) and res["apt"]["test_n"] == "2"
+    assert float(res["apt"]["test_pct_of_ft"]) == pytest.approx(100 * 0.87 / 0.91)
+    assert res["lora"]["test_mean"] == "" and res["lora"]["test_n"] == "0"
+    runs = _read_csv(root / "runs.csv")
+    assert float(runs[("apt", "1")]["test_metric"]) == 0.86 and runs[("apt", "1")]["selected_step"] == "20"
+    assert "| variant | test accuracy, mean ± std | % of FT |" in md
+    assert "| apt | 87.00 ± 1.41 (n=2) | 95.6 |" in md and "| lora | 85.00" not in md.split("Test:")[1][:400]
+    assert "| apt/sst2/seed1 | done | 0.8700 | all 2 | 0.8700 | 0.8600 | 0.600 |" in md
+
+
 def test_report_without_reference_or_runs(tmp_path):
     root = tmp_path / "suite"
     _write_run(root, "apt", 0, 0.8, sparsity=0.5)
@@ -908,6 +968,77 @@ def test_smoke_suite_end_to_end(tmp_path, tiny_backbone_dir, capsys):
     before = config.read_text()
     assert cli.main([*argv, "--dry-run", "--set", "trainer.max_steps=99"]) == 0
     assert "done     apt/sst2/seed0" in capsys.readouterr().out and config.read_text() == before
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_selection_counts_only_validations_at_the_final_structure(backbone, tmp_path):
+    """APT's last decay window closes at step 5: validations at steps 2 and 4 score wider models and are
+    never saved, whatever their value."""
+    from helpers_apt import make_module, quiet_trainer, repeated_batch_loader
+
+    from apt_lightning.callbacks import AdaptivePruning, FinalStructureCheckpoint
+
+    pruning = AdaptivePruning(0.5, start_step=0, end_step=4, num_events=2, decay_steps=1, plot=False)
+    selection = FinalStructureCheckpoint(dirpath=str(tmp_path), save_top_k=-1)
+    trainer = quiet_trainer(
+        max_steps=8,
+        callbacks=[pruning, selection],
+        enable_checkpointing=True,
+        limit_val_batches=1,
+        val_check_interval=2,
+    )
+    loader = repeated_batch_loader(8)
+    trainer.fit(make_module(backbone), train_dataloaders=loader, val_dataloaders=repeated_batch_loader(1))
+    assert pruning.pruning_done
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["best-6.ckpt", "best-8.ckpt"]
+
+
+def _small_sst2(folder: Path, train: int = 150, dev: int = 32) -> Path:
+    folder.mkdir(parents=True)
+    words = ["good", "bad", "fine", "dull", "great", "awful"]
+    for name, rows in (("train.tsv", train), ("dev.tsv", dev)):
+        lines = [f"a {words[i % 6]} film number {i}\t{(i % 6) % 2}" for i in range(rows)]
+        (folder / name).write_text("sentence\tlabel\n" + "\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_worker_selects_at_the_final_structure_and_tests_on_dev(tmp_path, tiny_backbone_dir, monkeypatch):
+    """A peer run on a validation split carved from training, trained in this process by the worker's body:
+    the checkpoint it keeps is the best validation point after the last pruning step, tested on the dev
+    set; done.json and the report carry the test number."""
+    data = _small_sst2(tmp_path / "sst2")
+    settings = {
+        "model.init_args.backbone": str(tiny_backbone_dir),
+        "trainer.accelerator": "cpu",
+        "trainer.max_epochs": 1,
+        "trainer.max_steps": 12,
+        "trainer.val_check_interval": 3,
+        "trainer.enable_progress_bar": False,
+        "data.init_args.train_limit": 96,
+        "data.init_args.eval_limit": 32,
+        "data.init_args.batch_size": 8,
+        "data.init_args.max_length": 32,
+        "data.init_args.val_from_train": 48,
+        "pruning.start_step": 2,
+        "pruning.end_step": 6,
+    }
+    peer = {"name": "peer_tp_ft", "set": {"trainer.callbacks.TorchPruningPeer.init_args.num_steps": 2}}
+    tasks = {"sst2": {"data_dir": str(data)}}
+    suite = load_suite(_suite(tmp_path, variants=[peer], reference=None, set=settings, tasks=tasks))
+    (run,) = plan(suite)
+    monkeypatch.setattr(sys, "argv", ["apt-ablate"])
+    train._prepare(suite, run)
+    assert train.train_worker(run.run_dir, []) == 0
+    done = json.loads((run.run_dir / "done.json").read_text())
+    history = json.loads((run.run_dir / "logs" / "efficiency.json").read_text())["metric_history"]
+    assert [h["step"] for h in history] == [3, 6, 9, 12]  # the peer's last pruning step is step 6
+    final = {h["step"]: h["metric"] for h in history if h["step"] >= 6}
+    assert done["selected_checkpoint"] == "best" and done["selected_val_metric"] == max(final.values())
+    assert final[done["selected_step"]] == done["selected_val_metric"]
+    assert 0.0 <= done["test_metric"] <= 1.0 and done["test_monitor"] == "test/accuracy"
+    assert not list((run.run_dir / "selection").glob("*.ckpt"))  # tested, then deleted
+    assert collect_runs(suite.output_dir)[0]["test_metric"] == done["test_metric"]
 
 
 # ---------------------------------------------------------------------- relabel

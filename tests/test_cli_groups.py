@@ -156,4 +156,5 @@ def test_an_overlay_is_a_partial_apt_fit_config(overlay, tiny_backbone_dir, tmp_
         for arg, value in (partial.get(key) or {}).items():
             if isinstance(value, int | float) and isinstance(getattr(built, arg, None), int | float):
                 assert getattr(built, arg) == value, (overlay.stem, key, arg)
-    assert (direct.model.adapters_config is None) == (overlay.stem == "ft")
+    # full fine-tuning (ft, peer_tp_ft) exactly where the composed config switches the adapters off
+    assert (direct.model.adapters_config is None) == (composed["model"]["init_args"].get("adapters") is None)

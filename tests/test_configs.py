@@ -7,12 +7,22 @@ import yaml
 from conftest import GLUE_DIR, REPO
 
 from apt_lightning.cli import CALLBACK_GROUPS, main, run_cli
-from apt_lightning.data import GLUEDataModule
+from apt_lightning.data import GLUEDataModule, InstructionDataModule
 from apt_lightning.module import APTModule
+
+ALPACA_DIR = REPO.parent / "shared" / "data" / "alpaca"
 
 CONFIGS = sorted(
     p for p in (REPO / "configs").rglob("*.yaml") if "suites" not in p.parts and "ablations" not in p.parts
 )
+
+
+@pytest.fixture(scope="module")
+def causal_backbone(tmp_path_factory):
+    """A tiny random LLaMA causal LM with a tokenizer that has an EOS, for the instruction recipes."""
+    from helpers_causal import save_tiny_causal_backbone
+
+    return save_tiny_causal_backbone(tmp_path_factory.mktemp("causal_backbone"))
 
 
 def _local_overrides(config: Path, backbone: Path) -> list[str]:
@@ -22,6 +32,8 @@ def _local_overrides(config: Path, backbone: Path) -> list[str]:
     if "model" in spec:
         args += [f"--model.init_args.backbone={backbone}"]
     task = spec.get("model", {}).get("init_args", {}).get("task", "sst2")
+    if task == "instruction":  # Alpaca from the shared data (the recipes' own folder), ALPACA_DIR
+        return args + [f"--data.init_args.data_dir={ALPACA_DIR}"]
     if "data" in spec and isinstance(task, str):  # a user's own task (a mapping) keeps its data_dir
         folder = GLUE_DIR / ("mnli_subset" if task == "mnli" else task)
         args += [f"--data.init_args.data_dir={folder}"]
@@ -29,19 +41,24 @@ def _local_overrides(config: Path, backbone: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
-def test_config_instantiates(config, tiny_backbone_dir, monkeypatch):
+def test_config_instantiates(config, tiny_backbone_dir, causal_backbone, monkeypatch):
     if not GLUE_DIR.exists():
         pytest.skip("shared GLUE data not present")
     spec = yaml.safe_load(config.read_text())
+    instruction = spec.get("model", {}).get("init_args", {}).get("task") == "instruction"
+    if instruction and not ALPACA_DIR.exists():
+        pytest.skip("shared Alpaca data not present")
+    backbone = causal_backbone if instruction else tiny_backbone_dir
     if "model" not in spec:  # a partial config (e.g. logger/wandb.yaml) combines with a full one
         base = REPO / "configs" / "quickstart_cpu.yaml"
-        args = ["--config", str(base), "--config", str(config)] + _local_overrides(base, tiny_backbone_dir)
+        args = ["--config", str(base), "--config", str(config)] + _local_overrides(base, backbone)
     else:
-        args = ["--config", str(config)] + _local_overrides(config, tiny_backbone_dir)
+        args = ["--config", str(config)] + _local_overrides(config, backbone)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     cli = run_cli(args, run=False)
     assert isinstance(cli.model, APTModule)
-    assert isinstance(cli.datamodule, GLUEDataModule)
+    assert isinstance(cli.datamodule, InstructionDataModule if instruction else GLUEDataModule)
+    assert cli.model.causal_lm == instruction
     assert cli.datamodule.hparams.task == cli.model.hparams.task  # linked
     declared = [c["class_path"].rsplit(".", 1)[-1] for c in spec.get("trainer", {}).get("callbacks", [])]
     present = [type(c).__name__ for c in cli.trainer.callbacks]

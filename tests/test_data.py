@@ -8,6 +8,7 @@ import torch
 
 from apt_lightning.backbone import MINILM_ALIAS, BackboneNotFoundError, load_tokenizer, resolve_backbone
 from apt_lightning.data import GLUEDataModule, build_metrics, get_task
+from apt_lightning.data.glue import carve_validation
 
 GLUE = Path(__file__).resolve().parents[2] / "shared/data/glue"
 
@@ -102,12 +103,51 @@ def test_csv_and_parquet_with_hub_columns(tmp_path):
     assert batch["labels"].tolist() == [4.5, 0.25]
 
 
+def test_carved_validation_rows():
+    train, val = carve_validation(30, 200, seed=0)
+    assert len(val) == 30 and len(train) == 170 and not set(train) & set(val)
+    assert sorted(train + val) == list(range(200)) and val == sorted(val)
+    assert carve_validation(30, 200, seed=0) == (train, val)  # the same rows for every run
+    assert carve_validation(30, 200, seed=1)[1] != val
+    assert len(carve_validation(0.25, 200, seed=0)[1]) == 50
+    with pytest.raises(ValueError, match="takes 200 of the 200 training rows"):
+        carve_validation(200, 200, seed=0)
+
+
+def _texts(dm: GLUEDataModule, split: str) -> list[str]:
+    data = getattr(dm, f"{'val' if split == 'validation' else split}_dataloader")().dataset
+    return [dm.tokenizer.decode(ids, skip_special_tokens=True) for ids in data["input_ids"]]
+
+
+def test_validation_carved_from_training_and_dev_as_test(tmp_path):
+    rows = "".join(f"film number {i}\t{i % 2}\n" for i in range(40))
+    _write(tmp_path, "train.tsv", "sentence\tlabel\n" + rows)
+    _write(tmp_path, "dev.tsv", "sentence\tlabel\nthe dev one\t1\nthe dev two\t0\n")
+    dm = _setup(task="sst2", data_dir=str(tmp_path), val_from_train=10, split_seed=3)
+    train, val = _texts(dm, "train"), _texts(dm, "validation")
+    assert len(train) == 30 and len(val) == 10 and not set(train) & set(val)
+    assert sorted(train + val) == sorted(f"film number {i}" for i in range(40))
+    dm.setup("test")
+    assert _texts(dm, "test") == ["the dev one", "the dev two"]  # the official dev set is the test split
+    again = GLUEDataModule(
+        tokenizer=MINILM_ALIAS, task="sst2", data_dir=str(tmp_path), val_from_train=10, split_seed=3
+    )
+    again.setup("validate")
+    assert _texts(again, "validation") == val  # the same rows in every stage and every run
+    other = _setup(task="sst2", data_dir=str(tmp_path), val_from_train=0.25, split_seed=4, train_limit=5)
+    assert len(_texts(other, "validation")) == 10 and _texts(other, "validation") != val
+    assert len(_texts(other, "train")) == 5  # the limit applies to what carving left
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"task": "xyz"}, "unknown task 'xyz'; choose one of: sst2, mnli"),
         ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
         ({"train_limit": -1}, "train_limit must be a positive integer or None"),
+        ({"val_from_train": 1.5}, r"val_from_train as a fraction must be in \(0, 1\), got 1.5"),
+        ({"val_from_train": 0}, "val_from_train as a row count must be 1 or more, got 0"),
+        ({"val_from_train": True}, "val_from_train must be a row count or a fraction"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -20,8 +20,8 @@ from apt_lightning.pruning import BlockTensors, Scorer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The run every test here trains: 16 optimizer steps, validation every 2 (global steps 2, 4, ..., 16),
-# pruning from step 2 to step 8 in 3 events (steps 4, 6, 8) with 1-step windows: the final sparsity is
-# reached at step 9, so validations from step 10 on are at the final sparsity.
+# pruning from step 2 to step 8 in 3 events (steps 4, 6, 8) with 1-step windows: the final structure is
+# reached at step 9, so validations from step 10 on are at the final structure.
 STEPS, START, END = 16, 2, 8
 FULL = ((4, 4, 4), (48, 48, 48), 32)  # heads, neurons per layer, hidden of the tiny backbone
 BASE_LR = 2e-4  # APTModule's default AdamW; WarmupLinearLR with 6% of 16 steps = no warm-up
@@ -247,9 +247,9 @@ def test_snapshot_on_improvement_refreshes_and_compacts_only_then(backbone, tmp_
     assert probe.widths[14] != probe.widths[8]  # compacted to event 2's masks when distillation ended
 
 
-def test_final_phase_starts_from_the_best_state_at_final_sparsity(backbone, tmp_path):
+def test_final_phase_starts_from_the_best_state_at_final_structure(backbone, tmp_path):
     """final_from="best": when distillation ends, the adapters and head of the best validation at the
-    final sparsity come back (not the mid-pruning maximum, not the current state)."""
+    final structure come back (not the mid-pruning maximum, not the current state)."""
     script = {6: 0.95, 10: 0.7, 12: 0.8}  # the maximum at step 6 is mid-pruning: it must not count
 
     class Keep(Callback):
@@ -277,6 +277,74 @@ def test_final_phase_starts_from_the_best_state_at_final_sparsity(backbone, tmp_
     # compare on a tensor compaction does not touch (the classifier's output rows)
     torch.testing.assert_close(keep.at_finish["classifier.bias"], keep.at[12]["classifier.bias"])
     assert not torch.equal(keep.at[14]["classifier.bias"], keep.at[12]["classifier.bias"])
+
+
+class SnapshotSpy(Callback):
+    """At every teacher snapshot: the step, whether the masks are hard and all 1 (the student compacted to
+    exactly its kept blocks) and the student's widths."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[tuple[int, bool, tuple]] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        snapshot = pl_module.teacher.snapshot
+
+        def spy(student) -> None:
+            masks, shapes = pl_module.structure.masks, pl_module.structure.shapes()
+            compacted = masks.is_hard() and all(bool((t == 1).all()) for t in masks.buffers())
+            widths = (tuple(shapes.heads), tuple(shapes.neurons), shapes.hidden)
+            self.snapshots.append((trainer.global_step, compacted, widths))
+            snapshot(student)
+
+        pl_module.teacher.snapshot = spy
+
+
+def test_authors_schedule_with_mask_decay_before(backbone, tmp_path):
+    """`mask_decay="before"` announces an event when its window opens (steps 3, 5, 7 here; hard masks at 4,
+    6, 8). The previous window has closed by then, so a snapshot there compacts the student to hard masks;
+    inside a window (fractional masks) nothing is compacted, and the final compaction takes the last
+    event's hard masks."""
+    # validations at 2, 4, 6: the window of event 0 (step 3) sees 0.6 (first: snapshot), event 1's (5) 0.5
+    # (worse: none), event 2's (7) 0.7 (better: snapshot, compacting events 0 and 1's masks)
+    model = scripted(backbone, {2: 0.6, 4: 0.5, 6: 0.7})
+    prune = pruning(compact_at="never", mask_decay="before", decay_alpha=0.5)
+    distill = SelfDistillation(schedule="authors", distill_until=14, layer_blocks=3)
+    probe, spy = Probe(), SnapshotSpy()
+    fit(model, [prune, distill, probe, spy], tmp_path)
+    assert [prune.schedule.window(k) for k in range(3)] == [(3, 4), (5, 6), (7, 8)]
+    assert [h["reason"] for h in distill.history] == ["start", "event 0", "event 2"]
+    assert [(step, compacted) for step, compacted, _ in spy.snapshots] == [(2, True), (3, True), (7, True)]
+    assert all(probe.widths[s] == FULL for s in range(7))
+    assert probe.widths[7] == spy.snapshots[-1][2] != FULL  # compacted at event 2's window start
+    assert all(probe.widths[s] == probe.widths[7] for s in range(7, 14))  # masked, not compacted, in between
+    final = prune.history[-1]
+    kept = (tuple(final["heads_per_layer"]), tuple(final["neurons_per_layer"]), final["hidden_kept"])
+    assert probe.widths[14] == kept
+    assert model.structure.masks.is_hard() and not model.teacher.ready
+
+
+def test_authors_final_compaction_waits_for_the_last_window(backbone, tmp_path):
+    """Distillation ending while pruning goes on (distill_epochs=1 of 4-step epochs: step 4, in event 0's
+    window): the final compaction waits until the last window has closed, so the student ends compacted to
+    the final structure rather than to an intermediate one with masked blocks left over."""
+    model = scripted(backbone)
+    prune = pruning(compact_at="never")
+    distill = SelfDistillation(schedule="authors", distill_epochs=1, snapshot=Never(), final_from="current")
+    probe = Probe()
+    trainer = quiet_trainer(
+        max_steps=STEPS,
+        callbacks=[prune, distill, probe],
+        default_root_dir=tmp_path,
+        limit_val_batches=1,
+        val_check_interval=2,
+    )
+    trainer.fit(model, repeated_batch_loader(4), repeated_batch_loader(1))
+    assert distill.phases["final"] == 4 and not model.teacher.ready
+    assert all(probe.widths[s] == FULL for s in range(9))  # the last window closes at step 9
+    final = prune.history[-1]
+    kept = (tuple(final["heads_per_layer"]), tuple(final["neurons_per_layer"]), final["hidden_kept"])
+    assert probe.widths[9] == kept
+    assert all(bool((t == 1).all()) for t in model.structure.masks.buffers())  # nothing left masked
 
 
 def test_authors_schedule_needs_pruning_that_does_not_compact(backbone, tmp_path):

@@ -1,5 +1,6 @@
-"""A run's best metric counts only validations at the final sparsity (issue 15, deviation 7): the
-EfficiencyMonitor's efficiency.json, the RunDashboard summary, checkpoint selection and the suite report."""
+"""A run's best metric counts only validations at the final structure (issue 15, deviation 7;
+`events.structure_final`): the EfficiencyMonitor's efficiency.json, the RunDashboard summary, checkpoint
+selection (`FinalStructureCheckpoint`) and the suite report."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from helpers_apt import quiet_trainer, repeated_batch_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from apt_lightning import APTModule
-from apt_lightning.callbacks import AdaptivePruning, EfficiencyMonitor, FinalSparsityCheckpoint, RunDashboard
+from apt_lightning.callbacks import AdaptivePruning, EfficiencyMonitor, FinalStructureCheckpoint, RunDashboard
 from apt_lightning.callbacks.efficiency import best_entry, best_metric, counted
 from apt_lightning.callbacks.summary import format_summary
 from apt_lightning.tools.report import collect_runs, write_report
@@ -22,7 +23,7 @@ from apt_lightning.tools.suite import layout
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 16 steps, validation every 2 (steps 2, ..., 16); pruning events at 4, 6, 8 with 1-step windows: the
-# final sparsity holds from step 9, so validations at 10, 12, 14, 16 count. The maximum (step 6) is
+# final structure holds from step 9, so validations at 10, 12, 14, 16 count. The maximum (step 6) is
 # mid-pruning.
 SCRIPT = {2: 0.6, 4: 0.7, 6: 0.95, 8: 0.9, 10: 0.7, 12: 0.8, 14: 0.75, 16: 0.65}
 
@@ -37,17 +38,20 @@ class ScriptedModule(APTModule):
         self.log("val/accuracy", SCRIPT[self.global_step])
 
 
-def run(backbone, tmp_path, prune: bool = True):
+def pruning(**kw) -> AdaptivePruning:
+    args = {"start_step": 2, "end_step": 8, "num_events": 3, "decay_steps": 1, "plot": False}
+    return AdaptivePruning(**{**args, **kw})
+
+
+def run(backbone, tmp_path, prune: AdaptivePruning | None = None):
     torch.manual_seed(0)
     model = ScriptedModule(backbone=str(backbone), task="sst2")
     efficiency, dashboard = EfficiencyMonitor(output_dir=tmp_path), RunDashboard(print_summary=False)
     plain = ModelCheckpoint(dirpath=tmp_path / "plain", monitor="val/accuracy", mode="max")
-    final = FinalSparsityCheckpoint(dirpath=tmp_path / "final", monitor="val/accuracy", mode="max")
+    final = FinalStructureCheckpoint(dirpath=tmp_path / "final")
     callbacks = [efficiency, dashboard, plain, final]
-    if prune:
-        callbacks.insert(
-            0, AdaptivePruning(0.5, start_step=2, end_step=8, num_events=3, decay_steps=1, plot=False)
-        )
+    if prune is not None:
+        callbacks.insert(0, prune)
     trainer = quiet_trainer(
         max_steps=16,
         callbacks=callbacks,
@@ -60,9 +64,9 @@ def run(backbone, tmp_path, prune: bool = True):
     return json.loads((tmp_path / "efficiency.json").read_text()), dashboard, plain, final
 
 
-def test_best_metric_counts_only_validations_at_the_final_sparsity(backbone, tmp_path):
-    eff, dashboard, plain, final = run(backbone, tmp_path)
-    flags = {h["step"]: h["at_final_sparsity"] for h in eff["metric_history"]}
+def test_best_metric_counts_only_validations_at_the_final_structure(backbone, tmp_path):
+    eff, dashboard, plain, final = run(backbone, tmp_path, pruning(target_sparsity=0.5))
+    flags = {h["step"]: h["at_final_structure"] for h in eff["metric_history"]}
     assert flags == {s: s >= 10 for s in SCRIPT}
     assert eff["best_metric"] == pytest.approx(0.8) and eff["best_step"] == 12  # not the mid-pruning 0.95
     assert eff["best_counted_steps"] == [10, 12, 14, 16]
@@ -75,28 +79,42 @@ def test_best_metric_counts_only_validations_at_the_final_sparsity(backbone, tmp
     assert "best 0.8 (step 12), final 0.65 (step 16); best over the 4 of 8 validations at the final" in text
     # checkpoint selection: a plain ModelCheckpoint keeps the mid-pruning maximum, this one does not
     assert float(plain.best_model_score) == pytest.approx(0.95) and "step=6" in plain.best_model_path
-    assert float(final.best_model_score) == pytest.approx(0.8) and "step=12" in final.best_model_path
+    assert float(final.best_model_score) == pytest.approx(0.8)
+    assert final.best_model_path.endswith("best-12.ckpt")
+
+
+def test_mask_decay_before_counts_from_the_last_event_on(backbone, tmp_path):
+    """With `mask_decay="before"` the last event is announced when its window opens (step 11 here) and its
+    masks turn hard at step 14: the validation at step 12, inside that window, scores a wider model and
+    does not count; the one at step 14 does."""
+    prune = pruning(target_sparsity=0.5, end_step=14, decay_steps=3, mask_decay="before")
+    eff, dashboard, plain, final = run(backbone, tmp_path, prune)
+    assert prune.schedule.window(2) == (11, 14)
+    flags = {h["step"]: h["at_final_structure"] for h in eff["metric_history"]}
+    assert flags == {s: s >= 14 for s in SCRIPT}
+    assert eff["best_metric"] == pytest.approx(0.75) and eff["best_step"] == 14  # not 0.8 at step 12
+    assert final.best_model_path.endswith("best-14.ckpt")
 
 
 def test_without_pruning_every_validation_counts(backbone, tmp_path):
-    eff, dashboard, plain, final = run(backbone, tmp_path, prune=False)
-    assert all(h["at_final_sparsity"] for h in eff["metric_history"])
+    eff, dashboard, plain, final = run(backbone, tmp_path)
+    assert all(h["at_final_structure"] for h in eff["metric_history"])
     assert eff["best_metric"] == pytest.approx(0.95) and eff["best_step"] == 6
     assert dashboard.summary["best_metric"] == pytest.approx(0.95)
-    assert "step=6" in final.best_model_path and "step=6" in plain.best_model_path
+    assert final.best_model_path.endswith("best-6.ckpt") and "step=6" in plain.best_model_path
 
 
 def test_best_helpers_on_flagged_histories():
     history = [
-        {"step": 2, "metric": 0.9, "at_final_sparsity": False},
-        {"step": 4, "metric": 0.7, "at_final_sparsity": True},
-        {"step": 6, "metric": float("nan"), "at_final_sparsity": True},
-        {"step": 8, "metric": 0.8, "at_final_sparsity": True},
+        {"step": 2, "metric": 0.9, "at_final_structure": False},
+        {"step": 4, "metric": 0.7, "at_final_structure": True},
+        {"step": 6, "metric": float("nan"), "at_final_structure": True},
+        {"step": 8, "metric": 0.8, "at_final_structure": True},
     ]
     assert [e["step"] for e in counted(history)] == [4, 8]
     assert best_metric(history) == 0.8 and best_entry(history)["step"] == 8
     assert best_metric(history, "min") == 0.7
-    assert best_metric(history[:1]) is None  # no validation at the final sparsity: no best
+    assert best_metric(history[:1]) is None  # no validation at the final structure: no best
     old = [{"step": 2, "metric": 0.9}, {"step": 4, "metric": 0.7}]  # files from before the flag
     assert best_metric(old) == 0.9
     assert best_over({"metric_history": history}) == "3 of 4, steps 4-8"
@@ -119,7 +137,7 @@ def _suite_run(root: Path) -> None:
     )
     (run / "done.json").write_text(json.dumps({"best_metric": 0.8, "wall_s": 40.0}))
     history = [
-        {"step": 10 * (i + 1), "wall_s": 10.0 * (i + 1), "metric": m, "at_final_sparsity": i >= 2}
+        {"step": 10 * (i + 1), "wall_s": 10.0 * (i + 1), "metric": m, "at_final_structure": i >= 2}
         for i, m in enumerate([0.7, 0.95, 0.8, 0.75])
     ]
     (run / "logs" / "efficiency.json").write_text(
@@ -133,8 +151,8 @@ def test_report_says_which_validations_counted(tmp_path):
     assert row["best_metric"] == 0.8 and row["final_metric"] == 0.75
     assert row["best_over"] == "2 of 4, steps 30-40"
     md = write_report(tmp_path).read_text()
-    assert "| 0.8000 | 2 of 4, steps 30-40 | 0.7500 |" in md
-    assert "validation checks at the final sparsity" in md
+    assert "| 0.8000 | 2 of 4, steps 30-40 | 0.7500 | – |" in md  # no test metric: no carved split
+    assert "validation checks at the final structure" in md
     assert "best_over" in (tmp_path / "runs.csv").read_text().splitlines()[0]
 
 
@@ -149,7 +167,7 @@ def test_apt_fit_warns_about_a_plain_monitored_checkpoint_next_to_pruning(
     if not GLUE_DIR.exists():
         pytest.skip("shared GLUE data not present")
     plain = "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint"
-    with pytest.warns(UserWarning, match="FinalSparsityCheckpoint"):  # (pytest.warns records its own)
+    with pytest.warns(UserWarning, match="FinalStructureCheckpoint"):  # (pytest.warns records its own)
         run_cli(
             [
                 *quickstart_args(tiny_backbone_dir, tmp_path),
@@ -158,10 +176,10 @@ def test_apt_fit_warns_about_a_plain_monitored_checkpoint_next_to_pruning(
             ],
             run=False,
         )
-    chosen = "--trainer.callbacks+=apt_lightning.callbacks.FinalSparsityCheckpoint"
+    chosen = "--trainer.callbacks+=apt_lightning.callbacks.FinalStructureCheckpoint"
     cli = run_cli(
         [*quickstart_args(tiny_backbone_dir, tmp_path), chosen, "--trainer.callbacks.monitor=val/accuracy"],
         run=False,
     )
-    assert any(isinstance(c, FinalSparsityCheckpoint) for c in cli.trainer.callbacks)
+    assert any(isinstance(c, FinalStructureCheckpoint) for c in cli.trainer.callbacks)
     assert not [w for w in recwarn if str(w.message).startswith("ModelCheckpoint(monitor=")]

@@ -14,7 +14,7 @@
 - At fit end: a W&B run summary (final sparsity, params kept, best and final validation metric, peak
   memory, TTA and training wall time when `EfficiencyMonitor` ran) and, on stdout, where the checkpoints,
   config.yaml, metrics.csv, pruning.json, tuning.json, efficiency.json and plots are, with the final
-  sparsity and the best / final metric. The best counts only validations at the final sparsity
+  sparsity and the best / final metric. The best counts only validations at the final structure
   (`apt_lightning.callbacks.selection`). Works without W&B and without any APT callback.
 
 In `setup` the callback moves itself to the end of `trainer.callbacks`: at fit end the other callbacks have
@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 
-from apt_lightning.callbacks.events import find_callback
+from apt_lightning import distributed
+from apt_lightning.callbacks.events import find_callback, structure_final
 from apt_lightning.callbacks.pruning import AdaptivePruning
 from apt_lightning.callbacks.run_config import run_config
-from apt_lightning.callbacks.selection import at_final_sparsity
 from apt_lightning.callbacks.summary import collect_files, format_summary, run_summary
 from apt_lightning.callbacks.tuning import AdaptiveTuning
 
@@ -149,7 +149,7 @@ class RunDashboard(Callback):
                 {
                     "step": trainer.global_step,
                     "epoch": trainer.current_epoch,
-                    "at_final_sparsity": at_final_sparsity(trainer),
+                    "at_final_structure": structure_final(trainer),
                     **values,
                 }
             )
@@ -162,7 +162,7 @@ class RunDashboard(Callback):
         return done, len(tuning.history) if tuning is not None else 0
 
     def _folder(self, trainer: Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir) / "dashboard"
+        return Path(distributed.log_dir(trainer) or trainer.default_root_dir) / "dashboard"
 
     def _render(
         self, trainer: Trainer, pl_module: LightningModule, pruning=True, tuning=True
@@ -240,9 +240,10 @@ class RunDashboard(Callback):
         """`kept_per_layer.png` from AdaptivePruning (plot=True), else drawn here from its last event."""
         pruner = find_callback(trainer, AdaptivePruning)
         records = [r for r in pruner.history if "heads_per_layer" in r] if pruner is not None else []
-        if not records or trainer.log_dir is None:
+        log_dir = distributed.log_dir(trainer)
+        if not records or log_dir is None:
             return None
-        path = Path(trainer.log_dir) / "kept_per_layer.png"
+        path = Path(log_dir) / "kept_per_layer.png"
         if path.is_file():
             return path
         from apt_lightning.plots import plot_kept_per_layer

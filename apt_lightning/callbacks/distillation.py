@@ -7,7 +7,7 @@ Three phases, by optimizer step:
    swappable `SnapshotPolicy`;
 2. post-pruning distillation (`end_step` to the end of distillation): mu = `post_mu`;
 3. final phase (after distillation): the task loss alone at `final_lr_scale` x the scheduled LR, from the
-   best state at the final sparsity (`final_from="best"`) or the current one.
+   best state at the final structure (`final_from="best"`) or the current one.
 
 `schedule` picks the teacher's width and the defaults of the other choices:
 - "in_pruning" (the default): the teacher follows every compaction, so it is at most one event wider than
@@ -29,9 +29,9 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from apt_lightning.callbacks.events import PruningEvent, find_callback
+from apt_lightning import distributed
+from apt_lightning.callbacks.events import PruningEvent, find_callback, structure_final
 from apt_lightning.callbacks.pruning import AdaptivePruning
-from apt_lightning.callbacks.selection import at_final_sparsity
 from apt_lightning.distill import Distiller, TeacherView
 from apt_lightning.distill.losses import check_layer_options
 from apt_lightning.pruning.schedule import resolve_step
@@ -114,7 +114,7 @@ class SelfDistillation(Callback):
         `distill_epochs`. With neither, the schedule's default.
     final_lr_scale: the final phase trains on the task loss alone at this factor of the scheduled LR, in
         (0, 1] (the optimizer is rebuilt; the LR schedule continues over the remaining steps).
-    final_from: "best" restores the adapters and head of the best validation at the final sparsity
+    final_from: "best" restores the adapters and head of the best validation at the final structure
         (`monitor`) before the final phase (the authors reload their best checkpoint); "current" goes on
         from where distillation ended. None: the schedule's default.
     monitor / mode: the validation metric "best" means, for `final_from` and "on_improvement"; default the
@@ -196,7 +196,7 @@ class SelfDistillation(Callback):
         self.finished = False
         self.history: list[dict] = []  # teacher snapshots
         self.phases: dict[str, int] = {}  # the step each phase began at
-        self.best: dict | None = None  # {"value", "step", "tensors"}: best validation at the final sparsity
+        self.best: dict | None = None  # {"value", "step", "tensors"}: best validation at the final structure
         self._compact_pending = False
         self._distiller: Distiller | None = None
 
@@ -237,6 +237,7 @@ class SelfDistillation(Callback):
         if self.policy is None:
             policy = _POLICY_NAMES[self.snapshot]
             self.policy = policy(self.monitor, self.mode) if policy is OnImprovement else policy()
+        distributed.find_unused_parameters(trainer, "the distiller's transform trains only while distilling")
         hidden = pl_module.student.config.hidden_size
         if pl_module.distiller is None:
             pl_module.distiller = Distiller(
@@ -246,7 +247,8 @@ class SelfDistillation(Callback):
                 self.layer_weight,
                 self.layer_blocks,
                 self.transform_rank,
-                seed=torch.initial_seed(),  # follows seed_everything: seeds sample different teacher layers
+                # follows seed_everything (seeds sample different teacher layers); rank 0's on every rank
+                seed=distributed.broadcast_object(torch.initial_seed()),
                 layer_sampling=self.layer_sampling,
                 layer_mse=self.layer_mse,
                 alive=self.alive,
@@ -299,11 +301,11 @@ class SelfDistillation(Callback):
             self._snapshot(trainer, pl_module, f"event {event.index}")
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Keep the best adapters and head at the final sparsity (for `final_from="best"`)."""
+        """Keep the best adapters and head at the final structure (for `final_from="best"`)."""
         if trainer.sanity_checking or self.finished or self.final_from != "best":
             return
         value = trainer.callback_metrics.get(self.monitor)
-        if value is None or not at_final_sparsity(trainer):
+        if value is None or not structure_final(trainer):
             return
         value = float(value)
         if self.best is not None and not (
@@ -329,17 +331,22 @@ class SelfDistillation(Callback):
         pl_module.log("distill/snapshots", float(pl_module.teacher.snapshots))
 
     def _compact(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Remove the blocks hard-masked so far (through AdaptivePruning, whose statistics follow); while a
-        mask-decay window is open, wait for its end."""
+        """Remove the blocks hard-masked so far (`AdaptivePruning.compact_now`: its statistics follow).
+
+        A snapshot's compaction needs hard masks: inside a mask-decay window it is skipped and the teacher
+        is the wider model. The final one (distillation ended) waits until pruning is done, masks hard at
+        the final structure, so no later event leaves masked blocks uncompacted; until then it is pending.
+        Both `mask_decay` modes announce an event with the previous window closed, so snapshots at events
+        always compact."""
         self._compact_pending = False
         pruning = find_callback(trainer, AdaptivePruning)
         masks = pl_module.structure.masks if pruning is not None else None
         if masks is None:
             return
-        if not masks.is_hard():
+        if not (pruning.pruning_done if self.finished else masks.is_hard()):
             self._compact_pending = self.finished  # the final compaction must happen; a snapshot's may not
             return
-        pruning._compact(pl_module)
+        pruning.compact_now(pl_module)
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """End of distillation: restore the best state (`final_from="best"`), compact (`authors`), drop
@@ -361,7 +368,7 @@ class SelfDistillation(Callback):
             return False
         if self.best is None:
             rank_zero_warn(
-                f"SelfDistillation: no validation of {self.monitor!r} at the final sparsity before "
+                f"SelfDistillation: no validation of {self.monitor!r} at the final structure before "
                 "distillation ended; the final phase starts from the current state"
             )
             return False

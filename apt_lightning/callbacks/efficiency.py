@@ -15,15 +15,17 @@ Records, over one `fit`:
   `monitor` value reaches `tta_fraction` of a reference (see `tta_target`). The reference is `reference`,
   or a key of a JSON file (`reference_file`, e.g. the full fine-tuning run's `efficiency.json` and its
   `best_metric`), or, with neither, this run's own best (the FT run's TTA against itself).
-- the metric history (step, wall_s, metric, at_final_sparsity) at every validation, and the seconds spent
+- the metric history (step, wall_s, metric, at_final_structure) at every validation, and the seconds spent
   in scoring, search, compaction and rank growth, read from the `timing` dict of `AdaptivePruning` /
   `AdaptiveTuning`.
-- the best metric over the validations taken at the final sparsity only (`apt_lightning.callbacks.selection`:
-  after the last pruning event; every validation without pruning), its step, the steps that counted
+- the best metric over the validations taken at the final structure only (`events.structure_final`: once
+  no callback will change the widths; every validation without pruning), its step, the steps that counted
   (`best_counted_steps`), and the final value (`final_metric`, the last validation). TTA reads every point.
 
 At the end of fit it writes `efficiency.json` atomically into `output_dir` (default `trainer.log_dir`) and
-logs the scalar numbers to every Lightning logger under `efficiency/`.
+logs the scalar numbers to every Lightning logger under `efficiency/`. Under DDP the numbers above are rank
+0's (its share of each global batch); rank 0 writes the file, with every rank's peak memory, samples and step
+time under `per_rank` and `global_samples_per_s` (all ranks' samples over the slowest rank's step time).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from apt_lightning.callbacks.selection import at_final_sparsity
+from apt_lightning import distributed
+from apt_lightning.callbacks.events import structure_final
 from apt_lightning.files import write_json_atomic
 from apt_lightning.telemetry import peak_rss_mb, reset_peak_rss
 
@@ -75,12 +78,12 @@ def time_to_accuracy(
 
 
 def counted(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The entries a best metric counts: those taken at the final sparsity (`at_final_sparsity`, recorded
+    """The entries a best metric counts: those taken at the final structure (`at_final_structure`, recorded
     by `EfficiencyMonitor`; entries without the flag, e.g. from older files, count), with a metric."""
     return [
         e
         for e in history
-        if e.get("at_final_sparsity", True) and e["metric"] is not None and not math.isnan(e["metric"])
+        if e.get("at_final_structure", True) and e["metric"] is not None and not math.isnan(e["metric"])
     ]
 
 
@@ -183,6 +186,7 @@ class EfficiencyMonitor(Callback):
         self._device: torch.device | None = None
         self._memory_kind = "n/a"
         self._warned = False
+        self.per_rank: list[dict] = []  # every rank's numbers, gathered at the end of fit
 
     @property
     def state_key(self) -> str:
@@ -261,7 +265,7 @@ class EfficiencyMonitor(Callback):
             "epoch": trainer.current_epoch,
             "wall_s": wall,
             "metric": float(value),
-            "at_final_sparsity": at_final_sparsity(trainer),
+            "at_final_structure": structure_final(trainer),
         }
         self.history.append(entry)
         new_tta = self.reference is not None and self.tta_s is None
@@ -378,15 +382,36 @@ class EfficiencyMonitor(Callback):
             "pruning_overhead": self._overhead(trainer),
             "structure": self._structure(pl_module),
             "cuda_sync": self.cuda_sync,
+            "world_size": trainer.world_size,
+            **self._across_ranks(),
+        }
+
+    def _rank_numbers(self, trainer: Trainer) -> dict:
+        return {
+            "rank": trainer.global_rank,
+            "peak_memory_mb": self._peak_memory_mb(),
+            "samples": self.samples,
+            "step_time_total_s": sum(self.step_times),
+        }
+
+    def _across_ranks(self) -> dict:
+        if len(self.per_rank) < 2:
+            return {}
+        slowest = max(r["step_time_total_s"] for r in self.per_rank)
+        samples = sum(r["samples"] for r in self.per_rank)
+        return {
+            "per_rank": self.per_rank,
+            "global_samples_per_s": samples / slowest if slowest > 0 else None,
         }
 
     def _write(self, trainer: Trainer, summary: dict) -> Path | None:
-        folder = self.output_dir or trainer.log_dir
+        folder = self.output_dir or distributed.log_dir(trainer)  # runs on rank 0 only: no broadcast
         if folder is None:
             return None
         return write_json_atomic(Path(folder) / "efficiency.json", summary)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.per_rank = distributed.gather_object(self._rank_numbers(trainer))  # every rank enters
         summary = self.summary(trainer, pl_module)
         if self.log_metrics:
             scalars = {

@@ -2,6 +2,10 @@
 
 `AdaptivePruning` calls `on_pruning_event(trainer, pl_module, event)` on every callback that defines it,
 just before it scores and searches, so listeners act on the model as it was before this event.
+
+A callback that changes the model's widths says through a `pruning_done` property when it will change
+them no more (`structure_final`: the best metric, checkpoint selection and `SelfDistillation`'s best state
+count only points at the final structure).
 """
 
 from __future__ import annotations
@@ -33,3 +37,8 @@ def broadcast(trainer: Trainer, pl_module: LightningModule, event: PruningEvent)
 
 def find_callback(trainer: Trainer, cls: type[Callback]) -> Callback | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
+
+
+def structure_final(trainer: Trainer) -> bool:
+    """Whether no callback will change the model's widths any more (each one's `pruning_done`)."""
+    return all(getattr(cb, "pruning_done", True) for cb in trainer.callbacks)

@@ -17,6 +17,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from apt_lightning import distributed
 from apt_lightning.callbacks.events import PruningEvent, broadcast
 from apt_lightning.files import write_json_atomic
 from apt_lightning.pruning import (
@@ -28,9 +29,10 @@ from apt_lightning.pruning import (
     kept_param_count,
     select_blocks,
 )
-from apt_lightning.pruning.schedule import resolve_step
+from apt_lightning.pruning.schedule import MASK_DECAY, resolve_step
 
 _COMPACT_AT = ("event", "end", "never")
+_AFTER_ALPHA = 0.01  # the default mask step of `mask_decay="after"` (the paper's alpha)
 
 
 class AdaptivePruning(Callback):
@@ -41,8 +43,17 @@ class AdaptivePruning(Callback):
         target_sparsity: final fraction of counted parameters removed, in [0, 1).
         start_step / end_step: the pruning phase, as optimizer steps (int) or fractions of the run (float).
         num_events: pruning events, evenly spaced, the last at `end_step`.
-        decay_steps / decay_alpha: after each event's search, masks move by `decay_alpha` per step for
-            `decay_steps` steps towards their new 0/1 values, then are set hard.
+        warmup_steps: sparsity warm-up after `start_step` (steps, or a fraction of the run as a float):
+            events inside it hold full density, and the cubic ramp runs from its end to `end_step`
+            (docs/method.md section 5). 0: the ramp starts at `start_step`.
+        mask_decay: where each event's `decay_steps`-step window lies. "after": one search at the event,
+            then masks move by `decay_alpha` per step towards its 0/1 decisions, then are set hard.
+            "before" (the authors' code): during the window ending at the event the search is re-run
+            every step on the current scores, kept blocks move to min(1, m + alpha) and pruned ones to
+            max(0, m - alpha), so a block dropped early can be re-selected; at the event a last search
+            sets the masks hard.
+        decay_alpha: mask step per window step; None: 0.01 with "after" (the paper's value), 1 /
+            `decay_steps` with "before" (masks can just reach 0 by the event).
         scorer: a `Scorer` or a registered name (salience, random, uniform, magnitude).
         multiple_of: round kept hidden size and per-layer FFN and attention widths to a multiple (hardware
             alignment; attention widths move in whole heads, so x128 with d_h 64 keeps heads in pairs).
@@ -62,11 +73,13 @@ class AdaptivePruning(Callback):
         end_step: int | float = 0.5,
         num_events: int = 10,
         decay_steps: int = 10,
-        decay_alpha: float = 0.01,
+        decay_alpha: float | None = None,
         scorer: Scorer | str = "salience",
         multiple_of: int = 1,
         compact_at: str = "event",
         plot: bool = True,
+        mask_decay: str = "after",
+        warmup_steps: int | float = 0,
     ) -> None:
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
@@ -74,19 +87,24 @@ class AdaptivePruning(Callback):
             raise ValueError(f"compact_at must be one of {_COMPACT_AT}, got {compact_at!r}")
         if multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
-        if not 0.0 < decay_alpha <= 1.0:
-            raise ValueError(f"decay_alpha must be in (0, 1], got {decay_alpha}")
+        if decay_alpha is not None and not 0.0 < decay_alpha <= 1.0:
+            raise ValueError(f"decay_alpha must be in (0, 1] (or null for the default), got {decay_alpha}")
+        if mask_decay not in MASK_DECAY:
+            raise ValueError(f"mask_decay must be one of {', '.join(MASK_DECAY)}, got {mask_decay!r}")
         self.target_sparsity = target_sparsity
-        self.start_step, self.end_step = start_step, end_step
+        self.start_step, self.end_step, self.warmup_steps = start_step, end_step, warmup_steps
         self.num_events, self.decay_steps, self.decay_alpha = num_events, decay_steps, decay_alpha
+        self.mask_decay = mask_decay
         self.scorer = build_scorer(scorer)
         self.multiple_of = multiple_of
         self.compact_at = compact_at
         self.plot = plot
         self.schedule: CubicSchedule | None = None
         self.next_event = 0
-        self.targets: BlockTensors | None = None  # where masks are heading during a decay window
-        self.window_from: BlockTensors | None = None  # mask values when the window opened
+        self.targets: BlockTensors | None = None  # "after": where masks are heading during a window
+        self.window_from: BlockTensors | None = None  # "after": mask values when the window opened
+        self.window_masks: BlockTensors | None = None  # "before": mask values now, during a window
+        self.window_min: BlockTensors | None = None  # "before": the lowest each mask went in the window
         self.window_start: int | None = None
         self.window_end: int | None = None
         self._last_step = -1
@@ -94,19 +112,35 @@ class AdaptivePruning(Callback):
         self.history: list[dict] = []
         self.timing = {"score_s": 0.0, "search_s": 0.0, "compact_s": 0.0, "collect_steps": 0}
 
+    @property
+    def alpha(self) -> float:
+        """The mask step per window step (`decay_alpha`, or the mode's default)."""
+        if self.decay_alpha is not None:
+            return self.decay_alpha
+        return 1.0 / max(self.decay_steps, 1) if self.mask_decay == "before" else _AFTER_ALPHA
+
     # ------------------------------------------------------------------ set-up
+    def _build_schedule(self, start: int, end: int, warmup: int) -> CubicSchedule:
+        return CubicSchedule(
+            self.target_sparsity, start, end, self.num_events, self.decay_steps, warmup, self.mask_decay
+        )
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         total = int(trainer.estimated_stepping_batches)
         start = resolve_step(self.start_step, total, "start_step")
         end = resolve_step(self.end_step, total, "end_step")
-        self.schedule = CubicSchedule(self.target_sparsity, start, end, self.num_events, self.decay_steps)
+        self.schedule = self._build_schedule(
+            start, end, resolve_step(self.warmup_steps, total, "warmup_steps")
+        )
         if self.schedule.last_step > total:
+            after = f" + {self.decay_steps} decay steps" if self.mask_decay == "after" else ""
             raise ValueError(
-                f"pruning ends at step {self.schedule.last_step} (end_step {end} + {self.decay_steps} "
-                f"decay steps) but training has only {total} optimizer steps; lower end_step or train longer"
+                f"pruning ends at step {self.schedule.last_step} (end_step {end}{after}) "
+                f"but training has only {total} optimizer steps; lower end_step or train longer"
             )
+        distributed.find_unused_parameters(trainer, "a layer with all heads or neurons masked is skipped")
         structure = pl_module.structure
         structure.install_masks()
         self.scorer.attach(structure)
@@ -117,6 +151,18 @@ class AdaptivePruning(Callback):
         masks = pl_module.structure.masks
         if masks is not None:
             masks.observer = None
+
+    @property
+    def pruning_done(self) -> bool:
+        """The last event's window has closed (masks hard at the target): the widths will not change any
+        more. With `mask_decay="before"` the last event is announced when its window opens, so an open
+        window (`window_masks`) is not done either."""
+        return (
+            self.schedule is not None
+            and self.next_event >= self.num_events
+            and self.targets is None
+            and self.window_masks is None
+        )
 
     # ------------------------------------------------------------------ per step
     def _collecting(self, step: int) -> bool:
@@ -144,58 +190,119 @@ class AdaptivePruning(Callback):
         self._last_step = step
         if self.targets is not None:
             self._decay(trainer, pl_module, step)
-        events = self.schedule.event_steps()
-        if self.next_event < len(events) and step >= events[self.next_event]:
-            self._event(trainer, pl_module, step)
+        elif self.window_masks is not None:
+            self._reselect(trainer, pl_module, step)
+        if self.next_event < self.num_events and self.targets is None and self.window_masks is None:
+            if step >= self.schedule.window(self.next_event)[0]:
+                self._event(trainer, pl_module, step)
 
     # ------------------------------------------------------------------ events
     def compute_scores(self, trainer: Trainer, pl_module: LightningModule) -> BlockTensors:
-        """Block scores for this event. Override to score differently (the second extension path)."""
+        """Block scores for this event (with `mask_decay="before"`: for every step of its window). Override
+        to score differently (the second extension path)."""
         return self.scorer.scores(pl_module.structure)
 
-    def _event(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        if self.compact_at == "event":
-            self._compact(pl_module)
-        sparsity = self.schedule.sparsity_at(step)
-        event = PruningEvent(self.next_event, self.num_events, step, sparsity)
-        broadcast(trainer, pl_module, event)
-        structure = pl_module.structure
+    def _search(self, trainer: Trainer, pl_module: LightningModule, sparsity: float):
+        """Scores and the keep decision at `sparsity`; the seconds each took go to `timing` and the event's
+        record."""
         t0 = time.perf_counter()
         scores = self.compute_scores(trainer, pl_module)
         t1 = time.perf_counter()
         budget = int((1.0 - sparsity) * self.full_count)
-        keep = select_blocks(scores, structure.shapes(), budget, self.multiple_of)
+        keep = select_blocks(scores, pl_module.structure.shapes(), budget, self.multiple_of)
+        event = self.history[-1]["event"]
+        keep = distributed.from_rank_zero(keep, f"the blocks kept at pruning event {event}")
         t2 = time.perf_counter()
         self.timing["score_s"] += t1 - t0
         self.timing["search_s"] += t2 - t1
+        record = self.history[-1]
+        record["score_s"] += t1 - t0
+        record["search_s"] += t2 - t1
+        return scores, keep
+
+    def _event(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        """Open the next event's window: compaction, listeners, then the first search and mask step."""
+        if self.compact_at == "event":
+            self.compact_now(pl_module)
+        before = self.mask_decay == "before"
+        if before:
+            self.window_start, self.window_end = self.schedule.window(self.next_event)
+        else:
+            self.window_start, self.window_end = step, step + self.decay_steps
+        sparsity = self.schedule.sparsity_at(self.window_end if before else step)
+        event = PruningEvent(self.next_event, self.num_events, step, sparsity)
+        broadcast(trainer, pl_module, event)
         self.next_event += 1
-        self.targets = keep
-        self.window_start, self.window_end = step, step + self.decay_steps
-        masks = structure.masks
-        self.window_from = BlockTensors(  # one device read per event; copies, never views of the buffers
+        record = {
+            "event": event.index,
+            "step": self.window_end if before else step,  # the search whose decisions become hard masks
+            "target_sparsity": sparsity,
+            "score_s": 0.0,
+            "search_s": 0.0,
+        }
+        if before:
+            record.update({"window_start": step, "searches": 0})
+        self.history.append(record)
+        current = self._read_masks(pl_module)
+        if before:
+            self.window_masks, self.window_min = current, current.map(torch.clone)
+            self._reselect(trainer, pl_module, step)
+            return
+        scores, self.targets = self._search(trainer, pl_module, sparsity)
+        self.window_from = current
+        self._log_scores(trainer, scores, step)
+        self._decay(trainer, pl_module, step)
+        self._check_ranks(pl_module, f"pruning event {event.index} (step {step})")
+
+    @staticmethod
+    def _read_masks(pl_module: LightningModule) -> BlockTensors:
+        """The masks on the CPU: one device read; copies, never views of the buffers."""
+        masks = pl_module.structure.masks
+        return BlockTensors(
             [masks.head(i).to("cpu", copy=True) for i in range(masks.num_layers)],
             [masks.neuron(i).to("cpu", copy=True) for i in range(masks.num_layers)],
             masks.hidden.to("cpu", copy=True),
         )
-        record = {
-            "event": event.index,
-            "step": step,
-            "target_sparsity": sparsity,
-            "score_s": t1 - t0,
-            "search_s": t2 - t1,
-        }
-        self.history.append(record)
-        self._log_scores(trainer, scores, step)
-        self._decay(trainer, pl_module, step)
+
+    @staticmethod
+    def _set_masks(pl_module: LightningModule, values: BlockTensors) -> None:
+        masks = pl_module.structure.masks
+        for i in range(masks.num_layers):
+            masks.set("head", values.heads[i], i)
+            masks.set("neuron", values.neurons[i], i)
+        masks.set("hidden", values.hidden)
+
+    @torch.no_grad()
+    def _reselect(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        """One step of a window before an event (`mask_decay="before"`): search again on the current scores
+        at the event's sparsity and move every mask by alpha towards that decision; at the event the last
+        search's decisions become the hard masks."""
+        record = self.history[-1]
+        scores, keep = self._search(trainer, pl_module, self.schedule.sparsity_at(self.window_end))
+        record["searches"] += 1
+        if step >= self.window_end:
+            kept = keep.flat() > 0
+            record["reselected"] = int((kept & (self.window_min.flat() < 1)).sum())
+            self._set_masks(pl_module, keep)
+            self.window_masks = self.window_min = None
+            self._log_scores(trainer, scores, step)
+            self._finish_event(trainer, pl_module, keep)
+            return
+        a = self.alpha
+        self.window_masks = keep.combine(
+            self.window_masks, lambda k, m: torch.where(k > 0, (m + a).clamp(max=1), (m - a).clamp(min=0))
+        )
+        self.window_min = self.window_min.combine(self.window_masks, torch.minimum)
+        self._set_masks(pl_module, self.window_masks)
 
     @torch.no_grad()
     def _decay(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        """Masks k steps into a window are their values at the event moved k * `decay_alpha` towards the
+        """Masks k steps into a window are their values at the event moved k * alpha towards the
         targets (clamped to [0, 1]); at the window's end they are set hard. Computed on the CPU, so a
         window step costs small host-to-device copies and no device sync."""
         masks, keep, start = pl_module.structure.masks, self.targets, self.window_from
         hard = step >= self.window_end
-        moved = self.decay_alpha * (step - self.window_start + 1)
+        moved = self.alpha * (step - self.window_start + 1)
 
         def move(current: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             if hard:
@@ -216,7 +323,7 @@ class AdaptivePruning(Callback):
         kept_count = kept_param_count(keep, shapes)
         kv_groups = kept_kv_groups(keep, shapes)
         if self.compact_at != "never" and self.next_event >= self.num_events:
-            self._compact(pl_module)
+            self.compact_now(pl_module)
         heads, neurons, hidden = keep.counts()
         record = self.history[-1]
         record.update(
@@ -243,9 +350,17 @@ class AdaptivePruning(Callback):
             }
         )
         self._log_tables(trainer, record)
+        self._check_ranks(pl_module, f"the end of pruning event {record['event']}'s window")
 
-    def _compact(self, pl_module: LightningModule) -> None:
-        """Remove the blocks whose hard masks are 0 (if any); scorer statistics and optimizer follow."""
+    def _check_ranks(self, pl_module: LightningModule, where: str) -> None:
+        """Under DDP: masks, widths, ranks, weights, teacher and salience equal on every rank."""
+        distributed.check_consistency(pl_module, where, scorer=self.scorer.state_dict())
+
+    def compact_now(self, pl_module: LightningModule) -> None:
+        """Remove the blocks whose hard masks are 0 (if any); scorer statistics and optimizer follow. Called
+        at the times `compact_at` names, and by a callback that decides compaction itself
+        (`SelfDistillation(schedule="authors")` with `compact_at="never"`). Masks must be hard: inside a
+        mask-decay window a fractional mask has no keep decision yet (`compact` refuses them)."""
         masks = pl_module.structure.masks
         if masks.is_hard() and all(masks.head_full) and all(masks.neuron_full) and masks.hidden_full:
             return
@@ -318,6 +433,8 @@ class AdaptivePruning(Callback):
             "full_count": self.full_count,
             "targets": blocks(self.targets),
             "window_from": blocks(self.window_from),
+            "window_masks": blocks(self.window_masks),
+            "window_min": blocks(self.window_min),
             "scorer": self.scorer.state_dict(),
             "history": self.history,
             "timing": self.timing,
@@ -334,30 +451,44 @@ class AdaptivePruning(Callback):
         self.window_start, self.window_end = state["window_start"], state["window_end"]
         self.full_count = state["full_count"]
         self.targets, self.window_from = blocks(state["targets"]), blocks(state["window_from"])
+        self.window_masks = blocks(state.get("window_masks"))  # older checkpoints: "after" windows only
+        self.window_min = blocks(state.get("window_min"))
         self.scorer.load_state_dict(state["scorer"])
         self.history = state["history"]
         self.timing = state["timing"]
 
     # ------------------------------------------------------------------ schedule changes on resume
-    _SCHEDULE_ARGS = ("target_sparsity", "start_step", "end_step", "num_events", "decay_steps")
+    _SCHEDULE_ARGS = (
+        "target_sparsity",
+        "start_step",
+        "end_step",
+        "num_events",
+        "decay_steps",
+        "warmup_steps",
+        "mask_decay",
+    )
+    _SCHEDULE_DEFAULTS = {"warmup_steps": 0, "mask_decay": "after"}  # what checkpoints without them ran
 
     def _schedule_state(self) -> dict:
         """The schedule as configured (steps possibly fractions) and as resolved for this run."""
         state = {k: getattr(self, k) for k in self._SCHEDULE_ARGS}
         if self.schedule is not None:
             state["resolved"] = [self.schedule.start_step, self.schedule.end_step]
+            state["resolved_warmup"] = self.schedule.warmup_steps
         return state
 
     def _check_schedule(self, saved: dict, next_event: int, history: list[dict]) -> None:
         """A resumed run keeps the schedule it was saved with.
 
-        The five schedule arguments must equal the saved ones: the events already taken were chosen for
-        that schedule, so a change would be a jump in sparsity (target_sparsity, num_events), leave a decay
-        window unfinished (end_step before the saved step, decay_steps) or re-time decided events. Anything
+        The schedule arguments must equal the saved ones: the events already taken were chosen for that
+        schedule, so a change would be a jump in sparsity (target_sparsity, num_events, warmup_steps), leave
+        a decay window unfinished (end_step before the saved step, decay_steps, mask_decay) or re-time
+        decided events. Anything
         else is refused here, before training resumes. Only the run length may change: steps given as
         fractions then keep the steps they resolved to when the run started (a warning says so)."""
         if self.schedule is None:  # not set up for fitting
             return
+        saved = {**self._SCHEDULE_DEFAULTS, **saved}
         changed = [
             (k, saved[k], getattr(self, k)) for k in self._SCHEDULE_ARGS if saved[k] != getattr(self, k)
         ]
@@ -378,12 +509,12 @@ class AdaptivePruning(Callback):
             )
         resolved = saved.get("resolved")
         current = [self.schedule.start_step, self.schedule.end_step]
-        if resolved is not None and list(resolved) != current:
+        warmup = saved.get("resolved_warmup", self.schedule.warmup_steps)
+        if resolved is not None and (list(resolved) != current or warmup != self.schedule.warmup_steps):
             rank_zero_warn(
                 f"AdaptivePruning: the run length changed since the checkpoint, so start_step "
-                f"{self.start_step!r} / end_step {self.end_step!r} would now resolve to steps {current}; "
-                f"the resumed run keeps the saved pruning steps {list(resolved)}"
+                f"{self.start_step!r} / end_step {self.end_step!r} / warmup_steps {self.warmup_steps!r} "
+                f"would now resolve to steps {current} / {self.schedule.warmup_steps}; the resumed run keeps "
+                f"the saved pruning steps {list(resolved)} / {warmup}"
             )
-            self.schedule = CubicSchedule(
-                self.target_sparsity, resolved[0], resolved[1], self.num_events, self.decay_steps
-            )
+            self.schedule = self._build_schedule(resolved[0], resolved[1], warmup)

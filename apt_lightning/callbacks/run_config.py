@@ -33,6 +33,7 @@ from typing import Any
 
 from lightning import LightningModule, Trainer
 
+from apt_lightning import distributed
 from apt_lightning.callbacks.distillation import SelfDistillation
 from apt_lightning.callbacks.efficiency import EfficiencyMonitor
 from apt_lightning.callbacks.pruning import AdaptivePruning
@@ -166,9 +167,10 @@ def cli_config(trainer: Trainer) -> dict[str, Any] | None:
             text = saver.parser.dump(saver.config, skip_none=False)
         except Exception:  # fall back to the file it wrote
             text = None
-    if text is None and trainer.log_dir is not None:
+    log_dir = distributed.log_dir(trainer)  # rank 0 only: Trainer.log_dir's broadcast would hang DDP
+    if text is None and log_dir is not None:
         name = getattr(saver, "config_filename", "config.yaml")
-        path = Path(trainer.log_dir) / name
+        path = Path(log_dir) / name
         if path.is_file():
             text = path.read_text()
     if text is None:

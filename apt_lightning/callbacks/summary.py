@@ -10,12 +10,13 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from apt_lightning import distributed
 from apt_lightning.callbacks.efficiency import EfficiencyMonitor
 from apt_lightning.callbacks.events import find_callback
 from apt_lightning.callbacks.pruning import AdaptivePruning
 from apt_lightning.callbacks.tuning import AdaptiveTuning
 
-_NOT_METRICS = ("step", "epoch", "at_final_sparsity")  # the keys of a metric_history entry besides metrics
+_NOT_METRICS = ("step", "epoch", "at_final_structure")  # the keys of a metric_history entry besides metrics
 
 
 def resolve_monitor(dashboard, trainer: Trainer, pl_module: LightningModule) -> tuple[str | None, str]:
@@ -41,7 +42,7 @@ def resolve_monitor(dashboard, trainer: Trainer, pl_module: LightningModule) -> 
 
 def run_summary(dashboard, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
     """Final sparsity, best / final metric, peak memory, TTA (when EfficiencyMonitor ran). The best counts
-    only validations at the final sparsity (`apt_lightning.callbacks.selection`); the final is the last."""
+    only validations at the final structure (`apt_lightning.callbacks.selection`); the final is the last."""
     epochs = trainer.fit_loop.epoch_progress.current.completed
     out: dict[str, Any] = {"global_step": trainer.global_step, "epochs": epochs}
     structure = EfficiencyMonitor._structure(pl_module)  # None without a prunable structure
@@ -65,7 +66,7 @@ def run_summary(dashboard, trainer: Trainer, pl_module: LightningModule) -> dict
     monitor, mode = resolve_monitor(dashboard, trainer, pl_module)
     out["monitor"], out["mode"] = monitor, mode
     values = [
-        (e["step"], e[monitor], e.get("at_final_sparsity", True))
+        (e["step"], e[monitor], e.get("at_final_structure", True))
         for e in dashboard.metric_history
         if monitor in e and not math.isnan(e[monitor])
     ]
@@ -73,7 +74,7 @@ def run_summary(dashboard, trainer: Trainer, pl_module: LightningModule) -> dict
         out.update(final_metric=values[-1][1], final_step=values[-1][0])
         counted = [(step, value) for step, value, final in values if final]
         out["counted_points"], out["validation_points"] = len(counted), len(values)
-        if counted:  # only validations at the final sparsity (apt_lightning.callbacks.selection)
+        if counted:  # only validations at the final structure (apt_lightning.callbacks.selection)
             pick = max if mode == "max" else min
             out["best_step"], out["best_metric"] = pick(counted, key=lambda v: v[1])
             out["first_counted_step"] = counted[0][0]
@@ -113,7 +114,8 @@ def collect_files(trainer: Trainer, plots: dict[str, Path]) -> dict[str, Path]:
             files[f"best_{kind}" if cb.monitor else kind] = Path(best)
         if cb.last_model_path and cb.last_model_path != best:
             files[f"last_{kind}"] = Path(cb.last_model_path)
-    log_dir = Path(trainer.log_dir) if trainer.log_dir is not None else None
+    log_dir = distributed.log_dir(trainer)  # rank 0 only: Trainer.log_dir's broadcast would hang DDP
+    log_dir = Path(log_dir) if log_dir is not None else None
     if log_dir is not None:
         saver = next((cb for cb in trainer.callbacks if type(cb).__name__ == "SaveConfigCallback"), None)
         files["config"] = log_dir / getattr(saver, "config_filename", "config.yaml")
@@ -157,12 +159,12 @@ def format_summary(summary: dict[str, Any], files: dict[str, Path], wandb_logger
         final = f"final {_fmt(summary['final_metric'])} (step {summary['final_step']})"
         counted, total = summary["counted_points"], summary["validation_points"]
         if summary.get("best_metric") is None:
-            text = f"{final}; no validation at the final sparsity, so no best"
+            text = f"{final}; no validation at the final structure, so no best"
         else:
             text = f"best {_fmt(summary['best_metric'])} (step {summary['best_step']}), {final}"
             if counted < total:
                 text += (
-                    f"; best over the {counted} of {total} validations at the final sparsity "
+                    f"; best over the {counted} of {total} validations at the final structure "
                     f"(from step {summary['first_counted_step']})"
                 )
         line(f"{monitor}", text)

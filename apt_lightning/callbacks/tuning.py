@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from lightning import Callback, LightningModule, Trainer
 
+from apt_lightning import distributed
 from apt_lightning.callbacks.events import PruningEvent, find_callback
 from apt_lightning.callbacks.pruning import AdaptivePruning
 from apt_lightning.files import write_json_atomic
@@ -77,7 +78,7 @@ class AdaptiveTuning(Callback):
         if not self.initial_params:
             self.initial_params = tuning_params(self._infos(pl_module))
         if self.generator is None:
-            seed = self.seed if self.seed is not None else torch.initial_seed()
+            seed = self.seed if self.seed is not None else distributed.broadcast_object(torch.initial_seed())
             self.generator = torch.Generator().manual_seed(seed)
         if find_callback(trainer, AdaptivePruning) is None:
             total = int(trainer.estimated_stepping_batches)
@@ -128,7 +129,7 @@ class AdaptiveTuning(Callback):
         t0 = time.perf_counter()
         infos = self._infos(pl_module)
         budget = self.budget_at(progress)
-        ranks = self.strategy.allocate(infos, budget)
+        ranks = distributed.from_rank_zero(self.strategy.allocate(infos, budget), "the new adapter ranks")
         if ranks:
             modules = pl_module.adapters()
             for name, rank in ranks.items():  # the allocation's order: a resumed run draws the same rows
@@ -164,9 +165,10 @@ class AdaptiveTuning(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """`tuning.json` in the run folder: budget, tuning parameters and each adapter's rank per event."""
-        if trainer.is_global_zero and trainer.log_dir is not None:
+        log_dir = distributed.log_dir(trainer)
+        if trainer.is_global_zero and log_dir is not None:
             summary = {"initial_params": self.initial_params, "events": self.history, "timing": self.timing}
-            write_json_atomic(Path(trainer.log_dir) / "tuning.json", summary)
+            write_json_atomic(Path(log_dir) / "tuning.json", summary)
 
     def state_dict(self) -> dict:
         return {

@@ -13,6 +13,11 @@ public test sets have no labels, so the hub has none to offer: it fails early an
 provide), and ``apt-fit predict`` reads ``predict.*``, else ``test.*`` (labels optional: GLUE's unlabeled
 test files work), else the dev split: with a data folder that has neither, or the hub, predictions are
 made for the dev examples, whose labels let them be checked.
+
+Honest model selection (``val_from_train``): a fixed-seed random part of the training set becomes the
+validation split (checkpoint selection, monitoring) and is removed from training; the dataset's own dev
+set then becomes the ``test`` split, read only by ``apt-fit test`` / ``trainer.test`` (docs/method.md,
+"Honest model selection").
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 from datasets import Dataset, Value, load_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, DataCollatorWithPadding, PreTrainedTokenizerBase
@@ -30,7 +36,7 @@ from apt_lightning.data.readers import EXTENSIONS, has_label, label_names_in, pa
 from apt_lightning.data.tasks import GLUE_HUB_PATH, TaskSpec, get_task
 from apt_lightning.data.validation import LabelError, MissingColumnError, check_max_length
 
-__all__ = ["GLUE_HUB_PATH", "GLUEDataModule", "STAGE_SPLITS"]
+__all__ = ["GLUE_HUB_PATH", "GLUEDataModule", "STAGE_SPLITS", "carve_validation"]
 # The splits each trainer stage reads; "predict" falls back to the dev split (see the module docstring).
 STAGE_SPLITS = {
     "fit": ("train", "validation"),
@@ -38,6 +44,32 @@ STAGE_SPLITS = {
     "test": ("test",),
     "predict": ("predict",),
 }
+# With a validation split carved from training: the source each split is read from (test: the dev file).
+CARVED_SOURCES = {"train": "train", "validation": "train", "test": "validation", "predict": "predict"}
+
+
+def _check_carve_size(size) -> None:
+    if isinstance(size, bool) or not isinstance(size, int | float):
+        raise ValueError(f"val_from_train must be a row count or a fraction in (0, 1), got {size!r}")
+    if isinstance(size, float) and not 0.0 < size < 1.0:
+        raise ValueError(f"val_from_train as a fraction must be in (0, 1), got {size}")
+    if isinstance(size, int) and size < 1:
+        raise ValueError(f"val_from_train as a row count must be 1 or more, got {size}")
+
+
+def carve_validation(size: int | float, total: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, validation rows) of a training set of `total` rows with `size` rows (an int) or
+    that fraction of them (a float in (0, 1)) drawn at random for validation: the same split for the
+    same seed and total, each list in row order."""
+    _check_carve_size(size)
+    count = round(size * total) if isinstance(size, float) else size
+    if not 0 < count < total:
+        raise ValueError(
+            f"val_from_train={size!r} takes {count} of the {total} training rows for validation; "
+            "it must leave at least one row on each side"
+        )
+    order = np.random.default_rng(seed).permutation(total)
+    return sorted(order[count:].tolist()), sorted(order[:count].tolist())
 
 
 class GLUEDataModule(L.LightningDataModule):
@@ -57,8 +89,12 @@ class GLUEDataModule(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: validation batch size.
         num_workers: DataLoader worker processes.
-        train_limit: keep only the first N training examples (quick runs).
+        train_limit: keep only the first N training examples (quick runs; after any carving).
         eval_limit: keep only the first N validation (and test, predict) examples.
+        val_from_train: carve the validation split out of the training set: this many rows (an int) or
+            this fraction (a float in (0, 1)), drawn with `split_seed` and removed from training; the
+            dev file (hub: the validation split) becomes the ``test`` split. None: validate on the dev set.
+        split_seed: the seed of that draw (the same rows for every run and variant).
     """
 
     def __init__(
@@ -72,9 +108,16 @@ class GLUEDataModule(L.LightningDataModule):
         num_workers: int = 0,
         train_limit: int | None = None,
         eval_limit: int | None = None,
+        val_from_train: int | float | None = None,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
         self._task = get_task(task)
+        if not isinstance(self._task, TaskSpec):
+            raise ValueError(
+                f"task {self._task.name!r} is causal-LM instruction tuning: use "
+                "apt_lightning.data.InstructionDataModule (data: class_path) for its data"
+            )
         task = self._task.to_config()  # the hyperparameters keep a name or a plain mapping
         for arg, value in (
             ("max_length", max_length),
@@ -88,6 +131,8 @@ class GLUEDataModule(L.LightningDataModule):
                 raise ValueError(f"{arg} must be a positive integer or None (all rows), got {value}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}")
+        if val_from_train is not None:
+            _check_carve_size(val_from_train)
         resolve_backbone(tokenizer)  # fail now, not after the data is read, on a tokenizer we can't load
         self.save_hyperparameters()
         self._data_dir = None if data_dir is None else Path(os.path.expandvars(data_dir)).expanduser()
@@ -115,11 +160,11 @@ class GLUEDataModule(L.LightningDataModule):
         """Download the hub dataset once (rank 0), or check that the local folder has the files."""
         splits = STAGE_SPLITS.get(self._stage(), STAGE_SPLITS["fit"])
         if self._data_dir is None:
-            if "test" in splits:
+            if "test" in splits and not self.carved:
                 raise self._no_labeled_test("the hub's GLUE test sets have no labels")
             self._hub_splits()
         else:
-            self._local_files(splits)
+            self._local_files(self._sources(splits))
 
     def setup(self, stage: str | None = None) -> None:
         """Read and tokenise the splits ``stage`` needs; splits already built are kept."""
@@ -128,14 +173,17 @@ class GLUEDataModule(L.LightningDataModule):
         todo = [split for split in needed if split not in self._datasets]
         if not todo:
             return
-        if self._data_dir is None and "test" in todo:
+        if self._data_dir is None and "test" in todo and not self.carved:
             raise self._no_labeled_test("the hub's GLUE test sets have no labels")
         self._check_max_length()
+        sources = list(self._sources(todo))
         if self._data_dir is None:
             raw = self._load_hub()
         else:
-            self._read_label_names(todo)
-            raw = self._load_local(todo)
+            self._read_label_names(sources)
+            raw = self._load_local(sources)
+        if self.carved:
+            raw = self._carve(raw)
         for split in todo:
             limit = self.hparams.train_limit if split == "train" else self.hparams.eval_limit
             data = raw[split]
@@ -156,6 +204,31 @@ class GLUEDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", self.hparams.eval_batch_size, shuffle=False)
+
+    @property
+    def carved(self) -> bool:
+        """Whether validation is carved from the training set (the dev set is then the test split)."""
+        return self.hparams.val_from_train is not None
+
+    def _sources(self, splits) -> tuple[str, ...]:
+        """The splits read to build `splits`: themselves, or with a carved validation split the training
+        file for train and validation and the dev file for test."""
+        if not self.carved:
+            return tuple(splits)
+        return tuple(dict.fromkeys(CARVED_SOURCES[split] for split in splits))
+
+    def _carve(self, raw: dict[str, Dataset]) -> dict[str, Dataset]:
+        """Splits as read (`_sources`) -> train and validation from the training rows, test from dev."""
+        out = {"predict": raw["predict"]} if "predict" in raw else {}
+        if "validation" in raw:
+            out["test"] = raw["validation"]
+        if "train" in raw:
+            train = raw["train"]
+            keep, held_out = carve_validation(
+                self.hparams.val_from_train, len(train), self.hparams.split_seed
+            )
+            out["train"], out["validation"] = train.select(keep), train.select(held_out)
+        return out
 
     def _stage(self) -> str:
         trainer = getattr(self, "trainer", None)

@@ -44,12 +44,21 @@ def parse_file(path: Path, task: TaskSpec, what: str) -> tuple[pd.DataFrame, Row
             raise EmptyDataError(path, "the file is empty (0 bytes)", _EMPTY_FIX, what=what)
         frame = _parse(path, what, "Parquet", lambda: pd.read_parquet(path))
         return frame, Rows(path, what, len(frame))
+    if ext not in ("tsv", "csv"):
+        return parse_json_file(path, what)
     text = _decode(path, what)
     if not text.strip():
         raise EmptyDataError(path, "the file is empty", _EMPTY_FIX, what=what)
-    if ext in ("tsv", "csv"):
-        return _read_delimited(path, text, task, what, "\t" if ext == "tsv" else ",")
-    if text.lstrip().startswith("["):  # .json/.jsonl: a JSON array of records, or JSON lines
+    return _read_delimited(path, text, task, what, "\t" if ext == "tsv" else ",")
+
+
+def parse_json_file(path: Path, what: str) -> tuple[pd.DataFrame, Rows]:
+    """Decode and parse a .json / .jsonl file, a JSON array of records or JSON lines, with `parse_file`'s
+    structural checks (encoding, empty file, a line or record that is not a JSON object)."""
+    text = _decode(path, what)
+    if not text.strip():
+        raise EmptyDataError(path, "the file is empty", _EMPTY_FIX, what=what)
+    if text.lstrip().startswith("["):
         return _read_json_array(path, text, what)
     return _read_json_lines(path, text, what)
 

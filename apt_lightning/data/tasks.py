@@ -13,12 +13,16 @@ either a GLUE preset name (``sst2``, ``mnli``, ...) or a structured description 
       hub_path: null                # a hub dataset (with hub_config) for online users; else data_dir
 
 :func:`get_task` turns any of these (a name, a mapping, a ``TaskSpec``) into a checked ``TaskSpec``.
+
+One task is not classification: ``instruction`` (:class:`InstructionTask`), causal-LM instruction tuning on
+prompt/response pairs (``InstructionDataModule``), selected model-side by its ``objective`` (``causal_lm``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from typing import ClassVar
 
 import torchmetrics
 from torchmetrics.classification import (
@@ -70,6 +74,8 @@ class TaskSpec:
     validation_split: str = "validation"
     tsv_aliases: dict[str, str] = field(default_factory=dict, hash=False)
     tsv_columns: tuple[str, ...] = ()
+    objective: ClassVar[str] = "classification"  # the model's head and loss (InstructionTask: causal_lm)
+    mode: ClassVar[str] = "max"  # every classification and regression metric: higher is better
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r}"
@@ -153,6 +159,35 @@ class TaskSpec:
         return out
 
 
+@dataclass(frozen=True)
+class InstructionTask:
+    """Causal-LM instruction tuning (``task: instruction``): a decoder (``AutoModelForCausalLM``) trained on
+    next-token cross-entropy over the response tokens only (docs/method.md, "Instruction tuning"). Validation
+    logs that loss, averaged over every response token of the eval set (``val/loss``, the model-selection
+    metric: lower is better) and its exponential (``val/perplexity``). Data: ``InstructionDataModule``."""
+
+    name: ClassVar[str] = "instruction"
+    objective: ClassVar[str] = "causal_lm"
+    mode: ClassVar[str] = "min"
+    metric: ClassVar[str] = "loss+perplexity"
+    label_names: ClassVar[tuple[str, ...]] = ()
+    is_regression: ClassVar[bool] = False
+    is_glue: ClassVar[bool] = False
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return tuple(self.metric.split("+"))
+
+    @property
+    def primary_metric(self) -> str:
+        return self.metric_names[0]
+
+    def to_config(self) -> str:
+        return self.name
+
+
+INSTRUCTION_TASK = InstructionTask()
+
 GlueTask = TaskSpec  # the GLUE presets are TaskSpecs; the old name stays importable
 
 
@@ -214,17 +249,21 @@ GLUE_TASKS: dict[str, TaskSpec] = {
 }
 
 
-def get_task(task: str | TaskSpec | Mapping) -> TaskSpec:
-    """The task a ``task`` argument describes: a GLUE name (``sst2``, ``mnli``, ...), a ``TaskSpec``, or a
-    mapping of ``TaskSpec``'s fields (as a YAML config or a checkpoint's hyperparameters hold it)."""
-    if isinstance(task, TaskSpec):
+def get_task(task: str | TaskSpec | InstructionTask | Mapping) -> TaskSpec | InstructionTask:
+    """The task a ``task`` argument describes: a GLUE name (``sst2``, ``mnli``, ...), ``instruction``
+    (causal-LM instruction tuning), a ``TaskSpec``, or a mapping of ``TaskSpec``'s fields (as a YAML config
+    or a checkpoint's hyperparameters hold it)."""
+    if isinstance(task, TaskSpec | InstructionTask):
         return task
     if isinstance(task, str):
+        if task == INSTRUCTION_TASK.name:
+            return INSTRUCTION_TASK
         try:
             return GLUE_TASKS[task]
         except KeyError:
             raise ValueError(
-                f"unknown task {task!r}; choose one of: {', '.join(GLUE_TASKS)}, or describe your own "
+                f"unknown task {task!r}; choose one of: {', '.join(GLUE_TASKS)}, "
+                f"{INSTRUCTION_TASK.name!r} (causal-LM instruction tuning), or describe your own "
                 "dataset with a mapping (name, text_columns, label_column, label_names or num_labels, "
                 "metric; see apt_lightning.data.TaskSpec)"
             ) from None

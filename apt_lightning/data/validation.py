@@ -145,12 +145,13 @@ def check_frame(frame: pd.DataFrame, task: TaskSpec, rows: Rows) -> pd.DataFrame
         )
     frame = frame[required].copy().reset_index(drop=True).rename(columns={task.label_column: "label"})
     for column in task.text_columns:
-        _check_text(frame[column], column, rows)
+        check_text(frame[column], column, rows)
     frame["label"] = _label_ids(frame["label"], task, rows)
     return frame
 
 
-def _check_text(values: pd.Series, column: str, rows: Rows) -> None:
+def check_text(values: pd.Series, column: str, rows: Rows) -> None:
+    """Every value of a text column present and non-blank text (MissingColumnError / EmptyTextError)."""
     absent = values.isna().to_numpy()
     blank = np.array([not isinstance(v, str) or not v.strip() for v in values]) & ~absent
     for bad, problem, fix in (

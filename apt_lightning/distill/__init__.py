@@ -3,6 +3,7 @@
 from apt_lightning.distill.losses import (
     Distiller,
     HiddenTransform,
+    causal_lm_prediction_loss,
     nearest_alive,
     prediction_loss,
     sample_teacher_layers,
@@ -13,6 +14,7 @@ __all__ = [
     "Distiller",
     "HiddenTransform",
     "TeacherView",
+    "causal_lm_prediction_loss",
     "nearest_alive",
     "prediction_loss",
     "sample_teacher_layers",

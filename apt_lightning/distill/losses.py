@@ -1,7 +1,9 @@
 """Self-distillation losses (docs/method.md section 7).
 
 L_distill = w_pred * L_pred + w_layer * L_layer, with
-- L_pred: tau^2 * KL(softmax(t / tau) || softmax(s / tau)) (MSE for regression);
+- L_pred: tau^2 * KL(softmax(t / tau) || softmax(s / tau)) (MSE for regression); for a causal LM the KL is
+  over the vocabulary at each response token's position, averaged over the response tokens
+  (`causal_lm_prediction_loss`: prompt and padding positions take no part);
 - L_layer: sum over sampled teacher layers i of MSE(Tr(H_s^{phi(i)}), H_t^i); phi(i) = i if student layer
   i is alive, else the nearest alive layer (the one with the lower MSE when two are equally near); Tr is a
   hidden x hidden map initialised to the identity, frozen, plus a trainable LoRA adapter.
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_lightning.adapters import APTLinear
+from apt_lightning.causal_lm import next_token_targets
 from apt_lightning.structure.slicing import slice_linear
 
 
@@ -28,6 +31,19 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     log_p = F.log_softmax(student_logits / tau, -1)
     log_q = F.log_softmax(teacher_logits / tau, -1)
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * tau**2
+
+
+def causal_lm_prediction_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """L_pred of a causal LM: tau^2 * KL(softmax(t / tau) || softmax(s / tau)) over the vocabulary at the
+    positions that predict a response token (``labels[:, 1:] != -100``, as `apt_lightning.causal_lm` shifts
+    them), averaged over those positions; 0 when the batch has none."""
+    student, _ = next_token_targets(student_logits, labels)
+    teacher, _ = next_token_targets(teacher_logits, labels)
+    if not student.shape[0]:
+        return student_logits.sum() * 0.0
+    return prediction_loss(student.float(), teacher.float(), tau)
 
 
 def sample_teacher_layers(
@@ -131,9 +147,18 @@ class Distiller(nn.Module):
         if self.transform.proj.in_features != hidden:
             self.follow_hidden(torch.arange(hidden))
 
-    def loss(self, pl_module, inputs: dict, student_out) -> dict[str, torch.Tensor]:
+    def loss(
+        self, pl_module, inputs: dict, student_out, response_labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`response_labels`: a causal LM's token labels (-100 on prompt and padding); L_pred is then
+        `causal_lm_prediction_loss` on the response tokens. None: classification / regression logits."""
         teacher_out = pl_module.teacher(pl_module.student, inputs, output_hidden_states=self.needs_hidden)
-        parts = {"pred_loss": prediction_loss(student_out.logits, teacher_out.logits, self.tau)}
+        student, teacher = student_out.logits, teacher_out.logits
+        if response_labels is None:
+            pred = prediction_loss(student, teacher, self.tau)
+        else:
+            pred = causal_lm_prediction_loss(student, teacher, response_labels, self.tau)
+        parts = {"pred_loss": pred}
         total = self.pred_weight * parts["pred_loss"]
         if self.needs_hidden:
             parts["layer_loss"] = self.layer_loss(

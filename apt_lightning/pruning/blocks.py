@@ -20,6 +20,14 @@ class BlockTensors:
     def map(self, fn) -> BlockTensors:
         return BlockTensors([fn(t) for t in self.heads], [fn(t) for t in self.neurons], fn(self.hidden))
 
+    def combine(self, other: BlockTensors, fn) -> BlockTensors:
+        """`fn(mine, other's)` tensor by tensor."""
+        return BlockTensors(
+            [fn(a, b) for a, b in zip(self.heads, other.heads, strict=True)],
+            [fn(a, b) for a, b in zip(self.neurons, other.neurons, strict=True)],
+            fn(self.hidden, other.hidden),
+        )
+
     def flat(self) -> torch.Tensor:
         return torch.cat([*self.heads, *self.neurons, self.hidden])
 

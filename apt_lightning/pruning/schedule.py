@@ -16,18 +16,27 @@ def resolve_step(value: int | float, total_steps: int, what: str) -> int:
     return int(value)
 
 
+MASK_DECAY = ("after", "before")
+
+
 @dataclass
 class CubicSchedule:
-    """Target sparsity gamma_t = gamma_T * (1 - (1 - (t - start) / (end - start))^3) between `start_step`
-    and `end_step` (0 before, gamma_T after), applied at `num_events` evenly spaced events, the last at
-    `end_step`. Each event opens a mask-decay window of `decay_steps` steps that must end before the next.
-    In kept-fraction terms: kept_t = (1 - gamma_T) + gamma_T (1 - (t - start) / T)^3, the paper's form."""
+    """Target sparsity gamma_t = gamma_T * (1 - (1 - (t - w) / (end - w))^3) between w = `start_step` +
+    `warmup_steps` and `end_step` (0 before, gamma_T after), applied at `num_events` events evenly spaced
+    after `start_step`, the last at `end_step`; events inside the warm-up hold full density. In kept-fraction
+    terms: kept_t = (1 - gamma_T) + gamma_T (1 - (t - w) / T)^3, the paper's form.
+
+    Each event has a mask-decay window of `decay_steps` steps that must not reach the previous or the next
+    event: with `mask_decay` "after" it opens at the event (one search, then masks move towards it), with
+    "before" it ends at the event (a search every step, masks set hard at the event)."""
 
     target_sparsity: float
     start_step: int
     end_step: int
     num_events: int = 10
     decay_steps: int = 0
+    warmup_steps: int = 0
+    mask_decay: str = "after"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_sparsity < 1.0:
@@ -40,6 +49,15 @@ class CubicSchedule:
             )
         if self.decay_steps < 0:
             raise ValueError(f"decay_steps must be >= 0, got {self.decay_steps}")
+        if self.mask_decay not in MASK_DECAY:
+            raise ValueError(f"mask_decay must be one of {', '.join(MASK_DECAY)}, got {self.mask_decay!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.start_step + self.warmup_steps >= self.end_step:
+            raise ValueError(
+                f"the sparsity warm-up ({self.warmup_steps} steps from start step {self.start_step}) must "
+                f"end before the end step ({self.end_step}); shorten warmup_steps or prune until later"
+            )
         spacing = (self.end_step - self.start_step) / self.num_events
         if spacing < self.decay_steps + 1:
             raise ValueError(
@@ -49,19 +67,31 @@ class CubicSchedule:
                 "lengthen the pruning phase or use fewer events / shorter windows"
             )
 
+    @property
+    def ramp_start(self) -> int:
+        """The step the cubic ramp starts from: the end of the sparsity warm-up."""
+        return self.start_step + self.warmup_steps
+
     def sparsity_at(self, step: int) -> float:
-        if step <= self.start_step:
+        if step <= self.ramp_start:
             return 0.0
         if step >= self.end_step:
             return self.target_sparsity
-        left = 1.0 - (step - self.start_step) / (self.end_step - self.start_step)
+        left = 1.0 - (step - self.ramp_start) / (self.end_step - self.ramp_start)
         return self.target_sparsity * (1.0 - left**3)
 
     def event_steps(self) -> list[int]:
         span = self.end_step - self.start_step
         return [self.start_step + round((k + 1) * span / self.num_events) for k in range(self.num_events)]
 
+    def window(self, event: int) -> tuple[int, int]:
+        """(the step event `event`'s window opens, the step its masks are set hard)."""
+        step = self.event_steps()[event]
+        if self.mask_decay == "before":
+            return step - self.decay_steps, step
+        return step, step + self.decay_steps
+
     @property
     def last_step(self) -> int:
         """The step at which the final hard masks are set."""
-        return self.end_step + self.decay_steps
+        return self.window(self.num_events - 1)[1]

@@ -8,8 +8,11 @@ point a config's `class_path` at it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+from apt_lightning.distributed import all_reduce_sum_, world_size
 from apt_lightning.pruning.blocks import BlockTensors, block_costs
 from apt_lightning.structure import ModelShapes, PrunableStructure
 
@@ -36,7 +39,11 @@ def build_scorer(scorer: Scorer | str) -> Scorer:
 
 
 class Scorer:
-    """Base class. Stateless scorers only implement `compute`; batch-driven ones also `observe`/`step`."""
+    """Base class. Stateless scorers only implement `compute`; batch-driven ones also `observe`/`step`.
+
+    Under DDP a batch-driven scorer observes only its rank's share of each global batch: sum its
+    statistics over ranks in `step` (`apt_lightning.distributed.all_reduce_sum_`), as `OutlierAwareSalience`
+    does. `AdaptivePruning` applies rank 0's decision on every rank either way."""
 
     name = "custom"
     observes_batches = False
@@ -91,26 +98,105 @@ def _fisher_kurtosis(x: torch.Tensor) -> torch.Tensor:
     return torch.where(std.squeeze(-1) > 0, kurt, torch.zeros_like(kurt))
 
 
+KURTOSIS_FORMS = ("off", "paper", "scaled")
+HIDDEN_SALIENCE_FORMS = ("total", "branch")
+
+
+def kurtosis_form(value: str | bool) -> str:
+    """The kurtosis form a config names; booleans from older configs map explicitly (true: the paper's form,
+    which was the only one; false: off)."""
+    if value is True:
+        return "paper"
+    if value is False:
+        return "off"
+    if isinstance(value, str) and value in KURTOSIS_FORMS:
+        return value
+    raise ValueError(
+        f"kurtosis must be one of {', '.join(KURTOSIS_FORMS)} (or true = paper, false = off), got {value!r}"
+    )
+
+
+def scale_within_kind(salience: BlockTensors, terms: BlockTensors, live: BlockTensors) -> BlockTensors:
+    """Outlier terms rescaled per block kind (heads of all layers, neurons of all layers, hidden dims) so
+    that over the kind's live blocks they sum to the kind's salience (docs/method.md section 4, `scaled`).
+    Salience plus the scaled term then sums to exactly twice each kind's salience whatever the terms' units:
+    the term reorders blocks within a kind and leaves the balance between kinds to the salience."""
+
+    def factor(s: list[torch.Tensor], t: list[torch.Tensor], m: list[torch.Tensor]) -> torch.Tensor:
+        s, t = torch.cat(s), torch.cat(t)
+        alive = torch.cat(m).to(t.device) > 0
+        mass = t[alive].sum()
+        return s[alive].sum() / mass if float(mass) > 0 else mass
+
+    f_heads = factor(salience.heads, terms.heads, live.heads)
+    f_neurons = factor(salience.neurons, terms.neurons, live.neurons)
+    f_hidden = factor([salience.hidden], [terms.hidden], [live.hidden])
+    return BlockTensors(
+        [t * f_heads for t in terms.heads], [t * f_neurons for t in terms.neurons], terms.hidden * f_hidden
+    )
+
+
 @register_scorer("salience")
 class OutlierAwareSalience(Scorer):
     """APT's salience (docs/method.md section 4): per channel, (sum_{b,t} |x|) * (sum_{b,t} |dL/dx|)
-    from the live batch, summed over a head's channels; a hidden dim sums over every mask site.
-    Reduction happens before the product so only O(width) vectors are kept. EMA over steps.
-    With `kurtosis`, sqrt(max(0, Kurt(O))) is added per block, O being the block's weight columns
-    scaled by the EMA'd mean input activation (the block's output contributions)."""
+    from the live batch, summed over a head's channels. Reduction happens before the product so only
+    O(width) vectors are kept. EMA over steps.
+
+    Args:
+        ema: weight of the previous EMA value.
+        kurtosis: the outlier-aware term sqrt(max(0, Kurt(O))) per block, O being the block's weight
+            columns scaled by the EMA'd mean input activation (the block's output contributions). `paper`
+            adds it unscaled (the paper's eq. 5), `scaled` rescales it within each block kind
+            (`scale_within_kind`), `off` leaves it out. `true` / `false` mean `paper` / `off`.
+        hidden_salience: the gradient a hidden dim is scored with. `total`: the total gradient at every
+            masked norm output; `branch`: at each sublayer's input, the gradient of the branch that reads
+            it (Q/K/V, FFN-in), and the total gradient only where a norm output feeds nothing but one
+            branch or the head (the family's `branch_input_sites`; every site of a pre-norm decoder).
+    """
 
     observes_batches = True
 
-    def __init__(self, ema: float = 0.85, kurtosis: bool = True) -> None:
+    def __init__(
+        self,
+        ema: float = 0.85,
+        kurtosis: Literal["off", "paper", "scaled"] | bool = "paper",
+        hidden_salience: Literal["total", "branch"] = "total",
+    ) -> None:
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
+        if hidden_salience not in HIDDEN_SALIENCE_FORMS:
+            raise ValueError(
+                f"hidden_salience must be one of {', '.join(HIDDEN_SALIENCE_FORMS)}, got {hidden_salience!r}"
+            )
         self.ema = ema
         self.kurtosis = kurtosis
+        self.hidden_salience = hidden_salience
         self._act: dict[tuple[str, int], torch.Tensor] = {}
         self._grad: dict[tuple[str, int], torch.Tensor] = {}
-        self._tokens: dict[tuple[str, int], int] = {}
+        self._tokens: dict[tuple[str, int], int | torch.Tensor] = {}  # a tensor once reduced over ranks
         self.salience: dict[tuple[str, int], torch.Tensor] = {}
         self.mean_act: dict[tuple[str, int], torch.Tensor] = {}
+
+    @property
+    def kurtosis(self) -> str:
+        return self._kurtosis
+
+    @kurtosis.setter
+    def kurtosis(self, value: str | bool) -> None:
+        self._kurtosis = kurtosis_form(value)
+
+    @property
+    def observes_branches(self) -> bool:
+        """Whether the mask hooks pass branch inputs (kind "branch") to `observe`."""
+        return self.hidden_salience == "branch"
+
+    def attach(self, structure: PrunableStructure) -> None:
+        if self.observes_branches and not hasattr(structure, "branch_input_sites"):
+            raise ValueError(
+                f"hidden_salience='branch' needs the model family ({type(structure).__name__}) to name its "
+                "branch inputs (branch_input_sites); use hidden_salience='total'"
+            )
+        super().attach(structure)
 
     def observe(self, kind: str, index: int, tensor: torch.Tensor) -> None:
         if not tensor.requires_grad:
@@ -132,6 +218,7 @@ class OutlierAwareSalience(Scorer):
 
     @torch.no_grad()
     def step(self) -> None:
+        self._reduce_over_ranks()
         for key, act in self._act.items():
             grad = self._grad.get(key)
             if grad is None:
@@ -153,8 +240,34 @@ class OutlierAwareSalience(Scorer):
         self._grad.clear()
         self._tokens.clear()
 
+    def _reduce_over_ranks(self) -> None:
+        """Under data parallelism each rank saw its share of the global batch: sum |x| and the token counts
+        over ranks, and average sum |dL/dx| (each rank's loss is the mean over its own share, so its
+        gradients are world-size times those of the global-batch mean loss). Then every rank holds what
+        one process computes on the global batch, and S is formed from global sums, not summed per rank
+        (docs/distributed.md). Sites are the same on every rank: the model is."""
+        n = world_size()
+        if n == 1:
+            return
+        keys = sorted(k for k in self._act if k in self._grad)
+        if not keys:
+            return
+        act = self._act[keys[0]]
+        tokens = torch.tensor([float(self._tokens[k]) for k in keys], device=act.device)
+        all_reduce_sum_([*(self._act[k] for k in keys), *(self._grad[k] for k in keys), tokens])
+        for k, count in zip(keys, tokens, strict=True):
+            self._grad[k] /= n
+            self._tokens[k] = count
+
     def _channel(self, kind: str, index: int, width: int, device) -> torch.Tensor:
         return self.salience.get((kind, index), torch.zeros(width, device=device))
+
+    def _hidden(self, structure: PrunableStructure) -> list[torch.Tensor]:
+        """The per-site hidden salience vectors the chosen `hidden_salience` form sums."""
+        if self.hidden_salience == "total":
+            return [v for (k, _), v in self.salience.items() if k == "hidden"]
+        sites = structure.branch_input_sites()
+        return [v for (k, i), v in self.salience.items() if k == "branch" or (k == "hidden" and i in sites)]
 
     @torch.no_grad()
     def compute(self, structure: PrunableStructure) -> BlockTensors:
@@ -165,31 +278,51 @@ class OutlierAwareSalience(Scorer):
             self._channel("head", i, h * dh, device).reshape(h, dh).sum(1) for i, h in enumerate(shapes.heads)
         ]
         neurons = [self._channel("neuron", i, f, device) for i, f in enumerate(shapes.neurons)]
-        hidden = sum(v for (k, _), v in self.salience.items() if k == "hidden")
+        hidden = sum(self._hidden(structure))
         hidden = hidden if torch.is_tensor(hidden) else torch.zeros(shapes.hidden, device=device)
-        if self.kurtosis:
-            heads, neurons, hidden = self._add_kurtosis(structure, shapes, heads, neurons, hidden)
-        return BlockTensors(heads, neurons, hidden)
+        salience = BlockTensors(heads, neurons, hidden)
+        if self.kurtosis == "off":
+            return salience
+        terms = self.outlier_terms(structure, shapes)
+        if self.kurtosis == "scaled":
+            masks = structure.masks
+            live = BlockTensors(
+                [masks.head(i) for i in range(shapes.num_layers)],
+                [masks.neuron(i) for i in range(shapes.num_layers)],
+                masks.hidden,
+            )
+            terms = scale_within_kind(salience, terms, live)
+        return BlockTensors(
+            [s + t for s, t in zip(salience.heads, terms.heads, strict=True)],
+            [s + t for s, t in zip(salience.neurons, terms.neurons, strict=True)],
+            salience.hidden + terms.hidden,
+        )
 
-    def _add_kurtosis(self, structure, shapes, heads, neurons, hidden):
+    @torch.no_grad()
+    def outlier_terms(self, structure: PrunableStructure, shapes: ModelShapes) -> BlockTensors:
+        """sqrt(max(0, Kurt(O))) per block (paper eq. 5); 0 where a block has no weights or statistics."""
         dh = shapes.head_dim
+        device = structure.masks.hidden.device
+        heads = [torch.zeros(h, device=device) for h in shapes.heads]
+        neurons = [torch.zeros(f, device=device) for f in shapes.neurons]
+        hidden = torch.zeros(shapes.hidden, device=device)
         for i, h in enumerate(shapes.heads):
             w, act = structure.head_output_weight(i), self.mean_act.get(("head", i))
             if w is not None and act is not None and h:
                 o = (w.float() * act).reshape(w.shape[0], h, dh).permute(1, 0, 2).reshape(h, -1)
-                heads[i] = heads[i] + _fisher_kurtosis(o).clamp_min(0).sqrt()
+                heads[i] = _fisher_kurtosis(o).clamp_min(0).sqrt()
         for i, f in enumerate(shapes.neurons):
             w, act = structure.ffn_output_weight(i), self.mean_act.get(("neuron", i))
             if w is not None and act is not None and f:
-                neurons[i] = neurons[i] + _fisher_kurtosis((w.float() * act).t()).clamp_min(0).sqrt()
+                neurons[i] = _fisher_kurtosis((w.float() * act).t()).clamp_min(0).sqrt()
         cols = [
             w.float() * self.mean_act[("hidden", site)]
             for site, w in structure.hidden_input_weights()
             if ("hidden", site) in self.mean_act
         ]
         if cols:
-            hidden = hidden + _fisher_kurtosis(torch.cat(cols, 0).t()).clamp_min(0).sqrt()
-        return heads, neurons, hidden
+            hidden = _fisher_kurtosis(torch.cat(cols, 0).t()).clamp_min(0).sqrt()
+        return BlockTensors(heads, neurons, hidden)
 
     def compact(self, kept: BlockTensors) -> None:
         """Slice the EMA statistics to the surviving blocks (heads expand to their channels)."""

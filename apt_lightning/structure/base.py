@@ -146,6 +146,12 @@ class PrunableStructure(Protocol):
 
     def hidden_input_weights(self) -> list[tuple[int, torch.Tensor]]: ...
 
+    def branch_input_sites(self) -> set[int]:
+        """Hidden-mask sites whose norm output only one branch reads (no residual stream): there the total
+        gradient is the branch's. Other branches report their inputs through `MaskHooks.observe_branch`.
+        Optional: only the branch form of the hidden salience needs it."""
+        ...
+
 
 _FAMILIES: dict[str, type] = {}
 

@@ -35,6 +35,21 @@ class MaskHooks:
             masks.observer.observe(kind, layer, x)
         return (x, *args[1:])
 
+    def observe_branch(self, module: nn.Module, index: int) -> None:
+        """Show an observer that asks for it (`observes_branches`) the first input of `module`, a branch
+        that reads the hidden state beside the residual stream (a post-norm encoder's attention block or
+        FFN), as kind "branch". The module then computes on a view of its input, its own autograd node, so
+        the gradient there is the branch's alone, not the total at the norm output."""
+        self.handles.append(module.register_forward_pre_hook(functools.partial(self._branch, index)))
+
+    def _branch(self, index: int, module: nn.Module, args: tuple) -> tuple | None:
+        masks = self.structure.masks
+        if not (masks.observing() and getattr(masks.observer, "observes_branches", False)):
+            return None
+        x = args[0].view_as(args[0])
+        masks.observer.observe("branch", index, x)
+        return (x, *args[1:])
+
     def skip_output(self, module: nn.Module, kind: str, layer: int, skipped: Callable) -> None:
         """While every head (neuron) of `layer` is masked to 0, `module` returns `skipped(args, output)`:
         what the compacted model's stand-in for the removed sublayer returns."""

@@ -149,6 +149,12 @@ class BertStructure(FamilyStructure):
         out.append((site, self.hidden_consumer().weight))
         return out
 
+    def branch_input_sites(self) -> set[int]:
+        """Mask sites whose norm output only a branch reads: the last (the pooler or classifier reads it).
+        Every other site also feeds the residual stream; its readers, the attention block (branch 2i) and
+        the FFN (2i + 1) of each layer, report their own inputs (`MaskHooks.observe_branch`)."""
+        return {self.hidden_input_weights()[-1][0]}
+
     # ----------------------------------------------------------------- masks
     def install_masks(self) -> PruningMasks:
         """Attach all-ones masks (`model.apt_masks`), swap LayerNorms for masked ones, add the hooks."""
@@ -165,11 +171,13 @@ class BertStructure(FamilyStructure):
                 out.LayerNorm = MaskedLayerNorm.from_layernorm(out.LayerNorm, masks, 2 * i + 1)
                 self.hooks.mask_input(out.dense, "head", i)
                 self.hooks.skip_output(out, "head", i, residual_input)
+                self.hooks.observe_branch(layer.attention.self, 2 * i)
             if self._has_ffn(layer):
                 out = layer.output
                 out.LayerNorm = MaskedLayerNorm.from_layernorm(out.LayerNorm, masks, 2 * i + 2)
                 self.hooks.mask_input(out.dense, "neuron", i)
                 self.hooks.skip_output(out, "neuron", i, residual_input)
+                self.hooks.observe_branch(layer.intermediate, 2 * i + 1)
         return masks
 
     # ----------------------------------------------------------------- compaction
@@ -185,7 +193,7 @@ class BertStructure(FamilyStructure):
     def _compact_attention(self, i: int, layer: nn.Module, hid: torch.Tensor | None, cut) -> None:
         masks = self.masks
         if masks.head_zero[i]:
-            self.hooks.drop(layer.attention.output, layer.attention.output.dense)
+            self.hooks.drop(layer.attention.output, layer.attention.output.dense, layer.attention.self)
             layer.attention = SkippedAttention()
             return
         att, out = layer.attention.self, layer.attention.output
@@ -206,7 +214,7 @@ class BertStructure(FamilyStructure):
     def _compact_ffn(self, i: int, layer: nn.Module, hid: torch.Tensor | None, cut) -> None:
         masks = self.masks
         if masks.neuron_zero[i]:
-            self.hooks.drop(layer.output, layer.output.dense)
+            self.hooks.drop(layer.output, layer.output.dense, layer.intermediate)
             layer.intermediate, layer.output = nn.Identity(), SkippedFFNOutput()
             return
         neurons = None if masks.neuron_full[i] else masks.kept("neuron", i)

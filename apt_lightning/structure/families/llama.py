@@ -218,6 +218,11 @@ class LlamaStructure(FamilyStructure):
         out.append((2 * len(self.layers), self.hidden_consumer().weight))
         return out
 
+    def branch_input_sites(self) -> set[int]:
+        """Every mask site: pre-norm, so each norm output is read by one branch (attention, FFN, the head)
+        and never by the residual stream; the gradient there is already the branch's."""
+        return set(range(2 * len(self.layers) + 1))
+
     # ----------------------------------------------------------------- masks
     def install_masks(self) -> PruningMasks:
         """Attach all-ones masks (`model.apt_masks`), swap RMSNorms for masked ones, add the hooks."""

@@ -1,4 +1,4 @@
-"""`apt-bench`: inference throughput, latency and peak memory of a pruned encoder against its dense form.
+"""`apt-bench`: inference throughput, latency and peak memory of a pruned model against its dense form.
 
 The pruned model comes from an exported folder (`--model-dir`), a training checkpoint (`--checkpoint`,
 adapters merged and pruned blocks removed), or an architecture pruned here to a target sparsity by the
@@ -7,7 +7,12 @@ project's own block search (`--backbone`, `--preset`, `--config-json` with `--sp
 The dense reference is the same architecture, uncompacted. Inputs are random token ids of `--seq-len`
 with a full attention mask, run under `torch.inference_mode`.
 
-How it measures: `apt_lightning.tools.bench.protocol`; the table: `reporting`; the models: `models`.
+A causal LM (`--model-kind causal-lm`, detected from the model class or the config's `architectures`)
+is timed generating instead: prefill of `--prompt-len` tokens and `--new-tokens` greedy decode steps
+through a KV cache (`decoder`).
+
+How it measures: `apt_lightning.tools.bench.protocol` (encoders), `decoder` (causal LMs); the table:
+`reporting`; the models: `models`.
 """
 
 from __future__ import annotations
@@ -28,17 +33,22 @@ from apt_lightning.fusion import FUSIONS, fuse_for_inference
 from apt_lightning.pruning import DATA_FREE_SCORERS as SCORERS
 from apt_lightning.pruning import prune_to_sparsity
 from apt_lightning.structure import max_positions, preset_config
+from apt_lightning.tools.bench.decoder import KV_CACHES, measure_decoders
 from apt_lightning.tools.bench.models import (
     PRESETS,
     config_from_json,
     dense_like,
     describe,
+    is_causal_lm,
     model_from_config,
 )
 from apt_lightning.tools.bench.protocol import _MIN_BLOCK, DTYPES, measure_all
 from apt_lightning.tools.bench.reporting import markdown_table
 
 DEVICES = ("auto", "cpu", "cuda")
+MODEL_KINDS = ("auto", "classifier", "causal-lm")
+_ENCODER_DEFAULTS = {"batch_sizes": [128], "seq_len": 128}
+_DECODER_DEFAULTS = {"batch_sizes": [1, 8, 32], "prompt_len": [128], "new_tokens": 128, "kv_cache": "static"}
 _CPU_DEFAULTS = (2, 5, 0, 0.0)  # warmup, repeats, block passes, block seconds
 # blocks of ~0.25 s: long enough for a GPU's clocks to settle at the level each model sustains (docs/bench.md)
 _CUDA_DEFAULTS = (10, 30, 0, 0.25)
@@ -86,9 +96,48 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--seed", type=int, default=0, help="seed of the random weights (the search's choices depend on them)"
     )
+    p.add_argument(
+        "--model-kind",
+        choices=MODEL_KINDS,
+        default="auto",
+        help="causal-lm: time generation (prefill + greedy decode with a KV cache); auto: a causal LM when "
+        "the model's class or its config's architectures say ...ForCausalLM (presets: classifier)",
+    )
     m = p.add_argument_group("measurement")
-    m.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[128])
-    m.add_argument("--seq-len", type=_positive_int, default=128)
+    m.add_argument(
+        "--batch-sizes",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        help=f"default {_ENCODER_DEFAULTS['batch_sizes']}; causal LMs {_DECODER_DEFAULTS['batch_sizes']}",
+    )
+    m.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        default=None,
+        help=f"default {_ENCODER_DEFAULTS['seq_len']} (encoders)",
+    )
+    g = p.add_argument_group("generation (causal LMs)")
+    g.add_argument(
+        "--prompt-len",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        help=f"prompt lengths prefilled (default {_DECODER_DEFAULTS['prompt_len']})",
+    )
+    g.add_argument(
+        "--new-tokens",
+        type=_positive_int,
+        default=None,
+        help=f"greedy decode steps timed after the prefill (default {_DECODER_DEFAULTS['new_tokens']})",
+    )
+    g.add_argument(
+        "--kv-cache",
+        choices=KV_CACHES,
+        default=None,
+        help="static: preallocated StaticCache (the default; needed by --cuda-graphs); dynamic: "
+        "generate's default DynamicCache, grown by concatenation",
+    )
     m.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp16/bf16 need CUDA")
     m.add_argument("--device", choices=DEVICES, default="auto")
     m.add_argument(
@@ -199,12 +248,85 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
     return device
 
 
-def _load_models(
-    parser: argparse.ArgumentParser, args: argparse.Namespace
-) -> tuple[dict[str, nn.Module], dict[str, dict]]:
-    """The dense reference first, then the pruned model(s); plus pruning records per pruned model."""
+def _declared_kind(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """causal-lm or classifier, from --model-kind or what the source says before anything is loaded: an
+    export's model class, a config's `architectures`; presets are classifiers unless told. None: a
+    checkpoint's kind is known once it is loaded."""
+    if args.model_kind != "auto":
+        return args.model_kind
+    if args.model_dir:
+        from apt_lightning.export import SIDECAR
+
+        try:
+            model_class = json.loads((Path(args.model_dir) / SIDECAR).read_text()).get("model_class", "")
+        except (OSError, ValueError, AttributeError):
+            return None  # load_pruned names what is wrong with the folder
+        return "causal-lm" if str(model_class).endswith("ForCausalLM") else "classifier"
+    if args.backbone or args.config_json:
+        return "causal-lm" if is_causal_lm(_source_config(parser, args)) else "classifier"
+    return None if args.checkpoint else "classifier"
+
+
+def _source_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The transformers config of --backbone / --preset / --config-json."""
+    if args.preset:
+        return preset_config(args.preset)
+    if args.config_json:
+        return config_from_json(args.config_json)
+    from transformers import AutoConfig
+
     from apt_lightning.backbone import BackboneNotFoundError, resolve_backbone
 
+    try:
+        path = resolve_backbone(args.backbone)
+    except BackboneNotFoundError as err:
+        hint = f"; for its shapes offline use --preset {args.backbone}" if args.backbone in PRESETS else ""
+        parser.error(f"{err}{hint}")
+    return AutoConfig.from_pretrained(path, num_labels=2)
+
+
+def _check_kind(parser: argparse.ArgumentParser, args: argparse.Namespace, kind: str) -> None:
+    """The flags that belong to the other kind of model, and the generation defaults."""
+    if kind == "causal-lm":
+        wrong = [
+            flag
+            for flag, given in (
+                ("--seq-len (use --prompt-len)", args.seq_len is not None),
+                ("--block", args.block is not None),
+                ("--block-seconds", args.block_seconds is not None),
+                ("--compile", args.compile),
+                ("--fuse", bool(args.fuse)),
+            )
+            if given
+        ]
+        if wrong:
+            parser.error(f"{', '.join(wrong)}: not for a causal LM (timed generating, docs/bench.md)")
+        for key, value in _DECODER_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        if args.cuda_graphs and args.kv_cache != "static":
+            parser.error("--cuda-graphs needs --kv-cache static (a dynamic cache changes shape every step)")
+        return
+    wrong = [
+        flag
+        for flag in ("--prompt-len", "--new-tokens", "--kv-cache")
+        if getattr(args, flag[2:].replace("-", "_")) is not None
+    ]
+    if wrong:
+        parser.error(
+            f"{', '.join(wrong)}: for causal LMs; this model is a classifier (--model-kind causal-lm "
+            "times a decoder generating)"
+        )
+    for key, value in _ENCODER_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _load_models(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, kind: str | None
+) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+    """The dense reference first, then the pruned model(s); plus pruning records per pruned model. `kind`
+    None: a checkpoint's, whatever it holds."""
     records: dict[str, dict] = {}
     torch.manual_seed(args.seed)  # random weights (presets, --random-weights), hence the pruned structure
     if args.model_dir or args.checkpoint:
@@ -219,27 +341,24 @@ def _load_models(
                 compact_for_inference(module_from_checkpoint(args.checkpoint).student),
                 Path(args.checkpoint).stem,
             )
+        if kind is not None and (kind == "causal-lm") != is_causal_lm(pruned):
+            parser.error(f"--model-kind {kind}: {name} holds a {type(pruned).__name__}")
         pruned.set_attn_implementation(args.attn)
         return {"dense": dense_like(pruned, args.attn), name: pruned.eval()}, records
-    if args.backbone:
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+    causal = kind == "causal-lm"
+    config = _source_config(parser, args)
+    if args.backbone and not args.random_weights:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        try:
-            path = resolve_backbone(args.backbone)
-        except BackboneNotFoundError as err:
-            hint = (
-                f"; for its shapes offline use --preset {args.backbone}" if args.backbone in PRESETS else ""
-            )
-            parser.error(f"{err}{hint}")
-        if args.random_weights:
-            dense = model_from_config(AutoConfig.from_pretrained(path, num_labels=2), args.attn)
-        else:
-            dense = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=2, attn_implementation=args.attn, dtype=torch.float32
-            ).eval()
+        from apt_lightning.backbone import resolve_backbone
+
+        auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+        kw = {} if causal else {"num_labels": 2}
+        dense = auto.from_pretrained(
+            resolve_backbone(args.backbone), attn_implementation=args.attn, dtype=torch.float32, **kw
+        ).eval()
     else:
-        config = preset_config(args.preset) if args.preset else config_from_json(args.config_json)
-        dense = model_from_config(config, args.attn)
+        dense = model_from_config(config, args.attn, causal_lm=causal)
     models = {"dense": dense}
     for s in args.sparsity:
         model = copy.deepcopy(dense)
@@ -269,13 +388,24 @@ def _main(
     warmup_d, repeats_d, block_d, seconds_d = _CUDA_DEFAULTS if device == "cuda" else _CPU_DEFAULTS
     warmup = warmup_d if args.warmup is None else args.warmup
     repeats = repeats_d if args.repeats is None else args.repeats
+    kind = _declared_kind(parser, args)
+    if kind is not None:
+        _check_kind(parser, args, kind)  # before any model is built
+    models, records = _load_models(parser, args, kind)
+    if kind is None:
+        kind = "causal-lm" if is_causal_lm(list(models.values())[-1]) else "classifier"
+        _check_kind(parser, args, kind)
     if args.block is None and args.block_seconds is None:
-        block, block_seconds = block_d, seconds_d
+        block, block_seconds = (block_d, seconds_d) if kind == "classifier" else (0, 0.0)
     else:
         block, block_seconds = args.block or 0, args.block_seconds or 0.0
-    models, records = _load_models(parser, args)
     limit = min(max_positions(m.config) for m in models.values())
-    if args.seq_len > limit:
+    if kind == "causal-lm" and max(args.prompt_len) + args.new_tokens > limit:
+        parser.error(
+            f"--prompt-len {max(args.prompt_len)} + --new-tokens {args.new_tokens} exceeds the model's "
+            f"{limit} positions"
+        )
+    if kind == "classifier" and args.seq_len > limit:
         parser.error(f"--seq-len {args.seq_len} exceeds the model's {limit} position embeddings")
     infos = {name: {**describe(model), "pruning": records.get(name)} for name, model in models.items()}
     if args.fuse:  # after describe: the fused modules no longer have the layout the structure reads
@@ -284,20 +414,35 @@ def _main(
                 fuse_for_inference(model, args.fuse)
         except ValueError as err:
             parser.error(f"--fuse {' '.join(args.fuse)}: {err}")
-    results = measure_all(
-        models,
-        args.batch_sizes,
-        args.seq_len,
-        args.dtype,
-        device,
-        warmup,
-        repeats,
-        interleave=args.order == "interleaved",
-        cuda_graphs=args.cuda_graphs,
-        torch_compile=args.compile,
-        block=block,
-        block_seconds=block_seconds,
-    )
+    if kind == "causal-lm":
+        results = measure_decoders(
+            models,
+            args.batch_sizes,
+            args.prompt_len,
+            args.new_tokens,
+            args.dtype,
+            device,
+            warmup,
+            repeats,
+            interleave=args.order == "interleaved",
+            kv_cache=args.kv_cache,
+            cuda_graphs=args.cuda_graphs,
+        )
+    else:
+        results = measure_all(
+            models,
+            args.batch_sizes,
+            args.seq_len,
+            args.dtype,
+            device,
+            warmup,
+            repeats,
+            interleave=args.order == "interleaved",
+            cuda_graphs=args.cuda_graphs,
+            torch_compile=args.compile,
+            block=block,
+            block_seconds=block_seconds,
+        )
     import transformers
 
     name = (
@@ -312,7 +457,11 @@ def _main(
             "device": device,
             "device_name": name,
             "dtype": args.dtype,
+            "model_kind": kind,
             "seq_len": args.seq_len,
+            "prompt_lens": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "kv_cache": args.kv_cache,
             "warmup": warmup,
             "repeats": repeats,
             "block": block,

@@ -31,15 +31,25 @@ def config_from_json(path: str | Path, num_labels: int = 2):
     return AutoConfig.for_model(model_type, **data)
 
 
-def model_from_config(config, attn: str = "sdpa") -> nn.Module:
-    from transformers import AutoModelForSequenceClassification
+def is_causal_lm(model: Any) -> bool:
+    """Whether `model` (a transformers model, or its config) is a causal LM: the model's class, or the
+    config's `architectures` (what `save_pretrained` records), ends in ``ForCausalLM``."""
+    if isinstance(model, nn.Module):
+        return type(model).__name__.endswith("ForCausalLM")
+    return any(str(a).endswith("ForCausalLM") for a in getattr(model, "architectures", None) or [])
 
-    return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn).eval()
+
+def model_from_config(config, attn: str = "sdpa", causal_lm: bool = False) -> nn.Module:
+    """Random weights of `config`: a sequence classifier, or with `causal_lm` a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+    return auto.from_config(config, attn_implementation=attn).eval()
 
 
 def dense_like(model: nn.Module, attn: str = "sdpa") -> nn.Module:
     """The same architecture at full width, random weights: the reference a pruned model is timed against."""
-    return model_from_config(copy.deepcopy(model.config), attn)
+    return model_from_config(copy.deepcopy(model.config), attn, causal_lm=is_causal_lm(model))
 
 
 def describe(model: nn.Module) -> dict[str, Any]:

@@ -69,6 +69,38 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
+class WorkingMemory:
+    """The peak memory a span of work needs beyond what was allocated when it began (module docstring):
+    on CUDA `max_memory_allocated` minus the allocation at the start, both after a synchronisation; on a
+    CPU the growth of the peak resident set (`tracked` False, `mb` None where the kernel offers no
+    resettable peak)."""
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.mb: float | None = None
+        self.tracked = True
+        self._base: float | None = None
+
+    def __enter__(self) -> WorkingMemory:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            _malloc_trim()
+            self._base = current_rss_mb()
+            self.tracked = self._base is not None and reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self.tracked:
+            self.mb = max(0.0, peak_rss_mb() - self._base)
+
+
 def _allow_recompiles(limit: int = 256) -> None:
     """Every model and input shape recompiles the same `forward` code, and past Dynamo's limit (8) it would
     silently run eager while the report says compiled: raise the limit and make hitting it an error."""
@@ -188,38 +220,32 @@ class Runner:
         dev = self.device
         gc.collect(1)  # recent garbage only: a full collection costs ~0.2 s with transformers loaded
         self._prepare()
+        with WorkingMemory(dev) as memory:
+            if self.cuda:
+                events = [
+                    (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                    for _ in range(n)
+                ]
+                t_start = time.perf_counter()
+                for start, end in events:
+                    start.record()
+                    t0 = time.perf_counter()
+                    self.run_once()
+                    self.host_times.append(time.perf_counter() - t0)
+                    end.record()
+            else:
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    self.run_once()
+                    self.times.append(time.perf_counter() - t0)
         if self.cuda:
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-            events = [
-                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)
-            ]
-            t_start = time.perf_counter()
-            for start, end in events:
-                start.record()
-                t0 = time.perf_counter()
-                self.run_once()
-                self.host_times.append(time.perf_counter() - t0)
-                end.record()
-            torch.cuda.synchronize(dev)
             self.windows["single"].append((t_start, time.perf_counter()))
             self.times += [start.elapsed_time(end) / 1e3 for start, end in events]
-            # replays allocate nothing: the capture measured the working memory
-            peak: float | None = None if self.graph else (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-        else:
-            _malloc_trim()
-            base = current_rss_mb()
-            tracked = base is not None and reset_peak_rss()
-            for _ in range(n):
-                t0 = time.perf_counter()
-                self.run_once()
-                self.times.append(time.perf_counter() - t0)
-            peak = max(0.0, peak_rss_mb() - base) if tracked else None
-            if not tracked:
-                self.memory_kind = "n/a"
-        if peak is not None and self.memory_kind != "n/a":
-            self.activation_mb = max(self.activation_mb or 0.0, peak)
+        if not memory.tracked:
+            self.memory_kind = "n/a"
+        # graph replays allocate nothing: the capture measured the working memory
+        elif self.graph is None and memory.mb is not None:
+            self.activation_mb = max(self.activation_mb or 0.0, memory.mb)
 
     @torch.inference_mode()
     def timed_block(self, k: int) -> None:

@@ -9,6 +9,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def markdown_table(report: dict) -> str:
     env = report["env"]
+    if env.get("model_kind") == "causal-lm":
+        return generation_table(report)
     lines = [
         f"apt-bench: {env['device_name']}, {env['dtype']}, seq {env['seq_len']}, "
         f"{env['warmup']} warm-up + {env['repeats']} timed passes"
@@ -37,9 +39,39 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _clock_note(r: dict) -> str:
+def generation_table(report: dict) -> str:
+    """The table of a causal LM's report: prefill and decode throughput, memory, against dense."""
+    env = report["env"]
+    lines = [
+        f"apt-bench (generation): {env['device_name']}, {env['dtype']}, {env['kv_cache']} KV cache, "
+        f"{env['new_tokens']} greedy decode steps after the prompt, {env['warmup']} warm-up + "
+        f"{env['repeats']} timed generations ({env['order']}, median"
+        + (", CUDA graphs)" if env.get("cuda_graphs") else ")"),
+        "",
+        "| model | params (M) | batch | prompt | prefill tok/s | prefill speedup | decode tok/s "
+        "| decode speedup | ms/token | host ms/token | peak MB | KV cache MB | memory vs dense |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        params = report["models"][r["model"]]["params"] / 1e6
+        lines.append(
+            f"| {r['model']} | {params:.1f} | {r['batch_size']} | {r['prompt_len']} | "
+            f"{r['prefill_tokens_per_s']:.0f} | {_fmt(r['prefill_speedup_vs_dense'], '.2f')}x | "
+            f"{r['decode_tokens_per_s']:.1f} | {_fmt(r['decode_speedup_vs_dense'], '.2f')}x | "
+            f"{r['decode_ms_per_token']:.2f} | {r['decode_host_ms_per_token']:.2f} | "
+            f"{_fmt(r['peak_mb'], '.0f')} | {_fmt(r['kv_cache_mb'], '.1f')} | "
+            f"{_fmt(r['memory_vs_dense'], '.2f')} |"
+        )
+    clocks = [_clock_note(r, ("prefill", "decode")) for r in report["results"] if r.get("gpu_clocks")]
+    if clocks:
+        lines += ["", "Median SM clock / power (prefill; decode): " + "; ".join(clocks)]
+    return "\n".join(lines) + "\n"
+
+
+def _clock_note(r: dict, kinds: tuple[str, str] = ("single", "blocks")) -> str:
     def one(c: dict | None) -> str:
         return "n/a" if c is None else f"{c['sm_clock_mhz']:.0f} MHz {c['power_w']:.0f} W"
 
     c = r["gpu_clocks"]
-    return f"{r['model']} (batch {r['batch_size']}): {one(c['single'])}; {one(c['blocks'])}"
+    shape = f"batch {r['batch_size']}" + (f", prompt {r['prompt_len']}" if "prompt_len" in r else "")
+    return f"{r['model']} ({shape}): {one(c.get(kinds[0]))}; {one(c.get(kinds[1]))}"

@@ -1,10 +1,12 @@
 """Collecting a suite folder: one `runs.csv` row per run folder (blanks where a file is missing).
 
 Inputs (per run folder, `apt_lightning.tools.suite.layout`): ``run.json`` (what the run is),
-``done.json`` / ``failed.json`` (status), ``logs/efficiency.json`` (EfficiencyMonitor: memory, step time,
+``done.json`` / ``failed.json`` (status; the test metric of the checkpoint selected on a carved validation
+split), ``logs/efficiency.json`` (EfficiencyMonitor: memory, step time,
 metric history, pruning overhead), ``logs/pruning.json`` (AdaptivePruning events), ``logs/metrics.csv``
 (CSVLogger; the fallback for the metric history), ``inference.json`` (the exported model and the dense
-model under apt-bench's `benchmark`).
+model under apt-bench's `benchmark`, or `generation_benchmark` for a causal LM), ``zero_shot.json``
+(apt-eval's accuracies of a causal LM's export).
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from apt_lightning.tools.suite.layout import (
     LOG_DIR,
     PRUNING,
     RUN_META,
+    ZERO_SHOT,
     best_metric,
+    logged_metric,
     metric_history,
+    metric_mode,
     number,
     read_json,
     run_folders,
@@ -39,9 +44,13 @@ RUN_FIELDS = [
     "seed",
     "status",
     "monitor",
+    "mode",
     "best_metric",
     "best_over",
     "final_metric",
+    "perplexity",
+    "test_metric",
+    "selected_step",
     "sparsity",
     "sparsity_source",
     "heads_per_layer",
@@ -73,6 +82,17 @@ RUN_FIELDS = [
     "inf_memory_ratio",
     "inf_params_ratio",
     "inf_round_spread",
+    "inf_kind",
+    "inf_prefill_tokens_per_s",
+    "inf_decode_tokens_per_s",
+    "dense_prefill_tokens_per_s",
+    "dense_decode_tokens_per_s",
+    "inf_prefill_speedup",
+    "inf_decode_speedup",
+    "zs_acc",
+    "zs_acc_norm",
+    "zs_chance",
+    "zs_tasks",
     "device",
     "run_dir",
     "error",
@@ -93,13 +113,13 @@ def _sparsity(log_dir: Path, efficiency: dict | None, config_text: str) -> tuple
 
 
 def best_over(efficiency: dict | None) -> str:
-    """Which validations a run's best metric counted (efficiency.json's `at_final_sparsity` flags): "all N",
-    "K of N, steps A-B" (only those at the final sparsity), "none of N" or "" without a history. Files
+    """Which validations a run's best metric counted (efficiency.json's `at_final_structure` flags): "all N",
+    "K of N, steps A-B" (only those at the final structure), "none of N" or "" without a history. Files
     written before the flag existed took the best over every validation and read "all N"."""
     history = [h for h in (efficiency or {}).get("metric_history") or [] if isinstance(h, dict)]
     if not history:
         return ""
-    steps = [h.get("step") for h in history if h.get("at_final_sparsity", True)]
+    steps = [h.get("step") for h in history if h.get("at_final_structure", True)]
     if len(steps) == len(history):
         return f"all {len(history)}"
     if not steps:
@@ -123,7 +143,9 @@ def read_run(run_dir: Path) -> dict:
     config_text = config.read_text() if config.is_file() else ""
     wall = number((eff or {}).get("train_wall_s")) or number((done or {}).get("wall_s"))
     history, _ = metric_history(run_dir / LOG_DIR, monitor, eff, wall)
-    best = best_metric(eff, done, [v for _, _, v in history])
+    mode = metric_mode(meta, eff)
+    best = best_metric(eff, done, [v for _, _, v in history], mode)
+    perplexities = [v for _, v in logged_metric(log_dir, "val/perplexity")]
     sparsity, sparsity_source = _sparsity(log_dir, eff, config_text)
     structure = (eff or {}).get("structure") or {}
     overhead = (eff or {}).get("pruning_overhead") or {}
@@ -133,6 +155,8 @@ def read_run(run_dir: Path) -> dict:
     inference = read_json(run_dir / INFERENCE) or {}
     model, dense, e = inference.get("model") or {}, inference.get("dense") or {}, eff or {}
     bench_error = (read_json(run_dir / BENCH_FAILED) or {}).get("error", "")
+    zero_shot = read_json(run_dir / ZERO_SHOT) or {}
+    average = zero_shot.get("average") or {}
     task = run_dir.parent.name
     row = {
         "variant": meta.get("variant", run_dir.parent.parent.name),
@@ -142,9 +166,13 @@ def read_run(run_dir: Path) -> dict:
         "seed": meta.get("seed", seed_of(run_dir)),
         "status": status,
         "monitor": monitor,
+        "mode": mode,
         "best_metric": best,
         "best_over": best_over(eff),
         "final_metric": history[-1][2] if history else (done or {}).get("final_metric"),
+        "perplexity": min(perplexities) if perplexities else None,
+        "test_metric": number((done or {}).get("test_metric")),
+        "selected_step": (done or {}).get("selected_step"),
         "sparsity": sparsity,
         "sparsity_source": sparsity_source,
         "heads_per_layer": " ".join(map(str, structure.get("heads_per_layer") or [])),
@@ -168,6 +196,15 @@ def read_run(run_dir: Path) -> dict:
         "dense_latency_ms": number(dense.get("latency_ms")),
         "dense_peak_mb": number(dense.get("peak_mb")),
         "dense_params": number(dense.get("params")),
+        "inf_kind": inference.get("kind") or ("classifier" if inference else None),
+        "inf_prefill_tokens_per_s": number(model.get("prefill_tokens_per_s")),
+        "inf_decode_tokens_per_s": number(model.get("decode_tokens_per_s")),
+        "dense_prefill_tokens_per_s": number(dense.get("prefill_tokens_per_s")),
+        "dense_decode_tokens_per_s": number(dense.get("decode_tokens_per_s")),
+        "zs_acc": number(average.get("acc")),
+        "zs_acc_norm": number(average.get("acc_norm")),
+        "zs_chance": number(average.get("chance")),
+        "zs_tasks": " ".join(zero_shot.get("tasks") or {}),
         "device": e.get("device_name") or (done or {}).get("device"),
         "run_dir": str(run_dir),
         "error": (failed or {}).get("reason") or bench_error,
@@ -177,12 +214,16 @@ def read_run(run_dir: Path) -> dict:
         "_failed": failed,
         "_done": done,
         "_inference": inference,
+        "_zero_shot": zero_shot,
     }
     row["inf_speedup"] = ratio(row["inf_samples_per_s"], row["dense_samples_per_s"])
     row["inf_latency_ratio"] = ratio(row["inf_latency_ms"], row["dense_latency_ms"])
     row["inf_memory_ratio"] = ratio(row["inf_peak_mb"], row["dense_peak_mb"])
     row["inf_params_ratio"] = ratio(row["inf_params"], row["dense_params"])
-    spreads = [_spread(model.get("rounds_samples_per_s")), _spread(dense.get("rounds_samples_per_s"))]
+    row["inf_prefill_speedup"] = ratio(row["inf_prefill_tokens_per_s"], row["dense_prefill_tokens_per_s"])
+    row["inf_decode_speedup"] = ratio(row["inf_decode_tokens_per_s"], row["dense_decode_tokens_per_s"])
+    rounds = "rounds_decode_tokens_per_s" if row["inf_kind"] == "causal-lm" else "rounds_samples_per_s"
+    spreads = [_spread(model.get(rounds)), _spread(dense.get(rounds))]
     row["inf_round_spread"] = max((x for x in spreads if x is not None), default=None)
     return row
 

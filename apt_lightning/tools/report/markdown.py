@@ -8,6 +8,7 @@ import io
 import time
 from pathlib import Path
 
+from apt_lightning.tools.report import causal_lm
 from apt_lightning.tools.report.summary import FULL_METHOD, TTA_FRACTION, effects, paper_scores
 from apt_lightning.tools.suite.layout import CONFIG, TRAIN_LOG
 
@@ -30,8 +31,9 @@ def _metric_cell(s: dict) -> str:
     if s["metric_mean"] is None:
         return "–"
     scale = 100.0 if s["monitor"].endswith(("accuracy", "f1")) else 1.0
-    spread = f" ± {s['metric_std'] * scale:.2f}" if s["metric_std"] is not None else ""
-    return f"{s['metric_mean'] * scale:.2f}{spread} (n={s['n']})"
+    digits = 4 if s.get("mode") == "min" else 2  # a loss: differences in the third decimal matter
+    spread = f" ± {s['metric_std'] * scale:.{digits}f}" if s["metric_std"] is not None else ""
+    return f"{s['metric_mean'] * scale:.{digits}f}{spread} (n={s['n']})"
 
 
 def _pct(value: float | None) -> float | None:
@@ -46,12 +48,16 @@ def _tables(summary: list[dict], tasks: list[str]) -> list[str]:
             continue
         metric = rows[0]["monitor"].removeprefix("val/")
         unit = " (%)" if metric in ("accuracy", "f1") else ""
+        lower = rows[0].get("mode") == "min"
+        if lower:
+            unit = " (lower is better)"
         lines += [
             f"### {rows[0]['task_label']}",
             "",
             "Task metric and training efficiency:",
             "",
-            f"| variant | best dev {metric}{unit}, mean ± std | % of FT | sparsity | TTA (s) | TTA / FT | "
+            f"| variant | best dev {metric}{unit}, mean ± std | {'as % of FT' if lower else '% of FT'} | "
+            "sparsity | TTA (s) | TTA / FT | "
             "reached | peak train mem (MB) | mem / FT | median step (ms) | score+search (s) | of step time |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
@@ -71,6 +77,10 @@ def _tables(summary: list[dict], tasks: list[str]) -> list[str]:
                 _f(_pct(s["overhead_fraction"]), ".1f", "%"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += _test_table(rows)
+        if causal_lm.is_causal_task(rows):
+            lines += ["", *causal_lm.generation_table(rows)]
+            continue
         lines += [
             "",
             "Inference efficiency of the exported model (adapters merged, pruned blocks removed) against "
@@ -103,6 +113,29 @@ def _tables(summary: list[dict], tasks: list[str]) -> list[str]:
     return lines
 
 
+def _test_table(rows: list[dict]) -> list[str]:
+    """The test metric (official dev set) of the checkpoints selected on the carved validation split, for
+    the variants whose runs have one."""
+    tested = [s for s in rows if s.get("test_n")]
+    if not tested:
+        return []
+    metric = tested[0]["monitor"].removeprefix("val/")
+    lines = [
+        "",
+        "Test: the official dev set, scoring the checkpoint each run selected on the validation split carved "
+        "from its training data (only points at the final structure count):",
+        "",
+        f"| variant | test {metric}, mean ± std | % of FT |",
+        "|---|---:|---:|",
+    ]
+    for s in tested:
+        cell = _metric_cell(
+            {**s, "metric_mean": s["test_mean"], "metric_std": s["test_std"], "n": s["test_n"]}
+        )
+        lines.append(f"| {s['variant']} | {cell} | {_f(s['test_pct_of_ft'], '.1f')} |")
+    return lines
+
+
 def _rel(path: str) -> str:
     try:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
@@ -119,7 +152,7 @@ def _effects_section(summary: list[dict], meta: dict, tasks: list[str]) -> list[
         f"## Effects against full APT{f' and in the paper ({source})' if source else ''}",
         "",
         f"Effect = the variant's mean metric minus full APT's (`{FULL_METHOD}`) on the same task, in points "
-        "(100 x the difference). "
+        "(100 x the difference; causal LMs: their average zero-shot accuracy). "
         "Clear = larger than twice the standard deviation of APT's seeds. The paper's effect is the same "
         "difference of its published scores (its model, data and schedule, not this suite's). Verdict: "
         "agrees / disagrees in direction when the effect here is clear.",
@@ -176,18 +209,25 @@ def _variant_sections(meta: dict, rows: list[dict], order: list[str]) -> list[st
     return lines
 
 
-def _definitions(bench: dict | None, inf_device: str | None) -> list[str]:
+def _definitions(
+    bench: dict | None, inf_device: str | None, classifier: bool = True, causal: list[str] | None = None
+) -> list[str]:
+    """The bullets of "What the numbers are": the classifier inference bullet when the suite has
+    classifiers, the `causal` (causal-LM) bullets when it has causal LMs."""
     at = f" at batch {bench.get('batch_size')}, sequence {bench.get('seq_len')}" if bench else ""
     on = f" on {inf_device}" if inf_device else ""
-    return [
+    lines = [
         "## What the numbers are",
         "",
         "- **best dev metric**: the best validation value of the task's primary metric over the run's "
-        "validation checks at the final sparsity (after the last pruning event; every check for runs "
+        "validation checks at the final structure (after the last pruning step; every check for runs "
         "without pruning: docs/method.md section 9), so a wider model seen mid-pruning never counts; the "
         "Runs table says which checks counted (**best over**); mean ± sample standard deviation over "
         "seeds (n = finished seeds). Accuracy and F1 in %.",
         "- **% of FT**: mean metric / mean metric of the FT reference on the same task.",
+        "- **test** (runs whose validation split is carved from the training data): the official dev set's "
+        "metric of the checkpoint with the best validation value among those at the final structure; then "
+        "*best dev* above is the best value on the carved split.",
         "- **sparsity**: fraction of the counted encoder parameters (heads, FFN neurons, hidden dims; "
         "embeddings and classifier not counted) removed in the final model.",
         f"- **TTA**: training wall seconds until the dev metric first reached {TTA_FRACTION:.0%} of the FT "
@@ -203,24 +243,29 @@ def _definitions(bench: dict | None, inf_device: str | None) -> list[str]:
         f"timed by `apt_lightning.tools.bench.benchmark` on random token ids{at}{on}, against the unpruned "
         "model of the same backbone and task measured the same way. Speedup = samples/s ratio; latency = "
         "median forward time of one batch; peak mem = weights + activations.",
+        *(causal or []),
         "- Runs trained in parallel share one device: training times and memory compare within the suite, "
         "not with a run alone on a device. Inference is measured after all training, one model at a time.",
         "",
     ]
+    if not classifier:
+        lines.pop(lines.index(next(line for line in lines if line.startswith("- **inference**"))))
+    return lines
 
 
 def _runs_section(rows: list[dict]) -> list[str]:
     lines = [
         "## Runs",
         "",
-        "| run | status | best metric | best over (validations) | final metric | sparsity | "
+        "| run | status | best metric | best over (validations) | final metric | test metric | sparsity | "
         "heads kept per layer | train wall (s) | folder |",
-        "|---|---|---:|---|---:|---:|---|---:|---|",
+        "|---|---|---:|---|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']}/{r['task_key']}/seed{r['seed']} | {r['status']} | "
             f"{_f(r['best_metric'], '.4f')} | {r['best_over'] or '–'} | {_f(r['final_metric'], '.4f')} | "
+            f"{_f(r.get('test_metric'), '.4f')} | "
             f"{_f(r['sparsity'], '.3f')} | {r['heads_per_layer'] or '–'} | "
             f"{_f(r['train_wall_s'], '.0f')} | `{_rel(r['run_dir'])}` |"
         )
@@ -293,11 +338,20 @@ def render_markdown(
         "## Results",
         "",
     ]
+    zs_reference = meta.get("zero_shot_reference")
     lines += _tables(summary, tasks)
+    lines += causal_lm.zero_shot_section(summary, rows, tasks, zs_reference, suite_dir)
     lines += _effects_section(summary, meta, tasks)
     if plots:
         lines += ["## Plots", "", *(f"![{p}]({p})" for p in plots), ""]
-    lines += _definitions(bench, inf_device)
+    by_task = [[s for s in summary if s["task_key"] == t] for t in tasks]
+    causal = [causal_lm.is_causal_task(group) for group in by_task if group]
+    lines += _definitions(
+        bench,
+        inf_device,
+        classifier=not causal or not all(causal),
+        causal=causal_lm.definitions(bench, meta.get("evaluation"), zs_reference) if any(causal) else None,
+    )
     lines += _variant_sections(meta, rows, order)
     lines += _runs_section(rows)
     lines += [

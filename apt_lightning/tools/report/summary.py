@@ -1,9 +1,11 @@
 """The numbers of a report: TTA of every run, one results.csv row per variant and task (mean, spread and
-ratios against the FT reference), and each ablation's effect against full APT beside the paper's.
+ratios against the FT reference; for causal LMs the zero-shot accuracy against the LoRA reference and the
+generation speed against dense), and each ablation's effect against full APT beside the paper's.
 
 TTA and the best metric are the library's (`apt_lightning.callbacks.efficiency.time_to_accuracy`, through
 `apt_lightning.tools.suite.layout.best_metric`), so a run's numbers here are those its EfficiencyMonitor
-computes.
+computes, for a higher-is-better metric (accuracy: `mode` max) and a lower-is-better one (eval loss:
+`mode` min) alike.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ RESULT_FIELDS = [
     "task",
     "task_label",
     "monitor",
+    "mode",
     "n",
     "n_failed",
     "seeds",
@@ -31,6 +34,10 @@ RESULT_FIELDS = [
     "metric_min",
     "metric_max",
     "pct_of_ft",
+    "test_n",
+    "test_mean",
+    "test_std",
+    "test_pct_of_ft",
     "sparsity",
     "tta_s",
     "tta_reached",
@@ -49,6 +56,20 @@ RESULT_FIELDS = [
     "inf_memory_ratio",
     "inf_params_ratio",
     "inf_round_spread",
+    "inf_kind",
+    "inf_prefill_tokens_per_s",
+    "inf_prefill_speedup",
+    "inf_decode_tokens_per_s",
+    "inf_decode_speedup",
+    "perplexity_mean",
+    "zs_n",
+    "zs_acc_mean",
+    "zs_acc_std",
+    "zs_acc_norm_mean",
+    "zs_acc_norm_std",
+    "zs_chance",
+    "zs_pct_of_ref",
+    "zs_norm_pct_of_ref",
 ]
 
 
@@ -65,9 +86,18 @@ def _std(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
+def tta_source(reference: str, mode: str) -> str:
+    """How a TTA threshold was set: `fraction` of the reference (max), or the reference / `fraction` (min)."""
+    if mode == "min":
+        return f"{reference} / {TTA_FRACTION:g}"
+    return f"{TTA_FRACTION:.0%} of {reference}"
+
+
 def add_tta(rows: list[dict], reference: str | None) -> None:
     """TTA of every run: time to reach 97% of the FT run's best metric of the same task and seed (the FT
-    mean of the task when that seed has no FT run); without an FT variant, 97% of the run's own best."""
+    mean of the task when that seed has no FT run); without an FT variant, 97% of the run's own best. For a
+    lower-is-better metric (`mode` min, eval loss) "reaching" is getting down to the reference / 0.97
+    (`tta_target`): at most 3.1% above it."""
     ft = {
         (r["task_key"], str(r["seed"])): r["best_metric"]
         for r in rows
@@ -82,22 +112,29 @@ def add_tta(rows: list[dict], reference: str | None) -> None:
         r["tta_source"] = ""
         if r["status"] != "done" or not r["_history"]:
             continue
+        mode = r.get("mode") or "max"
         ref = ft.get((r["task_key"], str(r["seed"])))
-        source = f"{TTA_FRACTION:.0%} of FT seed {r['seed']}"
+        source = tta_source(f"FT seed {r['seed']}", mode)
         if ref is None and r["task_key"] in ft_mean:
-            ref, source = ft_mean[r["task_key"]], f"{TTA_FRACTION:.0%} of FT mean"
+            ref, source = ft_mean[r["task_key"]], tta_source("FT mean", mode)
         if ref is None:
-            ref, source = r["best_metric"], f"{TTA_FRACTION:.0%} of own best"
+            ref, source = r["best_metric"], tta_source("own best", mode)
         if ref is None:
             continue
-        r["tta_threshold"] = tta_target(ref, TTA_FRACTION)
+        r["tta_threshold"] = tta_target(ref, TTA_FRACTION, mode)
         timed = [{"wall_s": wall, "metric": value} for wall, _, value in r["_history"] if wall is not None]
-        r["tta_s"] = time_to_accuracy(timed, ref, TTA_FRACTION)
+        r["tta_s"] = time_to_accuracy(timed, ref, TTA_FRACTION, mode)
         r["tta_source"] = source + ("" if r["tta_s"] is not None else " (not reached)")
 
 
-def summarize(rows: list[dict], reference: str | None, order: list[str] | None = None) -> list[dict]:
-    """results.csv rows: one per variant and task, finished runs only; ratios against the FT variant."""
+def summarize(
+    rows: list[dict],
+    reference: str | None,
+    order: list[str] | None = None,
+    zero_shot_reference: str | None = None,
+) -> list[dict]:
+    """results.csv rows: one per variant and task, finished runs only; ratios against the FT variant, and
+    the average zero-shot accuracies against `zero_shot_reference`'s (the dense LoRA model: % of LoRA)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["task_key"]), []).append(r)
@@ -109,6 +146,7 @@ def summarize(rows: list[dict], reference: str | None, order: list[str] | None =
         runs = groups[(variant, task)]
         done = [r for r in runs if r["status"] == "done"]
         metrics = [r["best_metric"] for r in done if r["best_metric"] is not None]
+        tests = [r["test_metric"] for r in done if r.get("test_metric") is not None]
         ttas = [r["tta_s"] for r in done if r["tta_s"] is not None]
         steps = [r["median_step_s"] for r in done if r["median_step_s"] is not None]
         overhead = [
@@ -116,6 +154,8 @@ def summarize(rows: list[dict], reference: str | None, order: list[str] | None =
             for r in done
             if r["score_s"] is not None or r["search_s"] is not None
         ]
+        zs = [r["zs_acc"] for r in done if r.get("zs_acc") is not None]
+        zs_norm = [r["zs_acc_norm"] for r in done if r.get("zs_acc_norm") is not None]
         out.append(
             {
                 "variant": variant,
@@ -123,6 +163,7 @@ def summarize(rows: list[dict], reference: str | None, order: list[str] | None =
                 "task": runs[0]["task"],
                 "task_label": runs[0]["task_label"],
                 "monitor": runs[0]["monitor"],
+                "mode": runs[0].get("mode") or "max",
                 "n": len(metrics),
                 "n_failed": sum(r["status"] == "failed" for r in runs),
                 "seeds": " ".join(str(r["seed"]) for r in done),
@@ -130,6 +171,9 @@ def summarize(rows: list[dict], reference: str | None, order: list[str] | None =
                 "metric_std": _std(metrics),
                 "metric_min": min(metrics) if metrics else None,
                 "metric_max": max(metrics) if metrics else None,
+                "test_n": len(tests),
+                "test_mean": _mean(tests),
+                "test_std": _std(tests),
                 "sparsity": _mean(r["sparsity"] for r in done),
                 "tta_s": _mean(ttas),
                 "tta_reached": f"{len(ttas)}/{len([r for r in done if r['_history']])}",
@@ -147,13 +191,32 @@ def summarize(rows: list[dict], reference: str | None, order: list[str] | None =
                 "inf_round_spread": max(
                     (r["inf_round_spread"] for r in done if r["inf_round_spread"] is not None), default=None
                 ),
+                "inf_kind": next((r["inf_kind"] for r in done if r.get("inf_kind")), None),
+                "inf_prefill_tokens_per_s": _mean(r.get("inf_prefill_tokens_per_s") for r in done),
+                "inf_prefill_speedup": _mean(r.get("inf_prefill_speedup") for r in done),
+                "inf_decode_tokens_per_s": _mean(r.get("inf_decode_tokens_per_s") for r in done),
+                "inf_decode_speedup": _mean(r.get("inf_decode_speedup") for r in done),
+                "perplexity_mean": _mean(r.get("perplexity") for r in done),
+                "zs_n": len(zs),
+                "zs_acc_mean": _mean(zs),
+                "zs_acc_std": _std(zs),
+                "zs_acc_norm_mean": _mean(zs_norm),
+                "zs_acc_norm_std": _std(zs_norm),
+                "zs_chance": _mean(r.get("zs_chance") for r in done),
             }
         )
     ft = {s["task_key"]: s for s in out if s["variant"] == reference}
+    lora = {s["task_key"]: s for s in out if s["variant"] == zero_shot_reference}
     for s in out:
+        zs_ref = lora.get(s["task_key"], {})
+        for key, pct in (("zs_acc_mean", "zs_pct_of_ref"), ("zs_acc_norm_mean", "zs_norm_pct_of_ref")):
+            value = ratio(s[key], zs_ref.get(key))
+            s[pct] = None if value is None else 100 * value
         ref = ft.get(s["task_key"], {})
         s["pct_of_ft"] = ratio(s["metric_mean"], ref.get("metric_mean"))
         s["pct_of_ft"] = None if s["pct_of_ft"] is None else 100 * s["pct_of_ft"]
+        s["test_pct_of_ft"] = ratio(s["test_mean"], ref.get("test_mean"))
+        s["test_pct_of_ft"] = None if s["test_pct_of_ft"] is None else 100 * s["test_pct_of_ft"]
         s["tta_vs_ft"] = ratio(s["tta_s"], ref.get("tta_s"))
         s["memory_vs_ft"] = ratio(s["peak_memory_mb"], ref.get("peak_memory_mb"))
         s["step_vs_ft"] = ratio(s["median_step_ms"], ref.get("median_step_ms"))
@@ -180,7 +243,9 @@ def paper_scores(meta: dict) -> tuple[dict[str, dict[str, float]], str]:
 def effects(summary: list[dict], meta: dict) -> list[dict]:
     """Each variant's effect against full APT on the same task, in points (100 x the metric difference, as
     GLUE scores are published), beside the paper's, with a verdict. An effect within twice the standard
-    deviation of APT's seeds counts as no clear effect; with one APT seed there is no spread to judge by."""
+    deviation of APT's seeds counts as no clear effect; with one APT seed there is no spread to judge by.
+    Where both have zero-shot accuracies (causal LMs) the effect is on the average zero-shot accuracy;
+    a lower-is-better metric without them (a loss) is compared in its own units, not points."""
     paper, _ = paper_scores(meta)
     base = {s["task_key"]: s for s in summary if s["variant"] == FULL_METHOD}
     out = []
@@ -188,10 +253,26 @@ def effects(summary: list[dict], meta: dict) -> list[dict]:
         full = base.get(s["task_key"])
         if s["variant"] in (FULL_METHOD, meta.get("reference")) or not full:
             continue
-        if s["metric_mean"] is None or full["metric_mean"] is None:
+        if s.get("zs_acc_mean") is not None and full.get("zs_acc_mean") is not None:
+            metric, mean, full_mean, full_std, scale = (
+                "zero-shot average acc",
+                s["zs_acc_mean"],
+                full["zs_acc_mean"],
+                full["zs_acc_std"],
+                100.0,
+            )
+        else:
+            metric, mean, full_mean, full_std = (
+                s["monitor"],
+                s["metric_mean"],
+                full["metric_mean"],
+                full["metric_std"],
+            )
+            scale = 1.0 if s.get("mode") == "min" else 100.0
+        if mean is None or full_mean is None:
             continue
-        delta = (s["metric_mean"] - full["metric_mean"]) * 100.0
-        noise = 2 * full["metric_std"] * 100.0 if full["metric_std"] is not None else None
+        delta = (mean - full_mean) * scale
+        noise = 2 * full_std * scale if full_std is not None else None
         ours, theirs = paper.get(s["variant"], {}), paper.get(FULL_METHOD, {})
         task = s.get("task") or s["task_key"]
         paper_delta = ours[task] - theirs[task] if task in ours and task in theirs else None
@@ -210,6 +291,7 @@ def effects(summary: list[dict], meta: dict) -> list[dict]:
             {
                 "variant": s["variant"],
                 "task_key": s["task_key"],
+                "metric": metric,
                 "effect": delta,
                 "noise": noise,
                 "clear": clear,

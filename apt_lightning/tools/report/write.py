@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from apt_lightning.files import write_text_atomic
+from apt_lightning.tools.report.causal_lm import zero_shot_reference
 from apt_lightning.tools.report.collect import RUN_FIELDS, collect_runs
 from apt_lightning.tools.report.markdown import csv_text, render_markdown, variant_order
 from apt_lightning.tools.report.plots import write_plots
@@ -35,7 +36,8 @@ def write_report(suite_dir: str | Path) -> Path:
         reference = meta["reference"] = "ft"
     add_tta(rows, reference)
     order = variant_order(meta, rows)
-    summary = summarize(rows, reference, order)
+    meta["zero_shot_reference"] = zero_shot_reference(meta, rows)
+    summary = summarize(rows, reference, order, meta["zero_shot_reference"])
     write_text_atomic(suite_dir / RUNS_CSV, csv_text(rows, RUN_FIELDS))
     write_text_atomic(suite_dir / RESULTS_CSV, csv_text(summary, RESULT_FIELDS))
     tasks = list(dict.fromkeys([*(meta.get("tasks") or {}), *(r["task_key"] for r in rows)]))

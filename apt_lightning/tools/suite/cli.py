@@ -4,8 +4,9 @@ Usage::
 
     apt-ablate run configs/suites/smoke_cpu.yaml [--data-root DIR] [--output DIR] [--parallel N]
                [--variants apt ft] [--tasks sst2] [--seeds 0 1] [--set trainer.max_steps=50]
-               [--force] [--strict] [--no-bench] [--dry-run]
+               [--force] [--strict] [--no-bench] [--no-eval] [--dry-run]
     apt-ablate bench SUITE [...]     # inference benchmarks of finished runs only
+    apt-ablate eval SUITE [...]      # zero-shot accuracy of finished causal-LM runs only (`evaluation:`)
     apt-ablate plan SUITE [...]      # list the runs and their status, run nothing
     apt-ablate report SUITE_DIR      # results.csv, runs.csv, RESULTS.md and plots (tools.report)
     apt-ablate relabel SUITE OLD:NEW [...]   # finished runs to the variant whose config they have
@@ -13,7 +14,8 @@ Usage::
 
 The parts: the overlay language (`overlay`), the suite file (`load`, into `spec`), each run's config
 (`compose`), the run folder's files (`layout`), GPU selection (`gpus`), the training processes
-(`train`), the inference measurements (`inference`), ``suite.json`` (`meta`), renaming finished runs
+(`train`), the inference measurements (`inference`), the exported causal LMs (`exports`) and their
+zero-shot accuracy (`evaluation`), ``suite.json`` (`meta`), renaming finished runs
 (`relabel`); the report lives in `apt_lightning.tools.report`.
 """
 
@@ -29,6 +31,7 @@ import yaml
 
 from apt_lightning.files import write_text_atomic
 from apt_lightning.tools.suite.compose import plan
+from apt_lightning.tools.suite.evaluation import evaluate_runs
 from apt_lightning.tools.suite.inference import bench_runs
 from apt_lightning.tools.suite.layout import CONFIG, run_status
 from apt_lightning.tools.suite.load import load_suite, parse_sets
@@ -80,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_suite_args(p_run)
     p_run.add_argument("--strict", action="store_true", help="exit 1 if any run failed")
     p_run.add_argument("--no-bench", action="store_true", help="skip the inference benchmarks")
+    p_run.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluation")
     p_run.add_argument("--no-report", action="store_true", help="skip writing the report")
     p_run.add_argument("--dry-run", action="store_true", help="write the configs and list the runs only")
     p_bench = sub.add_parser("bench", help="inference benchmarks of finished runs")
     _add_suite_args(p_bench)
+    p_eval = sub.add_parser("eval", help="zero-shot accuracy of finished causal-LM runs (apt-eval)")
+    _add_suite_args(p_eval)
     p_plan = sub.add_parser("plan", help="list the runs and their status")
     _add_suite_args(p_plan)
     p_report = sub.add_parser("report", help="results.csv, RESULTS.md and plots from a suite's output folder")
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             f"training: {len(trained['done'])} done, {len(trained['skipped'])} skipped, "
             f"{len(trained['failed'])} failed ({time.time() - t0:.0f} s)"
         )
-    if args.command == "bench" or not args.no_bench:
+    if args.command == "bench" or (args.command == "run" and not args.no_bench):
         benched = bench_runs(suite, runs, force=args.force)
         failed += benched["failed"]
         if benched["busy"]:
@@ -164,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"share the device: {', '.join(benched['busy'])}; run `apt-ablate bench` once they finish",
                 file=sys.stderr,
             )
+    if args.command == "eval" or (args.command == "run" and not args.no_eval):
+        if args.command == "eval" and suite.evaluation is None:
+            print(
+                f"apt-ablate: suite {suite.path} has no `evaluation:` block; nothing to do", file=sys.stderr
+            )
+        failed += evaluate_runs(suite, runs, force=args.force)["failed"]
     if args.command == "run" and not args.no_report:
         from apt_lightning.tools.report import write_report
 

@@ -3,9 +3,11 @@
 Overrides apply in the order overlay, suite ``set``, task, variant ``set``, ``--set``; then the runner sets
 the seed, the loggers (CSV into ``<run>/logs``, W&B if enabled), the EfficiencyMonitor (its TTA reference is
 the FT run's best metric of the same task and seed when that run finished first) and turns the default
-checkpointing off (it saves ``<run>/final.ckpt`` itself). Every ``set`` key is an apt-fit key, dotted
-(`overlay`): ``pruning.start_step: 2`` sets AdaptivePruning's start step (a variant that switched pruning
-off skips it; a group neither the base nor the variant switched on is an error).
+checkpointing off (it saves ``<run>/final.ckpt`` itself). A run whose data carves its validation split
+from the training set (``data.init_args.val_from_train``) gets a `FinalStructureCheckpoint` on the primary
+metric instead, which the worker tests on the official dev set after training. Every ``set`` key is an
+apt-fit key, dotted (`overlay`): ``pruning.start_step: 2`` sets AdaptivePruning's start step (a variant that
+switched pruning off skips it; a group neither the base nor the variant switched on is an error).
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import inspect
 import json
 from pathlib import Path
 
-from apt_lightning.tools.suite.layout import CONFIG, LOG_DIR, run_dir_for
+from apt_lightning.tools.suite.layout import CONFIG, LOG_DIR, SELECTION_DIR, run_dir_for
 from apt_lightning.tools.suite.overlay import (
     apply_overlay,
     apply_set,
     callback_list,
     canonical_config,
+    class_keys,
     class_name,
+    get_dotted,
     load_overlay,
     load_yaml,
     resolve_refs,
@@ -31,6 +35,8 @@ from apt_lightning.tools.suite.overlay import (
 from apt_lightning.tools.suite.spec import RunSpec, Suite, SuiteError, TaskSpec, VariantSpec
 
 EFFICIENCY_CLASS = "apt_lightning.callbacks.efficiency.EfficiencyMonitor"
+SELECTION_CLASS = "apt_lightning.callbacks.FinalStructureCheckpoint"
+CHECKPOINT_CLASSES = ("ModelCheckpoint", "FinalStructureCheckpoint")
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
 
@@ -39,6 +45,14 @@ def primary_monitor(task: str) -> str:
     from apt_lightning.data.tasks import get_task
 
     return f"val/{get_task(task).primary_metric}"
+
+
+def monitor_mode(task: str) -> str:
+    """`max` when the task's primary metric is higher-is-better (classification), `min` for a loss (the
+    task's `mode`; tasks without one are classification)."""
+    from apt_lightning.data.tasks import get_task
+
+    return str(getattr(get_task(task), "mode", "max"))
 
 
 def compose_config(suite: Suite, variant: VariantSpec, task: TaskSpec, seed: int, run_dir: Path) -> dict:
@@ -56,8 +70,10 @@ def compose_config(suite: Suite, variant: VariantSpec, task: TaskSpec, seed: int
     config = base
     if variant.overlay_path is not None:
         effective = copy.deepcopy(base)  # the base as this run changes it: what ${key.arg} refers to
+        in_base = {class_name(cb) for cb in callback_list(copy.deepcopy(base))}
         for key, value in sets:
-            apply_set(effective, key, value, base, where)
+            if set(class_keys(key)) <= in_base:  # keys of callbacks the overlay adds wait for the overlay
+                apply_set(effective, key, value, base, where)
         config = apply_overlay(
             base,
             load_overlay(variant.overlay_path),
@@ -87,17 +103,28 @@ def compose_config(suite: Suite, variant: VariantSpec, task: TaskSpec, seed: int
         loggers.append({"class_path": WANDB_LOGGER, "init_args": wb})
     trainer["logger"] = loggers
     cbs = callback_list(config)
-    if not any(class_name(cb) == "ModelCheckpoint" for cb in cbs):
+    if carves_validation(config) and not any(class_name(cb) in CHECKPOINT_CLASSES for cb in cbs):
+        monitor = primary_monitor(task.task)
+        args = {"monitor": monitor, "mode": monitor_mode(task.task), "dirpath": str(run_dir / SELECTION_DIR)}
+        cbs.append({"class_path": SELECTION_CLASS, "init_args": args})
+        config["checkpoint_every_n_steps"] = None  # no resume points: the worker writes final.ckpt
+    if not any(class_name(cb) in CHECKPOINT_CLASSES for cb in cbs):
         trainer["enable_checkpointing"] = False
     if suite.efficiency is not None and not any(class_name(cb) == "EfficiencyMonitor" for cb in cbs):
-        monitor = _efficiency_entry(suite.efficiency, primary_monitor(task.task))
+        monitor = _efficiency_entry(suite.efficiency, primary_monitor(task.task), monitor_mode(task.task))
         if monitor is not None:
             cbs.append(monitor)
     return config
 
 
-def _efficiency_entry(options: dict, monitor: str) -> dict | None:
-    """The EfficiencyMonitor callback entry, or None when that class is not importable (a seam for tests)."""
+def carves_validation(config: dict) -> bool:
+    """Whether a run's data carves its validation split from the training set (the dev set is its test)."""
+    return get_dotted(config, "data.init_args.val_from_train") is not None
+
+
+def _efficiency_entry(options: dict, monitor: str, mode: str = "max") -> dict | None:
+    """The EfficiencyMonitor callback entry (following `monitor`, better when `mode`: max or min), or None
+    when that class is not importable (a seam for tests)."""
     class_path = options.get("class_path", EFFICIENCY_CLASS)
     module, _, name = class_path.rpartition(".")
     try:
@@ -105,8 +132,12 @@ def _efficiency_entry(options: dict, monitor: str) -> dict | None:
     except (ImportError, AttributeError):
         return None
     init = dict(options.get("init_args") or {})
-    if "monitor" in inspect.signature(cls).parameters:
+    params = inspect.signature(cls).parameters
+    if "monitor" in params:
         init.setdefault("monitor", monitor)
+    # only where the class default is wrong: configs of classification suites stay as they were
+    if "mode" in params and init.get("monitor") == monitor and params["mode"].default != mode:
+        init.setdefault("mode", mode)
     return {"class_path": class_path, "init_args": init}
 
 

@@ -5,6 +5,11 @@ The numbers come from apt-bench's measurement protocol: each round is one call o
 `apt_lightning.tools.bench.benchmark` (its `Runner`: warm-up, then timed single passes); `rounds` rounds
 run back to back and the round with the median throughput is kept, beside every round's throughput.
 
+A causal-LM run (its trained model is a ``...ForCausalLM``) is exported first (``<run>/export/``,
+`tools.suite.exports`), and that export is timed generating by `apt_lightning.tools.bench.
+generation_benchmark` (prefill of `prompt_len` tokens, `new_tokens` greedy decode steps through the KV
+cache; the median round by decode tokens/s) against the dense model of the same architecture.
+
 Numbers taken while a training process shares the device are refused, not flagged: before each run, and
 again before anything is written, the suite's run locks are checked (`tools.suite.lock.training_on`: on
 the CPU any live training worker of the suite, on a GPU those that may use it). While there is one, the
@@ -37,6 +42,15 @@ def load_benchmark() -> Callable[..., dict] | None:
     return benchmark
 
 
+def load_generation_benchmark() -> Callable[..., dict] | None:
+    """apt-bench's `generation_benchmark` (causal LMs), or None when it is not available (a seam too)."""
+    try:
+        from apt_lightning.tools.bench import generation_benchmark
+    except ImportError:
+        return None
+    return generation_benchmark
+
+
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
 
@@ -53,11 +67,21 @@ def bench_settings(options: dict) -> tuple[str, str]:
     return _DTYPE_ALIASES.get(dtype, dtype), device
 
 
-def _measure(bench: Callable[..., dict], model: Any, options: dict) -> dict:
-    """`rounds` back-to-back benchmarks; the round with the median throughput, plus every round's number
-    (small models at batch 128 are launch-bound on a GPU: single rounds jitter by tens of percent)."""
+def _measure(bench: Callable[..., dict], model: Any, options: dict, causal_lm: bool = False) -> dict:
+    """`rounds` back-to-back benchmarks; the round with the median throughput (decode tokens/s for a
+    causal LM), plus every round's number (small models at batch 128 are launch-bound on a GPU: single
+    rounds jitter by tens of percent)."""
     dtype, device = bench_settings(options)
     params = sum(p.numel() for p in model.parameters())
+    shape = (
+        {
+            "prompt_len": options["prompt_len"],
+            "new_tokens": options["new_tokens"],
+            "kv_cache": options["kv_cache"],
+        }
+        if causal_lm
+        else {"seq_len": options["seq_len"]}
+    )
     results = []
     for _ in range(max(1, int(options.get("rounds", 1)))):
         results.append(
@@ -65,7 +89,7 @@ def _measure(bench: Callable[..., dict], model: Any, options: dict) -> dict:
                 bench(
                     model,
                     batch_size=options["batch_size"],
-                    seq_len=options["seq_len"],
+                    **shape,
                     dtype=dtype,
                     device=device,
                     warmup=options["warmup"],
@@ -74,25 +98,35 @@ def _measure(bench: Callable[..., dict], model: Any, options: dict) -> dict:
                 )
             )
         )
-    results.sort(key=lambda r: r.get("samples_per_s") or 0.0)
+    keys = ("decode_tokens_per_s", "prefill_tokens_per_s") if causal_lm else ("samples_per_s",)
+    results.sort(key=lambda r: r.get(keys[0]) or 0.0)
     result = results[len(results) // 2]
-    result.pop("latency_ms_all", None)
-    result["rounds_samples_per_s"] = [r.get("samples_per_s") for r in results]
+    for timings in ("latency_ms_all", "prefill_ms_all", "decode_ms_all"):
+        result.pop(timings, None)
+    for key in keys:
+        result[f"rounds_{key}"] = [r.get(key) for r in results]
     result.setdefault("params", params)
     return result
 
 
 def _dense_result(
-    suite: Suite, bench: Callable[..., dict], hparams: dict, options: dict
+    suite: Suite, bench: Callable[..., dict], hparams: dict, options: dict, like: Any = None
 ) -> tuple[dict, Path | None]:
     """The unpruned model of the same backbone and task, measured once per suite, and the cache file to
-    write it to (None: it came from there; the caller writes it once the number is known to be clean)."""
+    write it to (None: it came from there; the caller writes it once the number is known to be clean).
+    `like`: a causal LM, whose dense form (its architecture at full width) is timed generating."""
     key = {"backbone": hparams.get("backbone"), "task": hparams.get("task"), "settings": options}
+    if like is not None:
+        key["kind"] = "causal-lm"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = suite.output_dir / DENSE_DIR / f"{hparams.get('task')}_{digest}.json"
     cached = read_json(path)
     if cached is not None:
         return cached, None
+    if like is not None:
+        from apt_lightning.tools.bench.models import dense_like
+
+        return {**key, "result": _measure(bench, dense_like(like).eval(), options, causal_lm=True)}, path
     from apt_lightning.export import compact_for_inference
     from apt_lightning.module import APTModule
 
@@ -157,7 +191,9 @@ def bench_runs(
     import torch
     import transformers
 
-    from apt_lightning.export import compact_for_inference
+    from apt_lightning.export import compact_for_inference, load_pruned
+    from apt_lightning.tools.bench.models import is_causal_lm
+    from apt_lightning.tools.suite.exports import export_causal_lm
 
     transformers.logging.set_verbosity_error()  # rebuilding each model reports the fresh head; noise here
     if force:
@@ -180,10 +216,21 @@ def bench_runs(
         try:
             module = load_final_module(ckpt)
             hparams = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
-            model = compact_for_inference(module.student).eval()
-            measured = _measure(bench, model, suite.benchmark)
-            del module, model
-            dense, dense_cache = _dense_result(suite, bench, hparams, suite.benchmark)
+            kind = "causal-lm" if is_causal_lm(module.student) else "classifier"
+            if kind == "causal-lm":
+                generate = load_generation_benchmark()
+                if generate is None:
+                    raise RuntimeError("apt_lightning.tools.bench.generation_benchmark is not available")
+                model = load_pruned(export_causal_lm(run.run_dir, module))
+                del module
+                measured = _measure(generate, model, suite.benchmark, causal_lm=True)
+                dense, dense_cache = _dense_result(suite, generate, hparams, suite.benchmark, like=model)
+                del model
+            else:
+                model = compact_for_inference(module.student).eval()
+                measured = _measure(bench, model, suite.benchmark)
+                del module, model
+                dense, dense_cache = _dense_result(suite, bench, hparams, suite.benchmark)
             if busy := training_on(suite.output_dir, device):  # one started while we measured
                 log(_busy(run.run_id, busy, device, "since the measurement began"))
                 result["busy"].append(run.run_id)
@@ -193,6 +240,7 @@ def bench_runs(
             write_json_atomic(
                 run.run_dir / INFERENCE,
                 {
+                    "kind": kind,
                     "model": measured,
                     "dense": dense["result"],
                     "settings": suite.benchmark,
@@ -203,9 +251,14 @@ def bench_runs(
             )
             (run.run_dir / BENCH_FAILED).unlink(missing_ok=True)
             result["done"].append(run.run_id)
+            key, unit = (
+                ("decode_tokens_per_s", "decode tokens/s")
+                if kind == "causal-lm"
+                else ("samples_per_s", "samples/s")
+            )
             log(
-                f"[bench] {run.run_id}: {measured.get('samples_per_s', float('nan')):.1f} samples/s "
-                f"(dense {dense['result'].get('samples_per_s', float('nan')):.1f})"
+                f"[bench] {run.run_id}: {measured.get(key, float('nan')):.1f} {unit} "
+                f"(dense {dense['result'].get(key, float('nan')):.1f})"
             )
             if not suite.keep_checkpoints:
                 ckpt.unlink()

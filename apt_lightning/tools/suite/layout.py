@@ -7,8 +7,12 @@ apt-ablate process, its worker and the worker's GPUs; see `tools.suite.lock`), `
 when training succeeded, the worker's last write: finished runs are skipped next time, and done wins
 over any failed.json) or ``failed.json`` (exit code and log tail; retried next time), and
 ``inference.json`` (the exported model against the dense one, measured after all training so no run
-shares the device with a benchmark). The suite folder holds ``suite.json`` (what the report needs to
-describe the suite), ``_dense/`` (the dense models' measurements) and the report's files.
+shares the device with a benchmark). A causal-LM run also gets ``export/`` (its exported model, from
+``final.ckpt``) and ``zero_shot.json`` (apt-eval's accuracies of that export; ``zero_shot_failed.json``
+when it failed). With a validation split carved from the training data (``data.init_args.val_from_train``),
+``selection/`` holds the checkpoint chosen on it until the worker has tested it on the official dev set;
+done.json then carries the test numbers. The suite folder holds ``suite.json`` (what the report needs to
+describe the suite), ``_dense/`` (the dense models' measurements and zero-shot scores) and the report's files.
 
 The training side (`train`, `inference`, `relabel`) writes these files and the report reads them, all
 through the names and readers here. The ``logs/`` files are written by the library (EfficiencyMonitor,
@@ -32,7 +36,14 @@ from apt_lightning.callbacks.efficiency import best_metric as best_of_history
 # a run folder
 DONE, FAILED, INFERENCE, BENCH_FAILED = "done.json", "failed.json", "inference.json", "inference_failed.json"
 RUN_META, CONFIG = "run.json", "config.yaml"
+ZERO_SHOT, EVAL_FAILED, EVAL_LOG, EXPORT_DIR = (
+    "zero_shot.json",
+    "zero_shot_failed.json",
+    "zero_shot.log",
+    "export",
+)
 LOG_DIR, TRAIN_LOG, FINAL_CKPT, LOCK = "logs", "train.log", "final.ckpt", "train.lock"
+SELECTION_DIR = "selection"  # the checkpoint chosen on the carved validation split, until it is tested
 # inside LOG_DIR, written by the library's callbacks and Lightning's CSVLogger
 EFFICIENCY, PRUNING, METRICS = "efficiency.json", "pruning.json", "metrics.csv"
 # the suite folder
@@ -195,14 +206,26 @@ def metric_history(
     return [(s * scale if wall_s else None, s, v) for s, v in points], f"{METRICS} (times estimated)"
 
 
-def best_metric(efficiency: dict | None, done: dict | None, values: Sequence[float]) -> float | None:
-    """A run's best dev metric: the EfficiencyMonitor's (over the validations at the final sparsity; None
-    when there was none), else done.json's, else the best of `values` (the validation history, higher is
-    better)."""
+def best_metric(
+    efficiency: dict | None, done: dict | None, values: Sequence[float], mode: str = "max"
+) -> float | None:
+    """A run's best dev metric: the EfficiencyMonitor's (over the validations at the final structure; None
+    when there was none), else done.json's, else the best of `values` (the validation history; `mode` max:
+    higher is better, min: lower, e.g. a loss)."""
     if efficiency and efficiency.get("metric_history"):
         return number(efficiency.get("best_metric"))
     for record in (efficiency, done):
         best = number((record or {}).get("best_metric"))
         if best is not None:
             return best
-    return best_of_history([{"metric": v} for v in values])
+    return best_of_history([{"metric": v} for v in values], mode)
+
+
+def metric_mode(meta: dict | None, efficiency: dict | None) -> str:
+    """Whether a run's monitored metric is better higher (max) or lower (min): run.json's record, else
+    efficiency.json's, else max (the classification metrics of runs recorded before modes were)."""
+    for record in (meta, efficiency):
+        mode = (record or {}).get("mode")
+        if mode in ("max", "min"):
+            return mode
+    return "max"

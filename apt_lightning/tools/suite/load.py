@@ -21,12 +21,23 @@ paths to the working directory)::
     variants:                             # a name (overlay <name>.yaml) or a mapping:
       - apt
       - {name: ft, seeds: [0, 1, 2], tasks: [sst2], overlay: ft, base: ../other.yaml, set: {...}}
-    tasks:                                # GLUE task names, or labels with `task:`
+    tasks:                                # GLUE task names or instruction, or labels with `task:`
       sst2: {data_dir: "{data_root}/sst2", set: {data.init_args.train_limit: 256}}
       mnli9k: {task: mnli, label: MNLI-9k subset, data_dir: "{data_root}/mnli_subset"}
     efficiency: {init_args: {}}           # EfficiencyMonitor options, or false
     benchmark: {batch_size: 128, seq_len: 128, dtype: auto, device: auto, warmup: 10, repeats: 30,
-                rounds: 3, cuda_graphs: false}   # or false; auto: bf16 on CUDA, fp32 on the CPU
+                rounds: 3, cuda_graphs: false,   # or false; auto: bf16 on CUDA, fp32 on the CPU
+                prompt_len: 128, new_tokens: 128, kv_cache: static}   # causal LMs: generation (apt-bench)
+    evaluation:                           # zero-shot accuracy of causal-LM runs (apt-eval); default false
+      tasks: all                          # or a list: [arc_easy, arc_challenge, piqa, ...]
+      limit: null                         # the first N items of each task (null: all)
+      data_root: ../shared/data           # the local sets (null: apt-eval's default)
+      batch_size: 32
+      device: auto
+      dtype: auto                         # auto: bfloat16 on CUDA, float32 on the CPU
+      reference: lora                     # the variant whose average is 100% ("% of LoRA" in the report)
+      backbone: true                      # also score the untuned backbone once
+      timeout_s: null                     # per apt-eval process
     wandb: {project: apt-ablations, offline: true}   # or false (default); group = suite name
 
 How each run's config is composed from these: `compose`.
@@ -43,7 +54,14 @@ import yaml
 from apt_lightning.tools.suite.compose import plan
 from apt_lightning.tools.suite.gpus import select_gpus
 from apt_lightning.tools.suite.overlay import load_overlay, load_yaml
-from apt_lightning.tools.suite.spec import BENCH_DEFAULTS, Suite, SuiteError, TaskSpec, VariantSpec
+from apt_lightning.tools.suite.spec import (
+    BENCH_DEFAULTS,
+    EVAL_DEFAULTS,
+    Suite,
+    SuiteError,
+    TaskSpec,
+    VariantSpec,
+)
 
 _SUITE_KEYS = {
     "name",
@@ -65,6 +83,7 @@ _SUITE_KEYS = {
     "tasks",
     "efficiency",
     "benchmark",
+    "evaluation",
     "wandb",
 }
 _VARIANT_KEYS = {"name", "overlay", "base", "seeds", "tasks", "set", "description"}
@@ -96,6 +115,49 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text.strip() else ""
 
 
+def _evaluation(value: Any, path: Path) -> dict | None:
+    """The `evaluation` block with its defaults, checked; None when it is off (false, null, absent)."""
+    if value is None or value is False:
+        return None
+    where = f"suite {path}: evaluation"
+    options = {**EVAL_DEFAULTS, **({} if value is True else _mapping(value, where))}
+    bad = set(options) - set(EVAL_DEFAULTS)
+    if bad:
+        raise SuiteError(f"{where}: unknown keys {sorted(bad)}; allowed: {sorted(EVAL_DEFAULTS)}")
+    tasks = options["tasks"]
+    if isinstance(tasks, list):
+        if not tasks or not all(isinstance(t, str) and t for t in tasks):
+            raise SuiteError(f"{where}: tasks must be 'all' or a non-empty list of task names, got {tasks!r}")
+        options["tasks"] = ",".join(tasks)
+    elif not isinstance(tasks, str) or not tasks:
+        raise SuiteError(f"{where}: tasks must be 'all' or a non-empty list of task names, got {tasks!r}")
+    for key, kinds, allowed in (
+        ("limit", (int, type(None)), "a positive integer or null"),
+        ("batch_size", (int,), "a positive integer"),
+        ("timeout_s", (int, float, type(None)), "a positive number or null"),
+    ):
+        v = options[key]
+        if isinstance(v, bool) or not isinstance(v, kinds) or (v is not None and v <= 0):
+            raise SuiteError(f"{where}: {key} must be {allowed}, got {v!r}")
+    if options["device"] not in ("auto", "cpu", "cuda"):
+        raise SuiteError(f"{where}: device must be auto, cpu or cuda, got {options['device']!r}")
+    if options["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise SuiteError(
+            f"{where}: dtype must be auto, float32, bfloat16 or float16, got {options['dtype']!r}"
+        )
+    if not isinstance(options["backbone"], bool):
+        raise SuiteError(f"{where}: backbone must be true or false, got {options['backbone']!r}")
+    if options["data_root"] is not None:
+        root = Path(os.path.expandvars(str(options["data_root"]))).expanduser()
+        if not root.is_dir():
+            raise SuiteError(
+                f"{where}: data_root {options['data_root']} is not a folder (the local zero-shot sets; "
+                "relative paths are from the working directory)"
+            )
+        options["data_root"] = str(root)
+    return options
+
+
 def parse_sets(items: list[str] | None) -> dict:
     out = {}
     for item in items or []:
@@ -121,7 +183,7 @@ def load_suite(
 
     The keyword arguments are the command line's overrides; `variants`, `tasks`, `seeds` select a subset.
     """
-    from apt_lightning.data.tasks import GLUE_TASKS
+    from apt_lightning.data.tasks import GLUE_TASKS, INSTRUCTION_TASK, get_task
 
     path = Path(path)
     raw = load_yaml(path, "suite file")
@@ -158,10 +220,13 @@ def load_suite(
                 f"suite {path}: tasks.{key}: unknown keys {sorted(bad)}; allowed: {sorted(_TASK_KEYS)}"
             )
         glue = str(spec.get("task", key))
-        if glue not in GLUE_TASKS:
+        try:
+            get_task(glue)
+        except ValueError:
             raise SuiteError(
-                f"suite {path}: unknown task {glue!r} (tasks.{key}); known: {sorted(GLUE_TASKS)}"
-            )
+                f"suite {path}: unknown task {glue!r} (tasks.{key}); "
+                f"known: {sorted([*GLUE_TASKS, INSTRUCTION_TASK.name])}"
+            ) from None
         data_dir = spec.get("data_dir")
         if data_dir is not None:
             data_dir = str(data_dir)
@@ -244,6 +309,13 @@ def load_suite(
     reference = raw.get("reference")
     if reference is not None and not any(v.name == reference for v in specs):
         raise SuiteError(f"suite {path}: reference {reference!r} is not one of the variants")
+    evaluation = _evaluation(raw.get("evaluation", False), path)
+    zs_reference = (evaluation or {}).get("reference")
+    if zs_reference is not None and not any(v.name == zs_reference for v in specs):
+        raise SuiteError(
+            f"suite {path}: evaluation.reference {zs_reference!r} is not one of the variants (the variant "
+            "whose average zero-shot accuracy is 100% in the report; null: none)"
+        )
     if variants:
         missing = [v for v in variants if not any(s.name == v for s in specs)]
         if missing:
@@ -273,6 +345,10 @@ def load_suite(
         )
     if bench is not None and bench["cuda_graphs"] and bench["device"] == "cpu":
         raise SuiteError(f"suite {path}: benchmark: cuda_graphs needs device cuda or auto, got device cpu")
+    if bench is not None and bench["kv_cache"] not in ("static", "dynamic"):
+        raise SuiteError(
+            f"suite {path}: benchmark: kv_cache must be static or dynamic, got {bench['kv_cache']!r}"
+        )
     eff = raw.get("efficiency", {})
     wandb = raw.get("wandb", False)
     out = Path(output_dir or raw.get("output_dir") or f"runs/ablations/{name}")
@@ -296,6 +372,7 @@ def load_suite(
         benchmark=bench,
         wandb=None if not wandb else ({} if wandb is True else _mapping(wandb, "wandb")),
         cli_set=dict(cli_set or {}),
+        evaluation=evaluation,
     )
     plan(suite)  # compose every run's config now: overlay errors surface before anything runs
     return suite

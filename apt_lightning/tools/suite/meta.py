@@ -22,6 +22,7 @@ def write_suite_meta(suite: Suite, runs: list[RunSpec], argv: list[str] | None) 
         "data_root": suite.data_root,
         "command": "apt-ablate " + shlex.join(argv or []),
         "benchmark": suite.benchmark,
+        "evaluation": suite.evaluation,
         "variants": [
             {
                 "name": v.name,

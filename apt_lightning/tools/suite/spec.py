@@ -14,6 +14,24 @@ BENCH_DEFAULTS = {
     "repeats": 30,
     "rounds": 3,
     "cuda_graphs": False,
+    # causal LMs (timed generating, apt_lightning.tools.bench.decoder): batch_size x prompt_len prefilled,
+    # then new_tokens greedy decode steps through the KV cache; seq_len is the encoders'
+    "prompt_len": 128,
+    "new_tokens": 128,
+    "kv_cache": "static",
+}
+# the zero-shot phase (causal-LM runs only; `evaluation`): apt-eval's options, the variant whose average
+# zero-shot accuracy is 100% in the report ("% of LoRA"), and whether the untuned backbone is scored too
+EVAL_DEFAULTS = {
+    "tasks": "all",
+    "limit": None,
+    "data_root": None,
+    "batch_size": 32,
+    "device": "auto",
+    "dtype": "auto",
+    "reference": "lora",
+    "backbone": True,
+    "timeout_s": None,
 }
 
 
@@ -25,7 +43,7 @@ class SuiteError(ValueError):
 @dataclass
 class TaskSpec:
     key: str  # folder name and label in tables
-    task: str  # GLUE task name
+    task: str  # a task name of `apt_lightning.data.get_task` (GLUE, or instruction tuning)
     label: str
     data_dir: str | None
     set: dict
@@ -76,3 +94,4 @@ class Suite:
     benchmark: dict | None
     wandb: dict | None
     cli_set: dict = field(default_factory=dict)
+    evaluation: dict | None = None  # the zero-shot phase's options (EVAL_DEFAULTS), None: off

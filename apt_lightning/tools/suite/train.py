@@ -29,6 +29,7 @@ from apt_lightning.files import write_json_atomic, write_text_atomic
 from apt_lightning.tools.suite.compose import (
     config_digest,
     fit_argv,
+    monitor_mode,
     primary_monitor,
     rerun_command,
     set_tta_reference,
@@ -39,12 +40,17 @@ from apt_lightning.tools.suite.layout import (
     CONFIG,
     DONE,
     EFFICIENCY,
+    EVAL_FAILED,
+    EVAL_LOG,
+    EXPORT_DIR,
     FAILED,
     FINAL_CKPT,
     INFERENCE,
     LOG_DIR,
     RUN_META,
+    SELECTION_DIR,
     TRAIN_LOG,
+    ZERO_SHOT,
     best_metric,
     lock_holder,
     logged_metric,
@@ -80,13 +86,23 @@ def _reference_metric(suite: Suite, run: RunSpec) -> float | None:
 def _prepare(suite: Suite, run: RunSpec) -> list[str]:
     """Clear a previous attempt, write config.yaml and run.json; return the worker's command."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (DONE, FAILED, INFERENCE, BENCH_FAILED, FINAL_CKPT, TRAIN_LOG):
+    for stale in (
+        DONE,
+        FAILED,
+        INFERENCE,
+        BENCH_FAILED,
+        FINAL_CKPT,
+        TRAIN_LOG,
+        ZERO_SHOT,
+        EVAL_FAILED,
+        EVAL_LOG,
+    ):
         (run.run_dir / stale).unlink(missing_ok=True)
-    logs = run.run_dir / LOG_DIR
-    if logs.is_dir():
-        import shutil
+    for folder in (run.run_dir / LOG_DIR, run.run_dir / EXPORT_DIR, run.run_dir / SELECTION_DIR):
+        if folder.is_dir():
+            import shutil
 
-        shutil.rmtree(logs)
+            shutil.rmtree(folder)
     config = copy.deepcopy(run.config)
     reference = _reference_metric(suite, run)
     has_ref = set_tta_reference(config, reference)
@@ -104,6 +120,7 @@ def _prepare(suite: Suite, run: RunSpec) -> list[str]:
         "overlay": str(run.variant.overlay_path or ""),
         "base": str(run.variant.base_path),
         "monitor": primary_monitor(run.task.task),
+        "mode": monitor_mode(run.task.task),
         "backbone": get_dotted(config, "model.init_args.backbone", "minilm-l6"),
         "reference_variant": suite.reference,
         "tta_reference": reference if has_ref else None,
@@ -275,7 +292,8 @@ def _indent(text: str) -> str:
 
 
 def train_worker(run_dir: Path, extra: list[str]) -> int:
-    """The body of one training process: apt-fit on config.yaml, final checkpoint, done.json."""
+    """The body of one training process: apt-fit on config.yaml, final checkpoint, the selected checkpoint
+    tested on the official dev set (with a carved validation split; `test_selected`), done.json."""
     watch_parent()  # stop when the apt-ablate process that started us is gone
     meta = read_json(run_dir / RUN_META) or {}
     t0 = time.time()
@@ -291,19 +309,22 @@ def train_worker(run_dir: Path, extra: list[str]) -> int:
     trainer.save_checkpoint(run_dir / FINAL_CKPT, weights_only=True)  # the final model, not a resume point
     log_dir = Path(trainer.log_dir or run_dir / LOG_DIR)
     logged = [value for _, value in logged_metric(log_dir, meta.get("monitor", "val/accuracy"))]
-    best = best_metric(read_json(log_dir / EFFICIENCY), None, logged)
+    best = best_metric(read_json(log_dir / EFFICIENCY), None, logged, meta.get("mode", "max"))
     final = logged[-1] if logged else None
+    tested = test_selected(cli, meta.get("monitor", "val/accuracy"))
     import torch
 
     write_json_atomic(
         run_dir / DONE,
         {
+            **tested,
             "finished": time.time(),
             "wall_s": time.time() - t0,
             "global_step": trainer.global_step,
             "best_metric": best,
             "final_metric": final,
             "monitor": meta.get("monitor"),
+            "mode": meta.get("mode", "max"),
             "log_dir": str(log_dir),
             "checkpoint": str(run_dir / FINAL_CKPT),
             "config_digest": meta.get("config_digest"),
@@ -312,6 +333,40 @@ def train_worker(run_dir: Path, extra: list[str]) -> int:
         },
     )
     return 0
+
+
+def test_selected(cli, monitor: str) -> dict:
+    """With a validation split carved from the training data: the checkpoint the run's
+    `FinalStructureCheckpoint` chose on it (the final model when it saved none) tested on the official dev
+    set (the datamodule's test split), its file then deleted. Returns done.json's test keys ({} without a
+    carved split); a failing test is recorded as `test_error`, not lost with the trained run."""
+    from apt_lightning.callbacks import FinalStructureCheckpoint
+
+    trainer, datamodule = cli.trainer, cli.datamodule
+    if not getattr(datamodule, "carved", False):
+        return {}
+    selector = next((c for c in trainer.callbacks if isinstance(c, FinalStructureCheckpoint)), None)
+    path = selector.best_model_path if selector is not None and selector.best_model_path else None
+    out: dict[str, Any] = {"selected_checkpoint": "best" if path else "final"}
+    out["selected_step"] = trainer.global_step
+    if path:
+        import torch
+
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        out["selected_step"] = saved["global_step"]
+        out["selected_val_metric"] = float(selector.best_model_score)
+    try:
+        results = trainer.test(cli.model, datamodule=datamodule, ckpt_path=path, verbose=False)
+    except Exception as err:  # the trained run stays done; the report shows the test as missing
+        import traceback
+
+        traceback.print_exc()
+        return {**out, "test_error": repr(err)}
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    if path:
+        Path(path).unlink(missing_ok=True)
+    test_key = "test/" + monitor.removeprefix("val/")
+    return {**out, "test_metric": metrics.get(test_key), "test_monitor": test_key, "test_metrics": metrics}
 
 
 def _versions() -> dict:
