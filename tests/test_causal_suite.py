@@ -2,11 +2,14 @@
 causal-LM task and data, monitors the eval loss as lower-is-better, and every variant's composed config is a
 valid apt-fit config (on a tiny decoder)."""
 
+import math
+
 import pytest
 import yaml
 from conftest import REPO
 from helpers_causal import save_tiny_causal_backbone
 
+from apt_lightning.callbacks import AdaptivePruning
 from apt_lightning.tools.suite.compose import plan
 from apt_lightning.tools.suite.load import load_suite
 from apt_lightning.tools.suite.overlay import set_dotted
@@ -49,7 +52,7 @@ def test_every_run_tunes_a_causal_lm_and_selects_on_the_lowest_eval_loss(runs):
         assert config["data"]["class_path"] == "apt_lightning.data.InstructionDataModule"
         assert config["data"]["init_args"]["data_dir"].endswith("/alpaca")
         assert (efficiency(config)["monitor"], efficiency(config)["mode"]) == ("val/loss", "min")
-        assert config["trainer"]["max_epochs"] == 2 and config["trainer"]["precision"] == "bf16-mixed"
+        assert config["trainer"]["max_epochs"] == 1 and config["trainer"]["precision"] == "bf16-mixed"
 
 
 def test_variants_change_what_they_say(runs):
@@ -84,3 +87,30 @@ def test_every_variant_instantiates(runs, tmp_path):
         path.write_text(yaml.safe_dump(config))
         cli = run_cli(["--config", str(path)], run=False)
         assert cli.model.causal_lm and isinstance(cli.datamodule, InstructionDataModule), r.variant.name
+
+
+def test_every_pruning_phase_fits_its_run(runs):
+    """The pruning events of every variant fit the optimizer steps its run will have (10,000 Alpaca examples
+    at its batch size and epochs): a suite that composes but fails at the trainer's set-up wastes a device
+    call (it did, at one epoch with the recipe's pruning window)."""
+    train = REPO.parent / "shared" / "data" / "alpaca" / "train.jsonl"
+    if not train.is_file():
+        pytest.skip(f"{train} not found (../shared/data beside the repository)")
+    examples = sum(1 for line in train.open() if line.strip())
+    planned = 0
+    for r in runs:
+        pruning = group(r.config, "pruning")
+        if pruning is None:
+            continue
+        batch = r.config["data"]["init_args"]["batch_size"]
+        steps = math.ceil(examples / batch) * r.config["trainer"]["max_epochs"]
+        schedule = AdaptivePruning(**{k: v for k, v in pruning.items() if k != "scorer"}).plan_schedule(steps)
+        assert schedule.last_step <= steps
+        planned += 1
+    assert planned == 11  # the 16 runs but lora (3 seeds), ft and no_pruning
+
+
+def test_a_pruning_phase_too_short_is_refused_before_training():
+    pruning = AdaptivePruning(target_sparsity=0.3, start_step=40, end_step=0.4, num_events=8, decay_steps=10)
+    with pytest.raises(ValueError, match="too few for 8 events"):
+        pruning.plan_schedule(313)

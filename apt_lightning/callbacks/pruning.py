@@ -125,21 +125,26 @@ class AdaptivePruning(Callback):
             self.target_sparsity, start, end, self.num_events, self.decay_steps, warmup, self.mask_decay
         )
 
+    def plan_schedule(self, total_steps: int) -> CubicSchedule:
+        """The event schedule of a run of `total_steps` optimizer steps; a ValueError naming the setting to
+        change when the pruning phase does not fit (checked before any training, and by the suite tests)."""
+        start = resolve_step(self.start_step, total_steps, "start_step")
+        end = resolve_step(self.end_step, total_steps, "end_step")
+        schedule = self._build_schedule(
+            start, end, resolve_step(self.warmup_steps, total_steps, "warmup_steps")
+        )
+        if schedule.last_step > total_steps:
+            after = f" + {self.decay_steps} decay steps" if self.mask_decay == "after" else ""
+            raise ValueError(
+                f"pruning ends at step {schedule.last_step} (end_step {end}{after}) "
+                f"but training has only {total_steps} optimizer steps; lower end_step or train longer"
+            )
+        return schedule
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        total = int(trainer.estimated_stepping_batches)
-        start = resolve_step(self.start_step, total, "start_step")
-        end = resolve_step(self.end_step, total, "end_step")
-        self.schedule = self._build_schedule(
-            start, end, resolve_step(self.warmup_steps, total, "warmup_steps")
-        )
-        if self.schedule.last_step > total:
-            after = f" + {self.decay_steps} decay steps" if self.mask_decay == "after" else ""
-            raise ValueError(
-                f"pruning ends at step {self.schedule.last_step} (end_step {end}{after}) "
-                f"but training has only {total} optimizer steps; lower end_step or train longer"
-            )
+        self.schedule = self.plan_schedule(int(trainer.estimated_stepping_batches))
         distributed.find_unused_parameters(trainer, "a layer with all heads or neurons masked is skipped")
         structure = pl_module.structure
         structure.install_masks()
