@@ -38,8 +38,22 @@ CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews")
 REGRESSION_METRICS = ("pearson", "spearman")
 
 
+class _MetricNames:
+    """`metric` is the metric names joined with ``+``, the model-selection one first."""
+
+    metric: str
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return tuple(self.metric.split("+"))
+
+    @property
+    def primary_metric(self) -> str:
+        return self.metric_names[0]
+
+
 @dataclass(frozen=True)
-class TaskSpec:
+class TaskSpec(_MetricNames):
     """One sequence classification or regression task: its columns, labels, metric and where it lives.
 
     Args:
@@ -130,14 +144,6 @@ class TaskSpec:
             object.__setattr__(self, attr, value)
 
     @property
-    def metric_names(self) -> tuple[str, ...]:
-        return tuple(self.metric.split("+"))
-
-    @property
-    def primary_metric(self) -> str:
-        return self.metric_names[0]
-
-    @property
     def is_glue(self) -> bool:
         """Whether this is one of the GLUE presets (``get_task("sst2")``)."""
         return GLUE_TASKS.get(self.name) == self
@@ -160,7 +166,7 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
-class InstructionTask:
+class InstructionTask(_MetricNames):
     """Causal-LM instruction tuning (``task: instruction``): a decoder (``AutoModelForCausalLM``) trained on
     next-token cross-entropy over the response tokens only (docs/method.md, "Instruction tuning"). Validation
     logs that loss, averaged over every response token of the eval set (``val/loss``, the model-selection
@@ -173,14 +179,6 @@ class InstructionTask:
     label_names: ClassVar[tuple[str, ...]] = ()
     is_regression: ClassVar[bool] = False
     is_glue: ClassVar[bool] = False
-
-    @property
-    def metric_names(self) -> tuple[str, ...]:
-        return tuple(self.metric.split("+"))
-
-    @property
-    def primary_metric(self) -> str:
-        return self.metric_names[0]
 
     def to_config(self) -> str:
         return self.name

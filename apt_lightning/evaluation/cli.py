@@ -7,21 +7,12 @@ import argparse
 
 import torch
 
+from apt_lightning.argtypes import positive_int
 from apt_lightning.evaluation.evaluate import evaluate_zero_shot
 from apt_lightning.evaluation.loading import load_causal_lm
 from apt_lightning.evaluation.metrics import ZeroShotResults
 from apt_lightning.evaluation.report import markdown_table, write_results
 from apt_lightning.evaluation.tasks import TASK_NAMES, TASKS, default_data_root, resolve_task_names
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (> 0), got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks", default="all", help=f"'all' or a comma-separated list of: {', '.join(TASK_NAMES)}"
     )
     p.add_argument("--data-root", help="folder of the local sets; None: $APT_DATA_ROOT, else ../shared/data")
-    p.add_argument("--limit", type=_positive_int, help="score only the first N items of each task")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="(context, choice) pairs per forward")
+    p.add_argument("--limit", type=positive_int, help="score only the first N items of each task")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="(context, choice) pairs per forward")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--out", help="write the results as JSON here")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from apt_lightning.argtypes import positive_int
 from apt_lightning.files import write_text_atomic
 from apt_lightning.fusion import FUSIONS, fuse_for_inference
 from apt_lightning.pruning import DATA_FREE_SCORERS as SCORERS
@@ -52,16 +53,6 @@ _DECODER_DEFAULTS = {"batch_sizes": [1, 8, 32], "prompt_len": [128], "new_tokens
 _CPU_DEFAULTS = (2, 5, 0, 0.0)  # warmup, repeats, block passes, block seconds
 # blocks of ~0.25 s: long enough for a GPU's clocks to settle at the level each model sustains (docs/bench.md)
 _CUDA_DEFAULTS = (10, 30, 0, 0.25)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (> 0), got {value}")
-    return value
 
 
 def _sparsity(text: str) -> float:
@@ -89,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune = p.add_argument_group("pruning (with --backbone / --preset / --config-json)")
     prune.add_argument("--sparsity", type=_sparsity, nargs="+", help="fractions of the APT count to remove")
     prune.add_argument("--scorer", choices=SCORERS, default="magnitude", help="data-free block scorer")
-    prune.add_argument("--multiple-of", type=_positive_int, default=1, help="round kept widths to a multiple")
+    prune.add_argument("--multiple-of", type=positive_int, default=1, help="round kept widths to a multiple")
     prune.add_argument(
         "--random-weights", action="store_true", help="--backbone: its architecture with random weights"
     )
@@ -106,28 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("measurement")
     m.add_argument(
         "--batch-sizes",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=None,
         help=f"default {_ENCODER_DEFAULTS['batch_sizes']}; causal LMs {_DECODER_DEFAULTS['batch_sizes']}",
     )
     m.add_argument(
         "--seq-len",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"default {_ENCODER_DEFAULTS['seq_len']} (encoders)",
     )
     g = p.add_argument_group("generation (causal LMs)")
     g.add_argument(
         "--prompt-len",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=None,
         help=f"prompt lengths prefilled (default {_DECODER_DEFAULTS['prompt_len']})",
     )
     g.add_argument(
         "--new-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"greedy decode steps timed after the prefill (default {_DECODER_DEFAULTS['new_tokens']})",
     )
@@ -148,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"timed passes (default {_CPU_DEFAULTS[1]} on CPU, {_CUDA_DEFAULTS[1]} on CUDA)",
     )
@@ -194,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Q/K/V matrix product per layer; gelu = GELU in the FFN product's cuBLASLt epilogue (tanh "
         "approximation on CUDA)",
     )
-    m.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (torch.set_num_threads)")
+    m.add_argument("--threads", type=positive_int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", help="write results as JSON here, and a Markdown table next to it (.md)")
     return p
 
