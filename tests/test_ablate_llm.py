@@ -128,6 +128,26 @@ def _results(root: Path) -> dict:
         return {r["variant"]: r for r in csv.DictReader(f)}
 
 
+def test_perplexity_counts_the_validations_of_the_best_metric(tmp_path):
+    """The lowest perplexity was logged mid-pruning (a wider model): the row's perplexity is that of the
+    best eval loss over the validations at the final structure, as the best metric is."""
+    losses, final = [2.0, 1.3, 1.6, 1.5], [False, False, True, True]
+    run = _llm_run(tmp_path, "apt", 0, losses, None, sparsity=0.3)
+    eff_path = run / "logs" / "efficiency.json"
+    eff = json.loads(eff_path.read_text())
+    for entry, at_final in zip(eff["metric_history"], final, strict=True):
+        entry["at_final_structure"] = at_final
+    eff["best_metric"] = 1.5  # what EfficiencyMonitor records: the best of the counted validations
+    eff_path.write_text(json.dumps(eff))
+    (row,) = collect_runs(tmp_path)
+    assert row["best_metric"] == 1.5 and row["best_over"] == "2 of 4, steps 30-40"
+    assert row["perplexity"] == pytest.approx(torch.tensor(1.5).exp().item(), rel=1e-6)
+    # a run that monitors something else has no perplexity the best metric speaks for
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "monitor": "val/accuracy", "mode": "max"}))
+    assert collect_runs(tmp_path)[0]["perplexity"] is None
+
+
 def test_report_of_a_causal_lm_suite(tmp_path):
     root = tmp_path / "suite"
     _llm_run(root, "ft", 0, [2.0, 1.60, 1.50], 0.06, peak=4000.0)

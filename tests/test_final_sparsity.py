@@ -117,7 +117,7 @@ def test_best_helpers_on_flagged_histories():
     assert best_metric(history[:1]) is None  # no validation at the final structure: no best
     old = [{"step": 2, "metric": 0.9}, {"step": 4, "metric": 0.7}]  # files from before the flag
     assert best_metric(old) == 0.9
-    assert best_over({"metric_history": history}) == "3 of 4, steps 4-8"
+    assert best_over({"metric_history": history}) == "2 of 4, steps 4-8"  # the NaN one is not counted
     assert best_over({"metric_history": old}) == "all 2"
     assert best_over({"metric_history": history[:1]}) == "none of 1"
     assert best_over(None) == ""

@@ -188,3 +188,55 @@ def test_peer_refuses_bad_settings_and_apt_pruning(backbone):
     )
     with pytest.raises(ValueError, match="switch AdaptivePruning off"):
         trainer.fit(module, train_dataloaders=repeated_batch_loader(4))
+
+
+class _RankTrainer:
+    """What `TorchPruningPeer.on_fit_end` may read of a DDP rank's trainer: `log_dir` is Lightning's
+    broadcast, which a rank may only enter together with the others, so reading it here fails."""
+
+    def __init__(self, rank: int) -> None:
+        self.is_global_zero = rank == 0
+
+    @property
+    def log_dir(self):
+        raise AssertionError("Trainer.log_dir is a collective: reading it on one rank hangs DDP")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_peer_reads_its_log_dir_without_a_collective_on_every_rank(rank, monkeypatch, tmp_path):
+    read = []
+
+    def log_dir(trainer):
+        read.append(trainer)
+        return str(tmp_path)
+
+    monkeypatch.setattr("apt_lightning.distributed.log_dir", log_dir)
+    peer = TorchPruningPeer(0.6)
+    trainer = _RankTrainer(rank)
+    peer.on_fit_end(trainer, None)
+    assert read == [trainer]  # every rank, through the helper that does not broadcast
+    assert (tmp_path / "pruning.json").is_file() == (rank == 0)
+
+
+def test_peer_under_ddp_looks_for_unused_parameters_and_checks_ranks(backbone, monkeypatch):
+    """A DDP strategy is told to look for parameters without gradients before it wraps the module, and
+    the ranks' states are compared after every pruning step (a no-op in one process, so recorded here)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    module = make_module(backbone, adapters=None)
+    ddp = SimpleNamespace(strategy=DDPStrategy(), callbacks=[], estimated_stepping_batches=8)
+    TorchPruningPeer(0.6, start_step=0, end_step=2, num_steps=2).setup(ddp, module, "fit")
+    assert ddp.strategy._ddp_kwargs["find_unused_parameters"] is True
+
+    checked = []
+    monkeypatch.setattr(
+        "apt_lightning.distributed.check_consistency",
+        lambda pl_module, where, **extra: checked.append((where, extra["peer"])),
+    )
+    _fit(module, TorchPruningPeer(0.6, start_step=0, end_step=2, num_steps=2, importance_batches=1), steps=3)
+    assert checked == [
+        ("Torch-Pruning step 0 (step 1)", {"steps": [1, 2], "next_step": 1}),
+        ("Torch-Pruning step 1 (step 2)", {"steps": [1, 2], "next_step": 2}),
+    ]

@@ -319,7 +319,7 @@ class MaskTrace(Callback):
         self.hard[step] = m.is_hard()
 
 
-def run_rising(backbone, tmp_path, mask_decay: str):
+def run_rising(backbone, tmp_path, mask_decay: str, decay_alpha: float | None = None):
     pruning = AdaptivePruning(
         target_sparsity=0.5,
         start_step=0,
@@ -327,6 +327,7 @@ def run_rising(backbone, tmp_path, mask_decay: str):
         num_events=1,
         decay_steps=4,
         mask_decay=mask_decay,
+        decay_alpha=decay_alpha,
         scorer=RisingScorer(low=2),
         compact_at="never",
         plot=False,
@@ -352,6 +353,14 @@ def test_window_before_the_event_reselects_a_block_whose_score_rises(backbone, t
     # the old behaviour (one search at the event, decay after it) prunes the head for good
     old, old_trace = run_rising(backbone, tmp_path, "after")
     assert old_trace.target[10] == 0.0 and old_trace.hard[10] and old.scorer.calls == 1
+
+
+def test_window_before_the_event_keeps_a_block_out_once_its_mask_reaches_0(backbone, tmp_path):
+    """The documented limit: with alpha 1/2 the head's mask reaches 0 after its two low searches; it then
+    scores 0 (masked), so its rise does not bring it back."""
+    pruning, trace = run_rising(backbone, tmp_path, "before", decay_alpha=0.5)
+    assert [trace.target[s] for s in range(1, 8)] == [1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert pruning.scorer.calls == 5 and trace.hard[6]  # it was scored high in the last three searches
 
 
 def test_resume_inside_a_window_before_an_event_matches_an_uninterrupted_run(backbone, tmp_path):

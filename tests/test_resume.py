@@ -338,6 +338,7 @@ def fit_pruning(backbone, tmp_path, ckpt_path=None, save_steps=(), max_steps=16,
         ({"target_sparsity": 0.7}, r"target_sparsity: 0.5 in the checkpoint, 0.7 configured"),
         ({"end_step": 8}, r"end_step: 14 in the checkpoint, 8 configured"),  # before the saved step (10)
         ({"num_events": 2}, r"num_events: 3 in the checkpoint, 2 configured"),
+        ({"decay_alpha": 0.5}, r"decay_alpha: None in the checkpoint, 0.5 configured"),
     ],
 )
 def test_schedule_change_on_resume_is_refused_with_old_and_new_values(backbone, tmp_path, change, match):
@@ -346,6 +347,18 @@ def test_schedule_change_on_resume_is_refused_with_old_and_new_values(backbone, 
         fit_pruning(backbone, tmp_path, ckpt_path=saver.paths[10], **change)
     message = str(err.value)
     assert "2 of 3 events taken, the last at step 10" in message and "Resume with the saved values" in message
+
+
+def test_checkpoint_without_a_recorded_decay_alpha_is_not_checked_for_it():
+    """Checkpoints from before decay_alpha was recorded may have run any value: no refusal on its account."""
+    pruning = AdaptivePruning(
+        plot=False, start_step=2, end_step=14, num_events=3, decay_steps=1, decay_alpha=0.5
+    )
+    pruning.schedule = pruning.plan_schedule(16)
+    saved = {k: v for k, v in pruning._schedule_state().items() if k != "decay_alpha"}
+    pruning._check_schedule(saved, 1, [])
+    with pytest.raises(ValueError, match="decay_alpha: 0.25 in the checkpoint, 0.5 configured"):
+        pruning._check_schedule({**saved, "decay_alpha": 0.25}, 1, [])
 
 
 def test_longer_run_keeps_the_saved_pruning_steps(backbone, tmp_path):

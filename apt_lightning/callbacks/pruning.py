@@ -50,8 +50,12 @@ class AdaptivePruning(Callback):
             then masks move by `decay_alpha` per step towards its 0/1 decisions, then are set hard.
             "before" (the authors' code): during the window ending at the event the search is re-run
             every step on the current scores, kept blocks move to min(1, m + alpha) and pruned ones to
-            max(0, m - alpha), so a block dropped early can be re-selected; at the event a last search
-            sets the masks hard.
+            max(0, m - alpha), so a block dropped early can be re-selected while its mask is above 0; at
+            the event a last search sets the masks hard. A block whose mask reaches 0 inside the window
+            scores 0 from then on (`Scorer.scores` zeroes masked blocks; salience would see only zeroed
+            activations) and stays pruned: with the default alpha only a block pruned in every search
+            gets there, at the window's last step; a larger `decay_alpha` gets there after ceil(1 / alpha)
+            more steps down than up, and the drop is final.
         decay_alpha: mask step per window step; None: 0.01 with "after" (the paper's value), 1 /
             `decay_steps` with "before" (masks can just reach 0 by the event).
         scorer: a `Scorer` or a registered name (salience, random, uniform, magnitude).
@@ -469,10 +473,12 @@ class AdaptivePruning(Callback):
         "end_step",
         "num_events",
         "decay_steps",
+        "decay_alpha",
         "warmup_steps",
         "mask_decay",
     )
     _SCHEDULE_DEFAULTS = {"warmup_steps": 0, "mask_decay": "after"}  # what checkpoints without them ran
+    # decay_alpha was an argument before checkpoints recorded it: one without it is not checked for it
 
     def _schedule_state(self) -> dict:
         """The schedule as configured (steps possibly fractions) and as resolved for this run."""
@@ -487,23 +493,22 @@ class AdaptivePruning(Callback):
 
         The schedule arguments must equal the saved ones: the events already taken were chosen for that
         schedule, so a change would be a jump in sparsity (target_sparsity, num_events, warmup_steps), leave
-        a decay window unfinished (end_step before the saved step, decay_steps, mask_decay) or re-time
-        decided events. Anything
-        else is refused here, before training resumes. Only the run length may change: steps given as
+        a decay window unfinished (end_step before the saved step, decay_steps, mask_decay) or moving at
+        another pace (decay_alpha), or re-time decided events. Anything else is refused here, before
+        training resumes. Only the run length may change: steps given as
         fractions then keep the steps they resolved to when the run started (a warning says so)."""
         if self.schedule is None:  # not set up for fitting
             return
         saved = {**self._SCHEDULE_DEFAULTS, **saved}
-        changed = [
-            (k, saved[k], getattr(self, k)) for k in self._SCHEDULE_ARGS if saved[k] != getattr(self, k)
-        ]
+        names = [k for k in self._SCHEDULE_ARGS if k in saved]
+        changed = [(k, saved[k], getattr(self, k)) for k in names if saved[k] != getattr(self, k)]
         if changed:
             done = f"{next_event} of {saved['num_events']} events taken"
             if history:
                 last = history[-1]
                 done += f", the last at step {last['step']} (target sparsity {last['target_sparsity']:.4g})"
             diff = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} configured" for k, old, new in changed)
-            keep = ", ".join(f"{k}: {saved[k]!r}" for k in self._SCHEDULE_ARGS)
+            keep = ", ".join(f"{k}: {saved[k]!r}" for k in names)
             raise ValueError(
                 f"AdaptivePruning: the checkpoint's pruning schedule differs from this run's ({diff}). "
                 f"The checkpoint has {done}; those decisions were made for the saved schedule, and changing "

@@ -32,6 +32,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import nn
 
+from apt_lightning import distributed
 from apt_lightning.files import write_json_atomic
 from apt_lightning.pruning import BlockTensors, kept_param_count
 from apt_lightning.pruning.schedule import resolve_step
@@ -249,6 +250,7 @@ class TorchPruningPeer(Callback):
                 f"TorchPruningPeer: {self.num_steps} pruning steps after start_step {start} up to end_step "
                 f"{end} need 0 <= start, start + num_steps <= end <= {total} (the run's optimizer steps)"
             )
+        distributed.find_unused_parameters(trainer, "a layer with all heads or neurons removed is skipped")
         if not self.steps:  # a resumed run keeps the steps it was saved with (load_state_dict)
             span = end - start
             self.steps = [start + round((k + 1) * span / self.num_steps) for k in range(self.num_steps)]
@@ -328,6 +330,11 @@ class TorchPruningPeer(Callback):
         self.next_step += 1
         if self.pruning_done:
             self._recent.clear()
+        distributed.check_consistency(
+            pl_module,
+            f"Torch-Pruning step {record['event']} (step {step})",
+            peer={"steps": self.steps, "next_step": self.next_step},
+        )
         pl_module.log_dict(
             {
                 "prune/achieved_sparsity": record["achieved_sparsity"],
@@ -347,8 +354,9 @@ class TorchPruningPeer(Callback):
         }
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero and trainer.log_dir is not None:
-            write_json_atomic(Path(trainer.log_dir) / "pruning.json", self.summary())
+        log_dir = distributed.log_dir(trainer)  # `trainer.log_dir` broadcasts: on rank 0 alone it hangs DDP
+        if trainer.is_global_zero and log_dir is not None:
+            write_json_atomic(Path(log_dir) / "pruning.json", self.summary())
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:

@@ -11,9 +11,11 @@ model under apt-bench's `benchmark`, or `generation_benchmark` for a causal LM),
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
+from apt_lightning.callbacks.efficiency import counted
 from apt_lightning.tools.report.summary import ratio
 from apt_lightning.tools.suite.layout import (
     BENCH_FAILED,
@@ -27,7 +29,6 @@ from apt_lightning.tools.suite.layout import (
     RUN_META,
     ZERO_SHOT,
     best_metric,
-    logged_metric,
     metric_history,
     metric_mode,
     number,
@@ -112,19 +113,37 @@ def _sparsity(log_dir: Path, efficiency: dict | None, config_text: str) -> tuple
     return None, "missing"
 
 
+def _history(efficiency: dict | None) -> list[dict]:
+    """efficiency.json's validations, metrics read as numbers (None where missing or not a number)."""
+    history = (efficiency or {}).get("metric_history") or []
+    return [{**h, "metric": number(h.get("metric"))} for h in history if isinstance(h, dict)]
+
+
 def best_over(efficiency: dict | None) -> str:
-    """Which validations a run's best metric counted (efficiency.json's `at_final_structure` flags): "all N",
-    "K of N, steps A-B" (only those at the final structure), "none of N" or "" without a history. Files
-    written before the flag existed took the best over every validation and read "all N"."""
-    history = [h for h in (efficiency or {}).get("metric_history") or [] if isinstance(h, dict)]
+    """Which validations a run's best metric counted (`callbacks.efficiency.counted`: those at the final
+    structure, with a metric): "all N", "K of N, steps A-B", "none of N" or "" without a history. Files
+    written before the `at_final_structure` flag existed took the best over every validation: "all N"."""
+    history = _history(efficiency)
     if not history:
         return ""
-    steps = [h.get("step") for h in history if h.get("at_final_structure", True)]
+    steps = [h.get("step") for h in counted(history)]
     if len(steps) == len(history):
         return f"all {len(history)}"
     if not steps:
         return f"none of {len(history)}"
     return f"{len(steps)} of {len(history)}, steps {steps[0]}-{steps[-1]}"
+
+
+def perplexity(monitor: str, best: float | None) -> float | None:
+    """The validation perplexity of a causal-LM run at the validations its best metric counted: exp(best
+    eval loss) when the monitor is val/loss (perplexity is exp(loss) at every validation, so this is the
+    lowest perplexity among them), the best metric itself when it is val/perplexity, else None. Not the
+    lowest logged one: a validation during pruning, at a wider model, may have the lowest."""
+    if best is None:
+        return None
+    if monitor == "val/loss":
+        return math.exp(best)
+    return best if monitor == "val/perplexity" else None
 
 
 def read_run(run_dir: Path) -> dict:
@@ -145,7 +164,6 @@ def read_run(run_dir: Path) -> dict:
     history, _ = metric_history(run_dir / LOG_DIR, monitor, eff, wall)
     mode = metric_mode(meta, eff)
     best = best_metric(eff, done, [v for _, _, v in history], mode)
-    perplexities = [v for _, v in logged_metric(log_dir, "val/perplexity")]
     sparsity, sparsity_source = _sparsity(log_dir, eff, config_text)
     structure = (eff or {}).get("structure") or {}
     overhead = (eff or {}).get("pruning_overhead") or {}
@@ -170,7 +188,7 @@ def read_run(run_dir: Path) -> dict:
         "best_metric": best,
         "best_over": best_over(eff),
         "final_metric": history[-1][2] if history else (done or {}).get("final_metric"),
-        "perplexity": min(perplexities) if perplexities else None,
+        "perplexity": perplexity(monitor, best),
         "test_metric": number((done or {}).get("test_metric")),
         "selected_step": (done or {}).get("selected_step"),
         "sparsity": sparsity,
