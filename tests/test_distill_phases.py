@@ -5,6 +5,7 @@ policies in a run, and the layer-distillation options."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,14 @@ from helpers_apt import CountSteps, SaveAt, quiet_trainer, repeated_batch_loader
 from lightning import Callback
 
 from apt_lightning import APTModule
-from apt_lightning.callbacks import AdaptivePruning, SelfDistillation, SnapshotPolicy
+from apt_lightning.callbacks import (
+    AdaptivePruning,
+    FinalStructureCheckpoint,
+    SelfDistillation,
+    SnapshotPolicy,
+)
+from apt_lightning.callbacks.selection import task_monitor
+from apt_lightning.data.tasks import get_task
 from apt_lightning.distill import Distiller
 from apt_lightning.pruning import BlockTensors, Scorer
 
@@ -245,6 +253,69 @@ def test_snapshot_on_improvement_refreshes_and_compacts_only_then(backbone, tmp_
     assert probe.widths[8] != FULL  # compacted at event 2, before its snapshot
     assert all(probe.widths[s] == probe.widths[8] for s in range(8, 14))  # not again until distillation ends
     assert probe.widths[14] != probe.widths[8]  # compacted to event 2's masks when distillation ended
+
+
+class LossTask:
+    """sst2 selected by `val/loss`, lower is better (as `task: instruction`): a task with `mode` "min"."""
+
+    primary_metric, metric_names, mode = "loss", ("loss",), "min"
+
+    def __init__(self, task) -> None:
+        self.task = task
+
+    def __getattr__(self, name: str):
+        return getattr(self.task, name)
+
+
+class LossScripted(APTModule):
+    """Validation logs `val/loss` = `script[global_step]`; the task says lower is better."""
+
+    def __init__(self, script: dict[int, float], **kw) -> None:
+        super().__init__(**kw)
+        self.script = script
+        self.task = LossTask(self.task)
+
+    def validation_step(self, batch, batch_idx) -> None:
+        pass
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.script[self.global_step])
+
+
+def test_a_loss_task_makes_lower_better(backbone, tmp_path):
+    """Without monitor and mode, "best" follows the task (`val/loss`, min): OnImprovement refreshes the
+    teacher on a lower loss and not on a higher one, `final_from="best"` restores the lowest loss at the
+    final structure, and `FinalStructureCheckpoint` keeps that point."""
+    # events 0, 1, 2 (steps 4, 6, 8) see the validations at steps 2, 4, 6; 10-14 are at the final structure
+    script = {2: 0.6, 4: 0.7, 6: 0.5, 8: 0.9, 10: 0.4, 12: 0.45, 14: 0.6, 16: 0.3}
+    torch.manual_seed(0)
+    model = LossScripted(script, backbone=str(backbone), task="sst2")
+    distill = SelfDistillation(schedule="authors", distill_until=14, layer_blocks=3)
+    select = FinalStructureCheckpoint(dirpath=tmp_path / "best", save_top_k=2)
+    fit(model, [pruning(compact_at="never"), distill, select], tmp_path, enable_checkpointing=True)
+    assert (distill.monitor, distill.mode) == ("val/loss", "min")
+    assert [h["reason"] for h in distill.history] == ["start", "event 0", "event 2"]  # not event 1's 0.7
+    assert distill.phases["restored_best_step"] == 10
+    assert (select.monitor, select.mode) == ("val/loss", "min")
+    assert float(select.best_model_score) == pytest.approx(0.3)
+    assert select.best_model_path.endswith("best-16.ckpt")
+    assert sorted(Path(p).name for p in select.best_k_models) == ["best-10.ckpt", "best-16.ckpt"]
+
+
+def test_monitor_and_mode_given_or_from_the_task():
+    """Explicit values win; a monitor without a mode follows the task when it is one of the task's
+    metrics, else a loss is minimised and anything else maximised."""
+    loss = LossTask(get_task("sst2"))
+    assert task_monitor(get_task("sst2")) == ("val/accuracy", "max")
+    assert task_monitor(get_task("cola")) == ("val/matthews", "max")
+    assert task_monitor(loss) == ("val/loss", "min")
+    assert task_monitor(None) == ("val/accuracy", "max")
+    assert task_monitor(loss, "val/accuracy") == ("val/accuracy", "max")
+    assert task_monitor(get_task("sst2"), "val/loss") == ("val/loss", "min")
+    assert task_monitor(loss, mode="max") == ("val/loss", "max")
+    assert task_monitor(get_task("sst2"), "val/f1", "min") == ("val/f1", "min")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        task_monitor(loss, mode="lower")
 
 
 def test_final_phase_starts_from_the_best_state_at_final_structure(backbone, tmp_path):

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers_apt import quiet_trainer, repeated_batch_loader
+from lightning import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from apt_lightning import APTModule
@@ -183,3 +185,77 @@ def test_apt_fit_warns_about_a_plain_monitored_checkpoint_next_to_pruning(
     )
     assert any(isinstance(c, FinalStructureCheckpoint) for c in cli.trainer.callbacks)
     assert not [w for w in recwarn if str(w.message).startswith("ModelCheckpoint(monitor=")]
+
+
+class CarvedData(LightningDataModule):
+    """The loaders of `run`, with the validation split marked as carved from training (as
+    `GLUEDataModule(val_from_train=...)`), so the suite worker tests its selected checkpoint."""
+
+    carved = True
+
+    def train_dataloader(self):
+        return repeated_batch_loader(16)
+
+    def val_dataloader(self):
+        return repeated_batch_loader(1)
+
+    def test_dataloader(self):
+        return repeated_batch_loader(2, seed=1)
+
+
+def test_selected_checkpoint_is_tested_at_its_saved_widths(backbone, tmp_path):
+    """Under `SelfDistillation(schedule="authors")` the student trains masked and is compacted when
+    distillation ends (step 12), after the selected point (step 12, full widths with hard masks) was saved:
+    the suite worker tests that checkpoint as saved, not loaded into the compacted model."""
+    from apt_lightning.callbacks import SelfDistillation
+    from apt_lightning.structure import ModelShapes
+    from apt_lightning.tools.suite.train import test_selected
+
+    torch.manual_seed(0)
+    model, data = ScriptedModule(backbone=str(backbone), task="sst2"), CarvedData()
+    select = FinalStructureCheckpoint(dirpath=tmp_path / "final")
+    distill = SelfDistillation(schedule="authors", distill_until=12, layer_blocks=3)
+    trainer = quiet_trainer(
+        max_steps=16,
+        callbacks=[pruning(target_sparsity=0.5, compact_at="never"), distill, select],
+        default_root_dir=tmp_path,
+        limit_val_batches=1,
+        val_check_interval=2,
+        enable_checkpointing=True,
+    )
+    trainer.fit(model, datamodule=data)
+    path = select.best_model_path
+    saved = ModelShapes.from_dict(torch.load(path, weights_only=True)["apt"]["shapes"])
+    assert distill.phases["final"] == 12 and path.endswith("best-12.ckpt")
+    assert not saved.same_widths(model.structure.shapes())  # compacted after the save
+    cli = SimpleNamespace(trainer=trainer, datamodule=data, model=model)
+    out = test_selected(cli, "val/accuracy")
+    assert "test_error" not in out
+    assert (out["selected_checkpoint"], out["selected_step"]) == ("best", 12)
+    assert out["selected_val_metric"] == pytest.approx(0.8)
+    assert out["test_monitor"] == "test/accuracy" and 0.0 <= out["test_metric"] <= 1.0
+    assert not Path(path).exists()  # tested, then deleted
+
+
+def test_checkpoint_monitor_follows_the_task(backbone, tmp_path):
+    """Without monitor and mode, `FinalStructureCheckpoint` ranks by the task's primary metric in the
+    task's direction: `val/accuracy`, max, on SST-2; `val/loss`, min, for a causal LM
+    (`task: instruction`). Explicit values are kept."""
+    from helpers_causal import save_tiny_causal_backbone
+
+    causal = APTModule(backbone=str(save_tiny_causal_backbone(tmp_path / "causal")), task="instruction")
+    sst2 = APTModule(backbone=str(backbone), task="sst2")
+
+    def resolved(module, **kw) -> tuple[str, str]:
+        checkpoint = FinalStructureCheckpoint(dirpath=tmp_path / "ckpt", **kw)
+        checkpoint.setup(quiet_trainer(), module, "fit")
+        return checkpoint.monitor, checkpoint.mode
+
+    assert resolved(causal) == ("val/loss", "min")
+    assert resolved(sst2) == ("val/accuracy", "max")
+    assert resolved(causal, monitor="val/perplexity") == ("val/perplexity", "min")  # the task's metric
+    assert resolved(causal, monitor="val/loss", mode="max") == ("val/loss", "max")
+    assert resolved(sst2, monitor="val/loss") == ("val/loss", "min")
+    assert resolved(sst2, mode="min") == ("val/accuracy", "min")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        FinalStructureCheckpoint(mode="lowest")

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from apt_lightning import distributed
 from apt_lightning.callbacks.events import PruningEvent, find_callback, structure_final
 from apt_lightning.callbacks.pruning import AdaptivePruning
+from apt_lightning.callbacks.selection import check_mode, task_monitor
 from apt_lightning.distill import Distiller, TeacherView
 from apt_lightning.distill.losses import check_layer_options
 from apt_lightning.pruning.schedule import resolve_step
@@ -117,8 +118,11 @@ class SelfDistillation(Callback):
     final_from: "best" restores the adapters and head of the best validation at the final structure
         (`monitor`) before the final phase (the authors reload their best checkpoint); "current" goes on
         from where distillation ended. None: the schedule's default.
-    monitor / mode: the validation metric "best" means, for `final_from` and "on_improvement"; default the
-        task's primary metric (`val/<metric>`), higher is better.
+    monitor / mode: the validation metric "best" means, for `final_from` and "on_improvement", and its
+        direction ("max" or "min"); default the task's primary metric (`val/<metric>`) in the task's
+        direction (`val/loss`, min, for `task: instruction`). A monitor given without a mode: the task's
+        direction when it is one of the task's metrics, else "min" for a loss and "max" otherwise
+        (`callbacks.selection.task_monitor`).
     transform_rank: rank of the adapter on the layer transformation Tr.
     post_lr_scale: the former name of `final_lr_scale` (configs recorded before the rename).
     """
@@ -143,7 +147,7 @@ class SelfDistillation(Callback):
         final_lr_scale: float = 0.1,
         final_from: str | None = None,
         monitor: str | None = None,
-        mode: str = "max",
+        mode: str | None = None,
         transform_rank: int = 8,
         post_lr_scale: float | None = None,
     ) -> None:
@@ -168,8 +172,7 @@ class SelfDistillation(Callback):
             raise ValueError(f"final_lr_scale must be in (0, 1], got {final_lr_scale}")
         if final_from is not None and final_from not in FINAL_FROM:
             raise ValueError(f"final_from must be one of {FINAL_FROM} or None, got {final_from!r}")
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        check_mode(mode)
         if distill_epochs is not None and distill_epochs < 1:
             raise ValueError(f"distill_epochs must be >= 1 or None, got {distill_epochs}")
         if distill_epochs is not None and distill_until is not None:
@@ -231,9 +234,7 @@ class SelfDistillation(Callback):
                 f"ends (this callback does both); AdaptivePruning has compact_at={pruning.compact_at!r}: "
                 "set pruning.compact_at: never"
             )
-        if self.monitor is None:
-            task = getattr(pl_module, "task", None)
-            self.monitor = f"val/{getattr(task, 'primary_metric', None) or 'accuracy'}"
+        self.monitor, self.mode = task_monitor(getattr(pl_module, "task", None), self.monitor, self.mode)
         if self.policy is None:
             policy = _POLICY_NAMES[self.snapshot]
             self.policy = policy(self.monitor, self.mode) if policy is OnImprovement else policy()

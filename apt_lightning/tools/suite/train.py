@@ -339,7 +339,11 @@ def test_selected(cli, monitor: str) -> dict:
     """With a validation split carved from the training data: the checkpoint the run's
     `FinalStructureCheckpoint` chose on it (the final model when it saved none) tested on the official dev
     set (the datamodule's test split), its file then deleted. Returns done.json's test keys ({} without a
-    carved split); a failing test is recorded as `test_error`, not lost with the trained run."""
+    carved split); a failing test is recorded as `test_error`, not lost with the trained run.
+
+    The checkpoint is tested on a fresh module of the run's class and hyperparameters, cut to the widths
+    the checkpoint saved: the trained model may have changed shape after the save (`SelfDistillation`'s
+    `authors` schedule compacts the student when distillation ends, after the last selected point)."""
     from apt_lightning.callbacks import FinalStructureCheckpoint
 
     trainer, datamodule = cli.trainer, cli.datamodule
@@ -356,7 +360,8 @@ def test_selected(cli, monitor: str) -> dict:
         out["selected_step"] = saved["global_step"]
         out["selected_val_metric"] = float(selector.best_model_score)
     try:
-        results = trainer.test(cli.model, datamodule=datamodule, ckpt_path=path, verbose=False)
+        model = type(cli.model).load_from_checkpoint(path, map_location="cpu") if path else cli.model
+        results = trainer.test(model, datamodule=datamodule, verbose=False)
     except Exception as err:  # the trained run stays done; the report shows the test as missing
         import traceback
 
