@@ -188,10 +188,10 @@ def definitions(bench: dict | None, evaluation: dict | None, reference: str | No
     )
     limit = (evaluation or {}).get("limit")
     return [
-        "- **eval loss** (causal LMs): the best (lowest) validation loss, the next-token cross-entropy "
-        "averaged over every response token of the held-out set; **perplexity** = exp(eval loss), the "
-        "lowest logged. TTA for this lower-is-better metric: the time until the eval loss first got down "
-        "to the FT run's best loss / 0.97 (at most 3.1% above it).",
+        "- **eval loss** (causal LMs): the best (lowest) validation loss at the final structure, the "
+        "next-token cross-entropy averaged over every response token of the held-out set; **perplexity** = "
+        "exp(that eval loss). TTA for this lower-is-better metric: the time until the eval loss first got "
+        "down to the FT run's best loss / 0.97 (at most 3.1% above it).",
         "- **generation** (causal LMs): the exported model timed by `apt_lightning.tools.bench."
         f"generation_benchmark` at {shape}, against the unpruned architecture measured the same way. "
         "Prefill tok/s = prompt tokens of a batch / median time of the prompt's forward pass; decode tok/s "
