@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from apt_lightning.adapters import AdapterConfig, adapter_modules, inject_adapters
 from apt_lightning.backbone import resolve_backbone
-from apt_lightning.causal_lm import build_causal_lm_metrics, causal_lm_loss
+from apt_lightning.causal_lm import (
+    build_causal_lm_metrics,
+    causal_lm_loss,
+    logits_at,
+    response_loss,
+    response_positions,
+    response_targets,
+)
 from apt_lightning.data.tasks import InstructionTask, TaskSpec, build_metrics, get_task
 from apt_lightning.distributed import rewrap_ddp
 from apt_lightning.optim import WarmupLinearLR
@@ -235,12 +243,19 @@ class APTModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         labels = batch.pop("labels")
         distill = self.distiller is not None and self.distill_weight > 0
-        out = self.student(**batch, output_hidden_states=distill and self.distiller.needs_hidden)
-        task = self.task_loss(out.logits, labels)
+        # a causal LM's logits only at the positions that predict a response token, student and teacher:
+        # (n, vocab) rows, not (batch, length, vocab) (docs/method.md section 14)
+        rows = logits_at(self.student, response_positions(labels)) if self.causal_lm else nullcontext()
+        with rows:
+            out = self.student(**batch, output_hidden_states=distill and self.distiller.needs_hidden)
+            if self.causal_lm:
+                task = response_loss(out.logits, response_targets(labels))
+            else:
+                task = self.task_loss(out.logits, labels)
+            parts = self.distiller.loss(self, batch, out, response_rows=self.causal_lm) if distill else {}
         loss = task
         logs = {"train/task_loss": task}
         if distill:
-            parts = self.distiller.loss(self, batch, out, response_labels=labels if self.causal_lm else None)
             mu = self.distill_weight
             loss = mu * parts["distill"] + (1 - mu) * task
             logs.update({f"train/{k}": v for k, v in parts.items()})

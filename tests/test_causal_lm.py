@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from helpers_causal import ALPACA_ROWS, save_tiny_causal_backbone, write_alpaca
 
 from apt_lightning import APTModule
-from apt_lightning.causal_lm import IGNORE_INDEX, ResponseNLL, build_causal_lm_metrics, causal_lm_loss
+from apt_lightning.causal_lm import (
+    IGNORE_INDEX,
+    ResponseNLL,
+    build_causal_lm_metrics,
+    causal_lm_loss,
+    next_token_targets,
+    response_positions,
+)
 from apt_lightning.distill import causal_lm_prediction_loss, prediction_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,24 +98,166 @@ def test_validation_numbers_weigh_every_response_token_equally():
 # ---------------------------------------------------------------------------------------------- distillation
 def test_causal_distillation_is_zero_for_identical_teacher_and_student():
     logits, labels = labelled_batch()
-    assert causal_lm_prediction_loss(logits, logits.clone(), labels, tau=4.0) == 0
+    rows, _ = next_token_targets(logits, labels)
+    assert causal_lm_prediction_loss(rows, rows.clone(), tau=4.0) == 0
 
 
-def test_causal_distillation_ignores_prompt_and_padding_positions():
+def test_causal_distillation_is_the_kl_averaged_over_response_rows():
     student, labels = labelled_batch(0)
     teacher, _ = labelled_batch(1)
-    loss = causal_lm_prediction_loss(student, teacher, labels, tau=2.0)
-    assert loss > 0
-    hidden = no_loss_positions(labels)
-    s, t = student.clone(), teacher.clone()
-    s[hidden] = torch.randn(s[hidden].shape) * 10
-    t[hidden] = torch.randn(t[hidden].shape) * 10
-    assert causal_lm_prediction_loss(s, t, labels, tau=2.0) == loss
-    # the classification loss over the response positions' rows: tau^2 KL averaged over response tokens
-    rows = ~hidden
-    torch.testing.assert_close(loss, prediction_loss(student[rows], teacher[rows], 2.0), **FP32)
-    labels[:] = IGNORE_INDEX
-    assert causal_lm_prediction_loss(student, teacher, labels, tau=2.0) == 0
+    s, _ = next_token_targets(student, labels)
+    t, _ = next_token_targets(teacher, labels)
+    assert s.shape == (7, VOCAB)  # 4 + 3 response tokens; prompt and padding positions have no row
+    loss = causal_lm_prediction_loss(s, t, tau=2.0)
+    kl = [
+        (F.softmax(t[i] / 2, -1) * (F.log_softmax(t[i] / 2, -1) - F.log_softmax(s[i] / 2, -1))).sum()
+        for i in range(7)
+    ]
+    torch.testing.assert_close(loss, 4 * torch.stack(kl).mean(), **FP32)
+    empty = s[:0].requires_grad_(True)
+    none = causal_lm_prediction_loss(empty, t[:0], tau=2.0)
+    assert none == 0 and none.requires_grad
+    with pytest.raises(ValueError, match="rows must both be"):
+        causal_lm_prediction_loss(student, teacher, tau=2.0)
+
+
+def test_response_positions_hold_the_rows_of_the_shifted_labels():
+    logits, labels = labelled_batch()
+    positions = response_positions(labels)
+    assert positions.tolist() == [
+        [False, False, True, True, True, True, False, False],
+        [False, False, False, False, True, True, True, False],
+    ]
+    assert torch.equal(~positions, no_loss_positions(labels))
+    assert torch.equal(logits[positions], logits[:, :-1][labels[:, 1:] != IGNORE_INDEX])
+
+
+# ------------------------------------------------------------------------------------------ response logits
+def response_batch(vocab: int, seed: int = 0) -> dict:
+    """Three right-padded sequences of 12 tokens with prompts of 3, 5 and 8 tokens and 6, 7 and 2 response
+    tokens (then padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    for row, (prompt, response) in enumerate([(3, 6), (5, 7), (8, 2)]):
+        labels[row, :prompt] = IGNORE_INDEX
+        labels[row, prompt + response :] = IGNORE_INDEX
+        mask[row, prompt + response :] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def distilling_module(backbone, mu: float) -> APTModule:
+    """The tiny LLaMA with masks (a soft hidden mask, so the final norm's mask reaches the head), adapters
+    away from their init, a teacher snapshot that differs from the student, and distillation weight mu."""
+    from apt_lightning.distill import Distiller, TeacherView
+
+    torch.manual_seed(0)
+    model = APTModule(backbone=str(backbone), task="instruction")
+    masks = model.structure.install_masks()
+    hidden = torch.ones(masks.hidden.numel())
+    hidden[:6], hidden[6:9] = 0.0, 0.5
+    masks.set("hidden", hidden)
+    g = torch.Generator().manual_seed(1)
+
+    def perturb() -> None:
+        with torch.no_grad():
+            for p in model.student.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+    perturb()
+    model.teacher = TeacherView()
+    model.teacher.snapshot(model.student)
+    perturb()
+    model.distiller = Distiller(masks.hidden.numel(), tau=2.0, layer_weight=0.9, layer_blocks=2, seed=0)
+    model.distill_weight = mu
+    return model.train()
+
+
+def full_logits_loss(model: APTModule, batch: dict) -> torch.Tensor:
+    """The loss from full (batch, length, vocab) logits, as training computed it before `logits_at`."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    mu = model.distill_weight
+    out = model.student(**inputs, output_hidden_states=True)
+    task = causal_lm_loss(out.logits, labels)
+    if mu == 0:
+        return task
+    d = model.distiller
+    teacher = model.teacher(model.student, inputs, output_hidden_states=True)
+    s, _ = next_token_targets(out.logits, labels)
+    t, _ = next_token_targets(teacher.logits, labels)
+    pred = prediction_loss(s.float(), t.float(), d.tau)
+    layer = d.layer_loss(model, out.hidden_states, teacher.hidden_states)
+    return mu * (d.pred_weight * pred + d.layer_weight * layer) + (1 - mu) * task
+
+
+def observed(model: APTModule, batch: dict, loss_of) -> dict:
+    """Loss, trainable gradients (student and distiller) and salience statistics after one backward, and
+    the shapes of every logits tensor the LM head produced."""
+    from apt_lightning.pruning.scorers import OutlierAwareSalience
+
+    scorer = OutlierAwareSalience()
+    shapes = []
+    hook = model.student.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    model.distiller.generator.manual_seed(0)  # the same teacher layers drawn
+    model.structure.masks.observer = scorer
+    try:
+        loss = loss_of(model, dict(batch))
+        loss.backward()
+        scorer.step()
+    finally:
+        model.structure.masks.observer = None
+        hook.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return {
+        "loss": loss.detach(),
+        "grads": grads,
+        "salience": scorer.salience,
+        "mean_act": scorer.mean_act,
+        "shapes": shapes,
+    }
+
+
+def training_loss(model: APTModule, batch: dict) -> torch.Tensor:
+    return model.training_step(batch, 0)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.6])
+def test_training_loss_gradients_and_salience_equal_the_full_logits_reference(backbone, mu):
+    """Logits only at the response positions change no number: the loss (task, and distillation with its
+    teacher forward), the adapters' and the distiller's gradients, and the salience statistics at every
+    mask site (the final norm's included: the head reads its masked output row by row)."""
+    model = distilling_module(backbone, mu)
+    batch = response_batch(model.student.config.vocab_size)
+    new = observed(model, batch, training_loss)
+    ref = observed(model, batch, full_logits_loss)
+    torch.testing.assert_close(new["loss"], ref["loss"], **FP32)
+    assert new["grads"].keys() == ref["grads"].keys()
+    assert any("lora" in n for n in new["grads"]) and (mu == 0) != any("distiller" in n for n in new["grads"])
+    for name, grad in ref["grads"].items():
+        torch.testing.assert_close(new["grads"][name], grad, **FP32, msg=name)
+    final = ("hidden", 2 * model.student.config.num_hidden_layers)
+    assert final in ref["salience"] and ref["salience"].keys() == new["salience"].keys()
+    for key, value in ref["salience"].items():
+        torch.testing.assert_close(new["salience"][key], value, **FP32, msg=str(key))
+        torch.testing.assert_close(new["mean_act"][key], ref["mean_act"][key], **FP32, msg=str(key))
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.6])
+def test_training_computes_logits_only_at_response_positions(backbone, mu):
+    """The memory claim: every logits tensor of a training step, the student's and the teacher's, is
+    (response tokens, vocab), not (batch, length, vocab); outside the step the head is whole again."""
+    model = distilling_module(backbone, mu)
+    batch = response_batch(model.student.config.vocab_size)
+    vocab = model.student.config.vocab_size
+    shapes = observed(model, batch, training_loss)["shapes"]
+    assert shapes == [(6 + 7 + 2, vocab)] * (2 if mu else 1)
+    assert not model.student.lm_head._forward_pre_hooks
+    with torch.no_grad():
+        assert model.student(input_ids=batch["input_ids"]).logits.shape == (3, 12, vocab)
 
 
 # ---------------------------------------------------------------------------------------------- the module

@@ -2,8 +2,9 @@
 
 L_distill = w_pred * L_pred + w_layer * L_layer, with
 - L_pred: tau^2 * KL(softmax(t / tau) || softmax(s / tau)) (MSE for regression); for a causal LM the KL is
-  over the vocabulary at each response token's position, averaged over the response tokens
-  (`causal_lm_prediction_loss`: prompt and padding positions take no part);
+  over the vocabulary at each position that predicts a response token, averaged over those positions
+  (`causal_lm_prediction_loss` on the logits rows `apt_lightning.causal_lm.logits_at` computes: prompt and
+  padding positions take no part and get no logits);
 - L_layer: sum over sampled teacher layers i of MSE(Tr(H_s^{phi(i)}), H_t^i); phi(i) = i if student layer
   i is alive, else the nearest alive layer (the one with the lower MSE when two are equally near); Tr is a
   hidden x hidden map initialised to the identity, frozen, plus a trainable LoRA adapter.
@@ -21,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_lightning.adapters import APTLinear
-from apt_lightning.causal_lm import next_token_targets
 from apt_lightning.structure.slicing import slice_linear
 
 
@@ -34,16 +34,19 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 
 def causal_lm_prediction_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, tau: float
+    student_rows: torch.Tensor, teacher_rows: torch.Tensor, tau: float
 ) -> torch.Tensor:
-    """L_pred of a causal LM: tau^2 * KL(softmax(t / tau) || softmax(s / tau)) over the vocabulary at the
-    positions that predict a response token (``labels[:, 1:] != -100``, as `apt_lightning.causal_lm` shifts
-    them), averaged over those positions; 0 when the batch has none."""
-    student, _ = next_token_targets(student_logits, labels)
-    teacher, _ = next_token_targets(teacher_logits, labels)
-    if not student.shape[0]:
-        return student_logits.sum() * 0.0
-    return prediction_loss(student.float(), teacher.float(), tau)
+    """L_pred of a causal LM: tau^2 * KL(softmax(t / tau) || softmax(s / tau)) over the vocabulary, in fp32,
+    averaged over the rows: the logits (n, vocab) at the n positions that predict a response token
+    (`apt_lightning.causal_lm.logits_at` / `next_token_targets`); 0 when the batch has none."""
+    if student_rows.shape != teacher_rows.shape or student_rows.dim() != 2:
+        raise ValueError(
+            f"student and teacher logits rows must both be (n, vocab), got {tuple(student_rows.shape)} and "
+            f"{tuple(teacher_rows.shape)}"
+        )
+    if not student_rows.shape[0]:
+        return student_rows.sum() * 0.0
+    return prediction_loss(student_rows.float(), teacher_rows.float(), tau)
 
 
 def sample_teacher_layers(
@@ -148,16 +151,17 @@ class Distiller(nn.Module):
             self.follow_hidden(torch.arange(hidden))
 
     def loss(
-        self, pl_module, inputs: dict, student_out, response_labels: torch.Tensor | None = None
+        self, pl_module, inputs: dict, student_out, response_rows: bool = False
     ) -> dict[str, torch.Tensor]:
-        """`response_labels`: a causal LM's token labels (-100 on prompt and padding); L_pred is then
-        `causal_lm_prediction_loss` on the response tokens. None: classification / regression logits."""
+        """`response_rows`: the logits are a causal LM's rows at its response positions, (n, vocab), and the
+        teacher forward runs in the same `apt_lightning.causal_lm.logits_at` block, so its logits are the
+        same rows; L_pred is then `causal_lm_prediction_loss`. False: classification / regression logits."""
         teacher_out = pl_module.teacher(pl_module.student, inputs, output_hidden_states=self.needs_hidden)
         student, teacher = student_out.logits, teacher_out.logits
-        if response_labels is None:
-            pred = prediction_loss(student, teacher, self.tau)
+        if response_rows:
+            pred = causal_lm_prediction_loss(student, teacher, self.tau)
         else:
-            pred = causal_lm_prediction_loss(student, teacher, response_labels, self.tau)
+            pred = prediction_loss(student, teacher, self.tau)
         parts = {"pred_loss": pred}
         total = self.pred_weight * parts["pred_loss"]
         if self.needs_hidden:
