@@ -38,22 +38,8 @@ CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews")
 REGRESSION_METRICS = ("pearson", "spearman")
 
 
-class _MetricNames:
-    """`metric` is the metric names joined with ``+``, the model-selection one first."""
-
-    metric: str
-
-    @property
-    def metric_names(self) -> tuple[str, ...]:
-        return tuple(self.metric.split("+"))
-
-    @property
-    def primary_metric(self) -> str:
-        return self.metric_names[0]
-
-
 @dataclass(frozen=True)
-class TaskSpec(_MetricNames):
+class TaskSpec:
     """One sequence classification or regression task: its columns, labels, metric and where it lives.
 
     Args:
@@ -148,6 +134,14 @@ class TaskSpec(_MetricNames):
         """Whether this is one of the GLUE presets (``get_task("sst2")``)."""
         return GLUE_TASKS.get(self.name) == self
 
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return tuple(self.metric.split("+"))
+
+    @property
+    def primary_metric(self) -> str:
+        return self.metric_names[0]
+
     def with_label_names(self, names: tuple[str, ...]) -> TaskSpec:
         """This task with class names (read from the data) filled in."""
         return replace(self, label_names=tuple(names))
@@ -166,7 +160,7 @@ class TaskSpec(_MetricNames):
 
 
 @dataclass(frozen=True)
-class InstructionTask(_MetricNames):
+class InstructionTask:
     """Causal-LM instruction tuning (``task: instruction``): a decoder (``AutoModelForCausalLM``) trained on
     next-token cross-entropy over the response tokens only (docs/method.md, "Instruction tuning"). Validation
     logs that loss, averaged over every response token of the eval set (``val/loss``, the model-selection
@@ -176,6 +170,8 @@ class InstructionTask(_MetricNames):
     objective: ClassVar[str] = "causal_lm"
     mode: ClassVar[str] = "min"
     metric: ClassVar[str] = "loss+perplexity"
+    metric_names: ClassVar[tuple[str, ...]] = ("loss", "perplexity")
+    primary_metric: ClassVar[str] = "loss"
     label_names: ClassVar[tuple[str, ...]] = ()
     is_regression: ClassVar[bool] = False
     is_glue: ClassVar[bool] = False
