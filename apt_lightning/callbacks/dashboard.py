@@ -37,12 +37,7 @@ from apt_lightning.callbacks.pruning import AdaptivePruning
 from apt_lightning.callbacks.run_config import run_config
 from apt_lightning.callbacks.summary import collect_files, format_summary, run_summary
 from apt_lightning.callbacks.tuning import AdaptiveTuning
-
-
-def _wandb_loggers(trainer: Trainer) -> list:
-    from lightning.pytorch.loggers import WandbLogger
-
-    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+from apt_lightning.callbacks.wandb_logs import wandb_loggers
 
 
 def short_names(names: list[str]) -> list[str]:
@@ -109,7 +104,7 @@ class RunDashboard(Callback):
             return
         self.config, self.config_source = run_config(trainer, pl_module)
         self.config["dashboard.config_source"] = self.config_source
-        for logger in _wandb_loggers(trainer):
+        for logger in wandb_loggers(trainer):
             logger.experiment.config.update(self.config, allow_val_change=True)
 
     # ------------------------------------------------------------------ per step
@@ -134,7 +129,7 @@ class RunDashboard(Callback):
             return
         pruned, grown = counts[0] > self._events_seen[0], counts[1] > self._events_seen[1]
         self._events_seen = counts
-        if self.images and trainer.is_global_zero and _wandb_loggers(trainer):
+        if self.images and trainer.is_global_zero and wandb_loggers(trainer):
             paths = self._render(trainer, pl_module, pruning=pruned, tuning=grown)
             self._log_images(trainer, paths)
 
@@ -209,7 +204,7 @@ class RunDashboard(Callback):
         return paths
 
     def _log_images(self, trainer: Trainer, paths: dict[str, Path]) -> None:
-        for logger in _wandb_loggers(trainer):
+        for logger in wandb_loggers(trainer):
             for key, path in paths.items():
                 logger.log_image(f"dashboard/{key}", images=[str(path)], step=trainer.global_step)
 
@@ -224,17 +219,17 @@ class RunDashboard(Callback):
             paths["kept_per_layer"] = kept_plot
         self.summary = run_summary(self, trainer, pl_module)
         self.files = collect_files(trainer, paths)
-        wandb_loggers = _wandb_loggers(trainer)
-        if wandb_loggers:
+        loggers = wandb_loggers(trainer)
+        if loggers:
             self._log_images(trainer, paths)
             record = {
                 k: v for k, v in self.summary.items() if v is not None and not isinstance(v, (list, dict))
             }
             record.update({f"files/{k}": str(v) for k, v in self.files.items()})
-            for logger in wandb_loggers:
+            for logger in loggers:
                 logger.experiment.summary.update(record)
         if self.print_summary:
-            print(format_summary(self.summary, self.files, wandb_loggers))
+            print(format_summary(self.summary, self.files, loggers))
 
     def _kept_per_layer_plot(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         """`kept_per_layer.png` from AdaptivePruning (plot=True), else drawn here from its last event."""

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from apt_lightning import distributed
 from apt_lightning.callbacks.events import PruningEvent, broadcast
+from apt_lightning.callbacks.wandb_logs import log_kept_table, log_score_histograms
 from apt_lightning.files import write_json_atomic
 from apt_lightning.pruning import (
     BlockTensors,
@@ -252,34 +253,16 @@ class AdaptivePruning(Callback):
         if before:
             record.update({"window_start": step, "searches": 0})
         self.history.append(record)
-        current = self._read_masks(pl_module)
+        current = BlockTensors.from_masks(pl_module.structure.masks)
         if before:
             self.window_masks, self.window_min = current, current.map(torch.clone)
             self._reselect(trainer, pl_module, step)
             return
         scores, self.targets = self._search(trainer, pl_module, sparsity)
         self.window_from = current
-        self._log_scores(trainer, scores, step)
+        log_score_histograms(trainer, scores, step)
         self._decay(trainer, pl_module, step)
         self._check_ranks(pl_module, f"pruning event {event.index} (step {step})")
-
-    @staticmethod
-    def _read_masks(pl_module: LightningModule) -> BlockTensors:
-        """The masks on the CPU: one device read; copies, never views of the buffers."""
-        masks = pl_module.structure.masks
-        return BlockTensors(
-            [masks.head(i).to("cpu", copy=True) for i in range(masks.num_layers)],
-            [masks.neuron(i).to("cpu", copy=True) for i in range(masks.num_layers)],
-            masks.hidden.to("cpu", copy=True),
-        )
-
-    @staticmethod
-    def _set_masks(pl_module: LightningModule, values: BlockTensors) -> None:
-        masks = pl_module.structure.masks
-        for i in range(masks.num_layers):
-            masks.set("head", values.heads[i], i)
-            masks.set("neuron", values.neurons[i], i)
-        masks.set("hidden", values.hidden)
 
     @torch.no_grad()
     def _reselect(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
@@ -292,9 +275,9 @@ class AdaptivePruning(Callback):
         if step >= self.window_end:
             kept = keep.flat() > 0
             record["reselected"] = int((kept & (self.window_min.flat() < 1)).sum())
-            self._set_masks(pl_module, keep)
+            keep.to_masks(pl_module.structure.masks)
             self.window_masks = self.window_min = None
-            self._log_scores(trainer, scores, step)
+            log_score_histograms(trainer, scores, step)
             self._finish_event(trainer, pl_module, keep)
             return
         a = self.alpha
@@ -302,7 +285,7 @@ class AdaptivePruning(Callback):
             self.window_masks, lambda k, m: torch.where(k > 0, (m + a).clamp(max=1), (m - a).clamp(min=0))
         )
         self.window_min = self.window_min.combine(self.window_masks, torch.minimum)
-        self._set_masks(pl_module, self.window_masks)
+        self.window_masks.to_masks(pl_module.structure.masks)
 
     @torch.no_grad()
     def _decay(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
@@ -358,7 +341,7 @@ class AdaptivePruning(Callback):
                 "prune/search_s": self.timing["search_s"],
             }
         )
-        self._log_tables(trainer, record)
+        log_kept_table(trainer, record)
         self._check_ranks(pl_module, f"the end of pruning event {record['event']}'s window")
 
     def _check_ranks(self, pl_module: LightningModule, where: str) -> None:
@@ -385,36 +368,6 @@ class AdaptivePruning(Callback):
         self.timing["compact_s"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ reporting
-    def _wandb(self, trainer: Trainer):
-        from lightning.pytorch.loggers import WandbLogger
-
-        return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-
-    def _log_scores(self, trainer: Trainer, scores: BlockTensors, step: int) -> None:
-        wb = self._wandb(trainer)
-        if wb is not None:
-            import wandb
-
-            wb.experiment.log(
-                {
-                    "prune/head_scores": wandb.Histogram(torch.cat(scores.heads).numpy()),
-                    "prune/neuron_scores": wandb.Histogram(torch.cat(scores.neurons).numpy()),
-                    "prune/hidden_scores": wandb.Histogram(scores.hidden.numpy()),
-                    "trainer/global_step": step,
-                }
-            )
-
-    def _log_tables(self, trainer: Trainer, record: dict) -> None:
-        wb = self._wandb(trainer)
-        if wb is not None:
-            rows = [
-                [record["event"], layer, h, f]
-                for layer, (h, f) in enumerate(
-                    zip(record["heads_per_layer"], record["neurons_per_layer"], strict=True)
-                )
-            ]
-            wb.log_table("prune/kept_per_layer", columns=["event", "layer", "heads", "neurons"], data=rows)
-
     def summary(self) -> dict:
         return {"events": self.history, "timing": dict(self.timing), "full_param_count": self.full_count}
 

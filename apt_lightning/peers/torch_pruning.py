@@ -376,7 +376,4 @@ class TorchPruningPeer(Callback):
 
 def apply_keep(structure, keep: BlockTensors) -> None:
     """Hard head and neuron masks of a keep decision (hidden dims untouched), ready for `compact`."""
-    masks = structure.install_masks()
-    for i in range(masks.num_layers):
-        masks.set("head", keep.heads[i], i)
-        masks.set("neuron", keep.neurons[i], i)
+    keep.to_masks(structure.install_masks(), hidden=False)

@@ -28,6 +28,23 @@ class BlockTensors:
             fn(self.hidden, other.hidden),
         )
 
+    @classmethod
+    def from_masks(cls, masks) -> BlockTensors:
+        """A model's masks (`PruningMasks`) on the CPU, one device read: copies, never views of buffers."""
+        return cls(
+            [masks.head(i).to("cpu", copy=True) for i in range(masks.num_layers)],
+            [masks.neuron(i).to("cpu", copy=True) for i in range(masks.num_layers)],
+            masks.hidden.to("cpu", copy=True),
+        )
+
+    def to_masks(self, masks, hidden: bool = True) -> None:
+        """Set a model's masks (`PruningMasks`) to these values, the hidden one unless `hidden` is False."""
+        for i in range(masks.num_layers):
+            masks.set("head", self.heads[i], i)
+            masks.set("neuron", self.neurons[i], i)
+        if hidden:
+            masks.set("hidden", self.hidden)
+
     def flat(self) -> torch.Tensor:
         return torch.cat([*self.heads, *self.neurons, self.hidden])
 

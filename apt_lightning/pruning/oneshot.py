@@ -47,10 +47,7 @@ def prune_to_sparsity(
         keep = select_blocks(scores, shapes, budget, multiple_of)
         t2 = time.perf_counter()
         with torch.no_grad():
-            for i in range(masks.num_layers):
-                masks.set("head", keep.heads[i], i)
-                masks.set("neuron", keep.neurons[i], i)
-            masks.set("hidden", keep.hidden)
+            keep.to_masks(masks)
         structure.compact()
     finally:
         structure.remove_masks()
