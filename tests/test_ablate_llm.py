@@ -416,3 +416,22 @@ def test_evaluations_run_in_parallel_over_the_suites_gpus(llm_suite):
     gpus.unlink()
     evaluation.evaluate_runs(dataclasses.replace(suite, gpus=None, parallel=3), runs, force=True, log=print)
     assert set(gpus.read_text().split()) == {os.environ.get("CUDA_VISIBLE_DEVICES", "unset")}
+
+
+def test_effects_of_a_loss_without_zero_shot_scores_keep_the_loss_units():
+    """Without zero-shot accuracies the effect on a loss is its difference in the loss's units (not x100
+    points), and the report says which unit each row is in."""
+
+    def row(variant, metric, std, **kw):
+        base = {"variant": variant, "task_key": "alpaca", "task": "instruction", "monitor": "val/loss"}
+        return {**base, "mode": "min", "metric_mean": metric, "metric_std": std, **kw}
+
+    summary = [row("apt", 3.31, 0.05), row("no_distillation", 2.81, None)]
+    (got,) = effects(summary, {"reference": "ft"})
+    assert got["unit"] == "val/loss" and got["effect"] == pytest.approx(-0.5) and got["clear"]
+    accuracy = [
+        {**row("apt", 0.90, 0.01), "monitor": "val/accuracy", "mode": "max"},
+        {**row("no_tuning", 0.88, None), "monitor": "val/accuracy", "mode": "max"},
+    ]
+    (got,) = effects(accuracy, {"reference": "ft"})
+    assert got["unit"] == "pts" and got["effect"] == pytest.approx(-2.0)

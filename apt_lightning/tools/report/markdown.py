@@ -151,8 +151,9 @@ def _effects_section(summary: list[dict], meta: dict, tasks: list[str]) -> list[
     lines = [
         f"## Effects against full APT{f' and in the paper ({source})' if source else ''}",
         "",
-        f"Effect = the variant's mean metric minus full APT's (`{FULL_METHOD}`) on the same task, in points "
-        "(100 x the difference; causal LMs: their average zero-shot accuracy). "
+        f"Effect = the variant's mean metric minus full APT's (`{FULL_METHOD}`) on the same task: in points "
+        "(100 x the difference) for accuracies (causal LMs: their average zero-shot accuracy, where both "
+        "have one), in the metric's own units for a loss (lower is better: a positive effect is worse). "
         "Clear = larger than twice the standard deviation of APT's seeds. The paper's effect is the same "
         "difference of its published scores (its model, data and schedule, not this suite's). Verdict: "
         "agrees / disagrees in direction when the effect here is clear.",
@@ -166,7 +167,7 @@ def _effects_section(summary: list[dict], meta: dict, tasks: list[str]) -> list[
         lines += [
             f"### {label}",
             "",
-            "| variant | effect here (pts) | clear | paper's effect (pts) | verdict |",
+            "| variant | effect here | clear | paper's effect (pts) | verdict |",
             "|---|---:|---|---:|---|",
         ]
         for r in task_rows:
@@ -174,7 +175,7 @@ def _effects_section(summary: list[dict], meta: dict, tasks: list[str]) -> list[
                 "n/a" if r["clear"] is None else f"{'yes' if r['clear'] else 'no'} (noise {r['noise']:.2f})"
             )
             lines.append(
-                f"| {r['variant']} | {r['effect']:+.2f} | {clear} | "
+                f"| {r['variant']} | {r['effect']:+.2f} {r['unit']} | {clear} | "
                 f"{_f(r['paper_effect'], '+.1f')} | {r['verdict']} |"
             )
         lines.append("")

@@ -292,6 +292,7 @@ def effects(summary: list[dict], meta: dict) -> list[dict]:
                 "variant": s["variant"],
                 "task_key": s["task_key"],
                 "metric": metric,
+                "unit": "pts" if scale == 100.0 else metric,
                 "effect": delta,
                 "noise": noise,
                 "clear": clear,
