@@ -2,8 +2,6 @@
 causal-LM task and data, monitors the eval loss as lower-is-better, and every variant's composed config is a
 valid apt-fit config (on a tiny decoder)."""
 
-import math
-
 import pytest
 import yaml
 from conftest import REPO
@@ -87,27 +85,6 @@ def test_every_variant_instantiates(runs, tmp_path):
         path.write_text(yaml.safe_dump(config))
         cli = run_cli(["--config", str(path)], run=False)
         assert cli.model.causal_lm and isinstance(cli.datamodule, InstructionDataModule), r.variant.name
-
-
-def test_every_pruning_phase_fits_its_run(runs):
-    """The pruning events of every variant fit the optimizer steps its run will have (10,000 Alpaca examples
-    at its batch size and epochs): a suite that composes but fails at the trainer's set-up wastes a device
-    call (it did, at one epoch with the recipe's pruning window)."""
-    train = REPO.parent / "shared" / "data" / "alpaca" / "train.jsonl"
-    if not train.is_file():
-        pytest.skip(f"{train} not found (../shared/data beside the repository)")
-    examples = sum(1 for line in train.open() if line.strip())
-    planned = 0
-    for r in runs:
-        pruning = group(r.config, "pruning")
-        if pruning is None:
-            continue
-        batch = r.config["data"]["init_args"]["batch_size"]
-        steps = math.ceil(examples / batch) * r.config["trainer"]["max_epochs"]
-        schedule = AdaptivePruning(**{k: v for k, v in pruning.items() if k != "scorer"}).plan_schedule(steps)
-        assert schedule.last_step <= steps
-        planned += 1
-    assert planned == 11  # the 16 runs but lora (3 seeds), ft and no_pruning
 
 
 def test_a_pruning_phase_too_short_is_refused_before_training():
