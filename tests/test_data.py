@@ -139,6 +139,20 @@ def test_validation_carved_from_training_and_dev_as_test(tmp_path):
     assert len(_texts(other, "train")) == 5  # the limit applies to what carving left
 
 
+def test_whole_float_carve_size_is_a_row_count(tmp_path):
+    """jsonargparse 4.53 (the GPU image's) parses `val_from_train: 2000` of an `int | float` option as
+    2000.0: a whole float >= 1 means that many rows, the same split as the int."""
+    rows = "".join(f"film number {i}\t{i % 2}\n" for i in range(40))
+    _write(tmp_path, "train.tsv", "sentence\tlabel\n" + rows)
+    _write(tmp_path, "dev.tsv", "sentence\tlabel\nthe dev one\t1\n")
+    as_float = _setup(task="sst2", data_dir=str(tmp_path), val_from_train=10.0, split_seed=3)
+    as_int = _setup(task="sst2", data_dir=str(tmp_path), val_from_train=10, split_seed=3)
+    assert as_float.hparams.val_from_train == 10 and isinstance(as_float.hparams.val_from_train, int)
+    assert _texts(as_float, "validation") == _texts(as_int, "validation")
+    with pytest.raises(ValueError, match=r"val_from_train as a fraction must be in \(0, 1\), got 10.5"):
+        GLUEDataModule(val_from_train=10.5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -48,20 +48,25 @@ STAGE_SPLITS = {
 CARVED_SOURCES = {"train": "train", "validation": "train", "test": "validation", "predict": "predict"}
 
 
-def _check_carve_size(size) -> None:
+def _carve_size(size) -> int | float:
+    """`size` checked: a row count (an int, or a whole float >= 1: some jsonargparse versions parse an
+    `int | float` option as a float) or a fraction in (0, 1)."""
     if isinstance(size, bool) or not isinstance(size, int | float):
         raise ValueError(f"val_from_train must be a row count or a fraction in (0, 1), got {size!r}")
+    if isinstance(size, float) and size >= 1.0 and size.is_integer():
+        size = int(size)
     if isinstance(size, float) and not 0.0 < size < 1.0:
         raise ValueError(f"val_from_train as a fraction must be in (0, 1), got {size}")
     if isinstance(size, int) and size < 1:
         raise ValueError(f"val_from_train as a row count must be 1 or more, got {size}")
+    return size
 
 
 def carve_validation(size: int | float, total: int, seed: int) -> tuple[list[int], list[int]]:
     """(training rows, validation rows) of a training set of `total` rows with `size` rows (an int) or
     that fraction of them (a float in (0, 1)) drawn at random for validation: the same split for the
     same seed and total, each list in row order."""
-    _check_carve_size(size)
+    size = _carve_size(size)
     count = round(size * total) if isinstance(size, float) else size
     if not 0 < count < total:
         raise ValueError(
@@ -132,7 +137,7 @@ class GLUEDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}")
         if val_from_train is not None:
-            _check_carve_size(val_from_train)
+            val_from_train = _carve_size(val_from_train)
         resolve_backbone(tokenizer)  # fail now, not after the data is read, on a tokenizer we can't load
         self.save_hyperparameters()
         self._data_dir = None if data_dir is None else Path(os.path.expandvars(data_dir)).expanduser()
