@@ -831,9 +831,15 @@ def test_report_from_synthetic_runs(tmp_path, capsys):
                 "description": "A made-up suite.",
                 "reference": "ft",
                 "suite_file": "s.yaml",
-                "variants": [
-                    {"name": n, "description": f"described {n}", "overlay": "", "base": ""}
-                    for n in ("apt", "no_distillation", "lora", "ft")
+                "variants": [  # apt and no_distillation: the paper's scores for another task only
+                    {
+                        "name": n,
+                        "description": f"described {n}",
+                        "overlay": f"/x/{n}.yaml" if score else "",
+                        "overlay_text": f"paper: {{source: T4, mnli: {score}}}" if score else "",
+                        "base": "",
+                    }
+                    for n, score in (("apt", 86.4), ("no_distillation", 85.3), ("lora", None), ("ft", None))
                 ],
                 "tasks": {"sst2": {"task": "sst2", "label": "SST-2 test"}},
             }
@@ -870,7 +876,8 @@ def test_report_from_synthetic_runs(tmp_path, capsys):
         "### SST-2 test",
         "| apt | 87.00 ± 1.41 (n=2) | 95.6 | 0.60 | 15 | 0.50x | 1/2 | 1000 | 0.50x | 20.0 | 1.50 | 5.0% |",
         "| apt | 0.50 | 2250 | 2.25x |",
-        "| 0.600 | 2 0 1 |",
+        "| 0.600 | 2 0 1 | 8 4 6 | 32 |",  # heads, FFN neurons and hidden dims kept, per run
+        "## Effects against full APT\n",  # the paper has no SST-2 numbers here: not named
         "described no_distillation",
         "ValueError: bad thing",
         "### Failed runs",

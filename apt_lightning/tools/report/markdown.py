@@ -148,6 +148,8 @@ def _effects_section(summary: list[dict], meta: dict, tasks: list[str]) -> list[
     if not rows:
         return []
     _, source = paper_scores(meta)
+    if not any(r["paper_effect"] is not None for r in rows):  # e.g. a causal-LM suite: no paper ablations
+        source = None
     lines = [
         f"## Effects against full APT{f' and in the paper ({source})' if source else ''}",
         "",
@@ -259,16 +261,16 @@ def _runs_section(rows: list[dict]) -> list[str]:
         "## Runs",
         "",
         "| run | status | best metric | best over (validations) | final metric | test metric | sparsity | "
-        "heads kept per layer | train wall (s) | folder |",
-        "|---|---|---:|---|---:|---:|---:|---|---:|---|",
+        "heads kept per layer | FFN neurons kept per layer | hidden kept | train wall (s) | folder |",
+        "|---|---|---:|---|---:|---:|---:|---|---|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']}/{r['task_key']}/seed{r['seed']} | {r['status']} | "
             f"{_f(r['best_metric'], '.4f')} | {r['best_over'] or '–'} | {_f(r['final_metric'], '.4f')} | "
             f"{_f(r.get('test_metric'), '.4f')} | "
-            f"{_f(r['sparsity'], '.3f')} | {r['heads_per_layer'] or '–'} | "
-            f"{_f(r['train_wall_s'], '.0f')} | `{_rel(r['run_dir'])}` |"
+            f"{_f(r['sparsity'], '.3f')} | {r['heads_per_layer'] or '–'} | {r['neurons_per_layer'] or '–'} | "
+            f"{r['hidden'] or '–'} | {_f(r['train_wall_s'], '.0f')} | `{_rel(r['run_dir'])}` |"
         )
     renamed = [r for r in rows if (r["_meta"] or {}).get("relabelled_from")]
     if renamed:  # variants renamed after a recipe change made their configs those of other names
