@@ -2,6 +2,7 @@
 
 from apt_lightning.pruning.blocks import BlockTensors, block_costs, kept_kv_groups, kept_param_count
 from apt_lightning.pruning.oneshot import DATA_FREE_SCORERS, prune_to_sparsity
+from apt_lightning.pruning.recorded import StructureError, last_pruning_event, prune_to_structure
 from apt_lightning.pruning.schedule import CubicSchedule
 from apt_lightning.pruning.scorers import (
     MagnitudeScorer,
@@ -22,12 +23,15 @@ __all__ = [
     "OutlierAwareSalience",
     "RandomScorer",
     "Scorer",
+    "StructureError",
     "UniformScorer",
     "block_costs",
     "build_scorer",
     "kept_kv_groups",
     "kept_param_count",
+    "last_pruning_event",
     "prune_to_sparsity",
+    "prune_to_structure",
     "register_scorer",
     "select_blocks",
 ]

@@ -79,7 +79,7 @@ def _tables(summary: list[dict], tasks: list[str]) -> list[str]:
             lines.append("| " + " | ".join(cells) + " |")
         lines += _test_table(rows)
         if causal_lm.is_causal_task(rows):
-            lines += ["", *causal_lm.generation_table(rows)]
+            lines += ["", *causal_lm.generation_table(rows), *_structure_note(rows)]
             continue
         lines += [
             "",
@@ -109,8 +109,25 @@ def _tables(summary: list[dict], tasks: list[str]) -> list[str]:
                 _f(s["inf_memory_ratio"], ".2f"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", *_structure_note(rows)]
     return lines
+
+
+def _structure_note(rows: list[dict]) -> list[str]:
+    """A footnote naming the variants whose inference numbers were timed from recorded structures."""
+    marked = [s for s in rows if "structure:" in (s.get("inf_source") or "")]
+    if not marked:
+        return []
+    names = ", ".join(
+        s["variant"] + (" (some of its runs)" if "export" in s["inf_source"] else "") for s in marked
+    )
+    return [
+        f"Timed from recorded structures (`apt-ablate bench --from-structure`): {names}. There the timed "
+        "model is the run's architecture with random weights at the final widths in its "
+        "`logs/pruning.json` (parameter count checked against the log), not its trained export: the same "
+        "shapes, so the same timing (docs/bench.md).",
+        "",
+    ]
 
 
 def _test_table(rows: list[dict]) -> list[str]:

@@ -57,6 +57,7 @@ RESULT_FIELDS = [
     "inf_params_ratio",
     "inf_round_spread",
     "inf_kind",
+    "inf_source",
     "inf_prefill_tokens_per_s",
     "inf_prefill_speedup",
     "inf_decode_tokens_per_s",
@@ -156,6 +157,8 @@ def summarize(
         ]
         zs = [r["zs_acc"] for r in done if r.get("zs_acc") is not None]
         zs_norm = [r["zs_acc_norm"] for r in done if r.get("zs_acc_norm") is not None]
+        # export, or structure:... where `apt-ablate bench --from-structure` timed random weights
+        sources = sorted({r["inf_source"] for r in done if r.get("inf_source")})
         out.append(
             {
                 "variant": variant,
@@ -192,6 +195,7 @@ def summarize(
                     (r["inf_round_spread"] for r in done if r["inf_round_spread"] is not None), default=None
                 ),
                 "inf_kind": next((r["inf_kind"] for r in done if r.get("inf_kind")), None),
+                "inf_source": ", ".join(sources) or None,
                 "inf_prefill_tokens_per_s": _mean(r.get("inf_prefill_tokens_per_s") for r in done),
                 "inf_prefill_speedup": _mean(r.get("inf_prefill_speedup") for r in done),
                 "inf_decode_tokens_per_s": _mean(r.get("inf_decode_tokens_per_s") for r in done),

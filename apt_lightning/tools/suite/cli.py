@@ -6,6 +6,8 @@ Usage::
                [--variants apt ft] [--tasks sst2] [--seeds 0 1] [--set trainer.max_steps=50]
                [--force] [--strict] [--no-bench] [--no-eval] [--dry-run]
     apt-ablate bench SUITE [...]     # inference benchmarks of finished runs only
+    apt-ablate bench SUITE --from-structure   # ... of random weights at the widths in logs/pruning.json
+                                              # (no checkpoints or exports needed; no accuracy)
     apt-ablate eval SUITE [...]      # zero-shot accuracy of finished causal-LM runs only (`evaluation:`)
     apt-ablate plan SUITE [...]      # list the runs and their status, run nothing
     apt-ablate report SUITE_DIR      # results.csv, runs.csv, RESULTS.md and plots (tools.report)
@@ -88,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--dry-run", action="store_true", help="write the configs and list the runs only")
     p_bench = sub.add_parser("bench", help="inference benchmarks of finished runs")
     _add_suite_args(p_bench)
+    p_bench.add_argument(
+        "--from-structure",
+        action="store_true",
+        help="time each run's architecture with random weights pruned to the final structure in its "
+        "logs/pruning.json (the dense architecture for runs without pruning) instead of its export: for "
+        "runs whose checkpoints and exports are gone. Timing depends only on the shapes; the parameter "
+        "count is checked against the log's params_kept. inference.json records the source; no accuracy. "
+        "Runs with an inference.json are skipped unless --force",
+    )
     p_eval = sub.add_parser("eval", help="zero-shot accuracy of finished causal-LM runs (apt-eval)")
     _add_suite_args(p_eval)
     p_plan = sub.add_parser("plan", help="list the runs and their status")
@@ -162,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(trained['failed'])} failed ({time.time() - t0:.0f} s)"
         )
     if args.command == "bench" or (args.command == "run" and not args.no_bench):
-        benched = bench_runs(suite, runs, force=args.force)
+        benched = bench_runs(
+            suite, runs, force=args.force, from_structure=getattr(args, "from_structure", False)
+        )
         failed += benched["failed"]
         if benched["busy"]:
             print(

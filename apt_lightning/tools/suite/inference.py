@@ -10,6 +10,11 @@ A causal-LM run (its trained model is a ``...ForCausalLM``) is exported first (`
 generation_benchmark` (prefill of `prompt_len` tokens, `new_tokens` greedy decode steps through the KV
 cache; the median round by decode tokens/s) against the dense model of the same architecture.
 
+`apt-ablate bench --from-structure` times, in place of each export, the run's architecture with random
+weights cut to the final widths its ``logs/pruning.json`` records (`tools.suite.structures`; the dense
+architecture for a run that never pruned): timing depends only on the shapes, so no checkpoint is needed.
+Its inference.json says so (``"source": "structure:logs/pruning.json"``, ``"weights": "random"``).
+
 Numbers taken while a training process shares the device are refused, not flagged: before each run, and
 again before anything is written, the suite's run locks are checked (`tools.suite.lock.training_on`: on
 the CPU any live training worker of the suite, on a GPU those that may use it). While there is one, the
@@ -177,10 +182,32 @@ def load_final_module(ckpt: Path) -> Any:
         return module_from_checkpoint(Path(tmp) / "clean.ckpt")
 
 
+def _trained_model(run_dir: Path) -> tuple[Any, dict]:
+    """The model a finished run's benchmark times and its module's hyperparameters: a causal LM's export
+    (``<run>/export/``, written from ``final.ckpt`` on first use), a classifier's compacted checkpoint."""
+    from apt_lightning.export import compact_for_inference, load_pruned
+    from apt_lightning.tools.bench.models import is_causal_lm
+    from apt_lightning.tools.suite.exports import export_causal_lm
+
+    module = load_final_module(run_dir / FINAL_CKPT)
+    hparams = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
+    if is_causal_lm(module.student):
+        return load_pruned(export_causal_lm(run_dir, module)), hparams
+    return compact_for_inference(module.student).eval(), hparams
+
+
 def bench_runs(
-    suite: Suite, runs: list[RunSpec], force: bool = False, log: Callable[[str], None] = print
+    suite: Suite,
+    runs: list[RunSpec],
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    from_structure: bool = False,
 ) -> dict:
-    """Measure the exported model of every finished run against the dense model, one at a time."""
+    """Measure the exported model of every finished run against the dense model, one at a time.
+
+    `from_structure`: time each run's architecture with random weights at the final widths its
+    ``logs/pruning.json`` records (`tools.suite.structures`) instead of its export; no checkpoint needed,
+    inference.json says so (``source``)."""
     result: dict[str, list[str]] = {"done": [], "failed": [], "skipped": [], "busy": []}
     if suite.benchmark is None:
         return result
@@ -191,9 +218,8 @@ def bench_runs(
     import torch
     import transformers
 
-    from apt_lightning.export import compact_for_inference, load_pruned
     from apt_lightning.tools.bench.models import is_causal_lm
-    from apt_lightning.tools.suite.exports import export_causal_lm
+    from apt_lightning.tools.suite.structures import structure_model
 
     transformers.logging.set_verbosity_error()  # rebuilding each model reports the fresh head; noise here
     if force:
@@ -205,7 +231,7 @@ def bench_runs(
         if not (run.run_dir / DONE).is_file() or ((run.run_dir / INFERENCE).is_file() and not force):
             result["skipped"].append(run.run_id)
             continue
-        if not ckpt.is_file():
+        if not from_structure and not ckpt.is_file():
             log(f"[bench] {run.run_id}: no {FINAL_CKPT} (deleted?); skipped")
             result["skipped"].append(run.run_id)
             continue
@@ -214,41 +240,39 @@ def bench_runs(
             result["busy"].append(run.run_id)
             continue
         try:
-            module = load_final_module(ckpt)
-            hparams = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
-            kind = "causal-lm" if is_causal_lm(module.student) else "classifier"
-            if kind == "causal-lm":
-                generate = load_generation_benchmark()
-                if generate is None:
-                    raise RuntimeError("apt_lightning.tools.bench.generation_benchmark is not available")
-                model = load_pruned(export_causal_lm(run.run_dir, module))
-                del module
-                measured = _measure(generate, model, suite.benchmark, causal_lm=True)
-                dense, dense_cache = _dense_result(suite, generate, hparams, suite.benchmark, like=model)
-                del model
+            source = None
+            if from_structure:
+                model, hparams, source = structure_model(run.run_dir)
             else:
-                model = compact_for_inference(module.student).eval()
-                measured = _measure(bench, model, suite.benchmark)
-                del module, model
-                dense, dense_cache = _dense_result(suite, bench, hparams, suite.benchmark)
+                model, hparams = _trained_model(run.run_dir)
+            causal = is_causal_lm(model)
+            kind = "causal-lm" if causal else "classifier"
+            timer = load_generation_benchmark() if causal else bench
+            if timer is None:
+                raise RuntimeError("apt_lightning.tools.bench.generation_benchmark is not available")
+            measured = _measure(timer, model, suite.benchmark, causal_lm=causal)
+            like = model if causal else None  # a classifier's dense model is built from its hparams
+            del model
+            dense, dense_cache = _dense_result(suite, timer, hparams, suite.benchmark, like=like)
+            del like
             if busy := training_on(suite.output_dir, device):  # one started while we measured
                 log(_busy(run.run_id, busy, device, "since the measurement began"))
                 result["busy"].append(run.run_id)
                 continue
             if dense_cache is not None:
                 write_json_atomic(dense_cache, dense)
-            write_json_atomic(
-                run.run_dir / INFERENCE,
-                {
-                    "kind": kind,
-                    "model": measured,
-                    "dense": dense["result"],
-                    "settings": suite.benchmark,
-                    "dtype": bench_settings(suite.benchmark)[0],
-                    "device": bench_settings(suite.benchmark)[1],
-                    "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                },
-            )
+            record = {
+                "kind": kind,
+                "model": measured,
+                "dense": dense["result"],
+                "settings": suite.benchmark,
+                "dtype": bench_settings(suite.benchmark)[0],
+                "device": bench_settings(suite.benchmark)[1],
+                "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            }
+            if source is not None:  # random weights at the recorded widths, not the trained export
+                record.update(source=source, weights="random")
+            write_json_atomic(run.run_dir / INFERENCE, record)
             (run.run_dir / BENCH_FAILED).unlink(missing_ok=True)
             result["done"].append(run.run_id)
             key, unit = (
@@ -258,9 +282,9 @@ def bench_runs(
             )
             log(
                 f"[bench] {run.run_id}: {measured.get(key, float('nan')):.1f} {unit} "
-                f"(dense {dense['result'].get(key, float('nan')):.1f})"
+                f"(dense {dense['result'].get(key, float('nan')):.1f})" + (f" [{source}]" if source else "")
             )
-            if not suite.keep_checkpoints:
+            if not from_structure and not suite.keep_checkpoints:
                 ckpt.unlink()
         except Exception as err:  # noqa: BLE001 - one broken checkpoint must not stop the others
             result["failed"].append(run.run_id)
