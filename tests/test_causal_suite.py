@@ -1,4 +1,4 @@
-"""configs/suites/smollm2_alpaca.yaml: the instruction-tuning suite validates, plans its 16 runs with the
+"""configs/suites/smollm2_alpaca.yaml: the instruction-tuning suite validates, plans its 17 runs with the
 causal-LM task and data, monitors the eval loss as lower-is-better, and every variant's composed config is a
 valid apt-fit config (on a tiny decoder)."""
 
@@ -38,9 +38,10 @@ def test_plan_is_the_issues_runs(runs):
     seeds = {}
     for r in runs:
         seeds.setdefault(r.variant.name, set()).add(r.seed)
-    assert len(runs) == 16 and runs[0].variant.name == "ft"
+    assert len(runs) == 17 and runs[0].variant.name == "ft"
     assert seeds.pop("apt") == seeds.pop("lora") == {0, 1, 2}
-    assert seeds == {v: {0} for v in {"ft", "uniform_prune_lora", *ABLATIONS, *SPARSITIES}}
+    extra = {"ft", "uniform_prune_lora", "distill_logits_only"}
+    assert seeds == {v: {0} for v in {*extra, *ABLATIONS, *SPARSITIES}}
 
 
 def test_every_run_tunes_a_causal_lm_and_selects_on_the_lowest_eval_loss(runs):
@@ -70,6 +71,11 @@ def test_variants_change_what_they_say(runs):
     assert group(uniform, "pruning")["target_sparsity"] == 0.3
     assert uniform.get("tuning") is None and uniform.get("distillation") is None
     assert uniform["model"]["init_args"]["adapters"] == apt["model"]["init_args"]["adapters"]
+    logits_only = group(configs["distill_logits_only"], "distillation")
+    assert (
+        logits_only["layer_weight"] == 0.0
+        and logits_only["pred_weight"] == group(apt, "distillation")["pred_weight"]
+    )
 
 
 def test_every_variant_instantiates(runs, tmp_path):
