@@ -149,8 +149,10 @@ def test_whole_float_carve_size_is_a_row_count(tmp_path):
     as_int = _setup(task="sst2", data_dir=str(tmp_path), val_from_train=10, split_seed=3)
     assert as_float.hparams.val_from_train == 10 and isinstance(as_float.hparams.val_from_train, int)
     assert _texts(as_float, "validation") == _texts(as_int, "validation")
-    with pytest.raises(ValueError, match=r"val_from_train as a fraction must be in \(0, 1\), got 10.5"):
+    with pytest.raises(ValueError, match=r"must be a whole row count or a fraction in \(0, 1\), got 10.5"):
         GLUEDataModule(val_from_train=10.5)
+    with pytest.raises(ValueError, match=r"as a fraction must be in \(0, 1\), got 1.0"):
+        GLUEDataModule(val_from_train=1.0)  # all of training? one row? neither: refused
 
 
 @pytest.mark.parametrize(
@@ -159,7 +161,10 @@ def test_whole_float_carve_size_is_a_row_count(tmp_path):
         ({"task": "xyz"}, "unknown task 'xyz'; choose one of: sst2, mnli"),
         ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
         ({"train_limit": -1}, "train_limit must be a positive integer or None"),
-        ({"val_from_train": 1.5}, r"val_from_train as a fraction must be in \(0, 1\), got 1.5"),
+        (
+            {"val_from_train": 1.5},
+            r"val_from_train must be a whole row count or a fraction in \(0, 1\), got 1.5",
+        ),
         ({"val_from_train": 0}, "val_from_train as a row count must be 1 or more, got 0"),
         ({"val_from_train": True}, "val_from_train must be a row count or a fraction"),
     ],

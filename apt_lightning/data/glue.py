@@ -49,11 +49,13 @@ CARVED_SOURCES = {"train": "train", "validation": "train", "test": "validation",
 
 
 def _carve_size(size) -> int | float:
-    """`size` checked: a row count (an int, or a whole float >= 1: some jsonargparse versions parse an
+    """`size` checked: a row count (an int, or a whole float > 1: some jsonargparse versions parse an
     `int | float` option as a float) or a fraction in (0, 1)."""
     if isinstance(size, bool) or not isinstance(size, int | float):
         raise ValueError(f"val_from_train must be a row count or a fraction in (0, 1), got {size!r}")
-    if isinstance(size, float) and size >= 1.0 and size.is_integer():
+    if isinstance(size, float) and size > 1.0:
+        if not size.is_integer():
+            raise ValueError(f"val_from_train must be a whole row count or a fraction in (0, 1), got {size}")
         size = int(size)
     if isinstance(size, float) and not 0.0 < size < 1.0:
         raise ValueError(f"val_from_train as a fraction must be in (0, 1), got {size}")
