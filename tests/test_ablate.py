@@ -497,7 +497,7 @@ def test_gpu_suite_plan(tmp_path):
         assert seeds[(name, "sst2")] == seeds[(name, "mnli9k")] == {0, 1, 2}
     assert {v for v, t in seeds if t == "mnli9k"} >= {"apt", "no_distillation", "no_tuning", "ft"}
     # every overlay but no_kurtosis, which the base recipe is since the defaults screen
-    expected = {p.stem for p in OVERLAYS} - {"no_kurtosis"} | {"apt_paper_mu"}
+    expected = {p.stem for p in OVERLAYS} - {"no_kurtosis"} | {"apt_paper_mu", "adapters_wide"}
     assert {v for v, t in seeds if t == "sst2"} == expected
     assert suite.parallel >= 8 and suite.benchmark["seq_len"] == 128
     assert suite.benchmark["batch_size"] == 512  # batch 128 is launch-bound for MiniLM on an H200

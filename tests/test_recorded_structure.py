@@ -5,13 +5,14 @@ such models for a causal-LM suite without checkpoints, marks inference.json, and
 import json
 
 import pytest
+import torch
 import yaml
 from helpers_apt import make_module, quiet_trainer, repeated_batch_loader
 from helpers_causal import save_tiny_causal_backbone
 from safetensors.torch import load_file
 from test_ablate import _suite, needs_glue
 from test_llama import hard_masks, tiny_decoder, with_adapters
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from apt_lightning import APTModule
 from apt_lightning.callbacks import AdaptivePruning
@@ -277,6 +278,43 @@ def test_bench_from_structure_on_a_causal_lm_suite(tmp_path, monkeypatch, capsys
         "lora": "structure:dense",
         "no_distillation": None,
     }
+
+
+@needs_glue
+def test_bench_from_structure_on_a_classifier_suite(tmp_path, tiny_backbone_dir, monkeypatch):
+    """A classifier run is timed by apt-bench's `benchmark` on the architecture its pruning log records,
+    against the dense classifier of the same backbone and task."""
+    trained = AutoModelForSequenceClassification.from_pretrained(tiny_backbone_dir)
+    shapes, masks = get_structure(trained).shapes(), get_structure(trained).install_masks()
+    for layer, (heads, neurons) in enumerate(zip(shapes.heads, shapes.neurons, strict=True)):
+        masks.set("head", (torch.arange(heads) >= layer % heads).float(), layer)  # layer i loses i heads
+        masks.set("neuron", (torch.arange(neurons) < neurons // (layer + 2)).float(), layer)
+    event = record(trained)
+    bench = {"batch_size": 2, "seq_len": 8, "device": "cpu", "warmup": 0, "repeats": 1, "rounds": 1}
+    path = _suite(tmp_path, variants=["apt"], reference=None, benchmark=bench)
+    (run,) = plan(load_suite(path))
+    (run.run_dir / "logs").mkdir(parents=True)
+    (run.run_dir / "done.json").write_text(json.dumps({"wall_s": 1.0}))
+    (run.run_dir / "run.json").write_text(json.dumps({"variant": "apt", "task": "sst2"}))
+    config = {
+        "model": {"class_path": "apt_lightning.APTModule", "init_args": {"backbone": str(tiny_backbone_dir)}}
+    }
+    config["pruning"] = {"init_args": {"target_sparsity": 0.5}}
+    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run.run_dir / "logs" / "pruning.json").write_text(json.dumps({"events": [event]}))
+    timed = []  # counted parameters of each model timed: the run's, then the dense reference's
+    real = inference.load_benchmark()
+
+    def benchmark(model, **kw):
+        timed.append(get_structure(model).shapes().counted_params())
+        return real(model, **kw)
+
+    monkeypatch.setattr(inference, "load_benchmark", lambda: benchmark)
+    assert cli.main(["bench", str(path), "--from-structure"]) == 0
+    result = json.loads((run.run_dir / "inference.json").read_text())
+    assert result["source"] == "structure:logs/pruning.json" and result["weights"] == "random"
+    assert result["model"]["samples_per_s"] > 0 and result["model"]["params"] < result["dense"]["params"]
+    assert timed == [event["params_kept"], get_structure(trained).shapes().full().counted_params()]
 
 
 def test_report_notes_only_variants_timed_from_structures(tmp_path):
