@@ -281,7 +281,7 @@ def test_bench_from_structure_on_a_causal_lm_suite(tmp_path, monkeypatch, capsys
 
 
 @needs_glue
-def test_bench_from_structure_on_a_classifier_suite(tmp_path, tiny_backbone_dir, monkeypatch):
+def test_bench_from_structure_on_a_classifier_suite(tmp_path, tiny_backbone_dir, monkeypatch, capsys):
     """A classifier run is timed by apt-bench's `benchmark` on the architecture its pruning log records,
     against the dense classifier of the same backbone and task."""
     trained = AutoModelForSequenceClassification.from_pretrained(tiny_backbone_dir)
@@ -315,6 +315,13 @@ def test_bench_from_structure_on_a_classifier_suite(tmp_path, tiny_backbone_dir,
     assert result["source"] == "structure:logs/pruning.json" and result["weights"] == "random"
     assert result["model"]["samples_per_s"] > 0 and result["model"]["params"] < result["dense"]["params"]
     assert timed == [event["params_kept"], get_structure(trained).shapes().full().counted_params()]
+    # numbers of a real export are never replaced by random-weight timings, not even under --force
+    exported = {**result, "model": {**result["model"], "samples_per_s": 1.0}}
+    del exported["source"], exported["weights"]
+    (run.run_dir / "inference.json").write_text(json.dumps(exported))
+    assert cli.main(["bench", str(path), "--from-structure", "--force"]) == 0
+    assert json.loads((run.run_dir / "inference.json").read_text()) == exported
+    assert "was measured on the trained export" in capsys.readouterr().out
 
 
 def test_report_notes_only_variants_timed_from_structures(tmp_path):

@@ -196,6 +196,12 @@ def _trained_model(run_dir: Path) -> tuple[Any, dict]:
     return compact_for_inference(module.student).eval(), hparams
 
 
+def _measured_on_export(run_dir: Path) -> bool:
+    """Whether the run's inference.json holds numbers of its real export (no ``source``: the normal path)."""
+    existing = read_json(run_dir / INFERENCE)
+    return existing is not None and "source" not in existing
+
+
 def bench_runs(
     suite: Suite,
     runs: list[RunSpec],
@@ -229,6 +235,13 @@ def bench_runs(
     for run in runs:
         ckpt = run.run_dir / FINAL_CKPT
         if not (run.run_dir / DONE).is_file() or ((run.run_dir / INFERENCE).is_file() and not force):
+            result["skipped"].append(run.run_id)
+            continue
+        if from_structure and _measured_on_export(run.run_dir):
+            log(
+                f"[bench] {run.run_id}: {INFERENCE} was measured on the trained export; --from-structure "
+                "keeps it (delete the file to time the recorded structure instead)"
+            )
             result["skipped"].append(run.run_id)
             continue
         if not from_structure and not ckpt.is_file():
