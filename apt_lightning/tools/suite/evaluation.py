@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from apt_lightning.files import write_json_atomic
-from apt_lightning.tools.suite.gpus import least_loaded
+from apt_lightning.tools.suite.gpus import device_and_dtype, least_loaded
 from apt_lightning.tools.suite.layout import (
     DENSE_DIR,
     DONE,
@@ -47,17 +47,13 @@ def eval_command() -> list[str]:
     return [sys.executable, "-m", "apt_lightning.evaluation.cli"]
 
 
+_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 def eval_settings(options: dict) -> tuple[str, str]:
     """(dtype, device) for apt-eval: `auto` is bfloat16 on CUDA, float32 on the CPU."""
-    import torch
-
-    device = str(options["device"])
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = str(options["dtype"])
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    return dtype, device
+    device, dtype = device_and_dtype(options)
+    return _TORCH_DTYPES.get(dtype, dtype), device
 
 
 def eval_argv(options: dict, source: list[str], out: Path) -> list[str]:

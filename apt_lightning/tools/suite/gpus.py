@@ -1,4 +1,5 @@
-"""Which GPUs the training processes of a suite are spread over (CUDA_VISIBLE_DEVICES values)."""
+"""Which GPUs the training processes of a suite are spread over (CUDA_VISIBLE_DEVICES values), and the
+device and dtype its benchmark and evaluation blocks resolve `auto` to."""
 
 from __future__ import annotations
 
@@ -56,3 +57,21 @@ def select_gpus(value: Any, path: Path) -> list[str] | None:
 def least_loaded(gpus: list[str], busy: list[str | None]) -> str:
     """The GPU with the fewest running processes (the first of equals)."""
     return min(gpus, key=lambda g: busy.count(g))
+
+
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+def device_and_dtype(options: dict) -> tuple[str, str]:
+    """(device, dtype) of a suite's `benchmark` or `evaluation` block: device `auto` is CUDA where one is
+    visible, else the CPU; dtype `auto` is bf16 on CUDA, fp32 on the CPU; dtype names as apt-bench's
+    (bf16, fp16, fp32)."""
+    import torch
+
+    device = str(options["device"])
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = str(options["dtype"])
+    if dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    return device, _DTYPE_ALIASES.get(dtype, dtype)

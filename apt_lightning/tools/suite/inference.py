@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from apt_lightning.files import write_json_atomic
+from apt_lightning.tools.suite.gpus import device_and_dtype
 from apt_lightning.tools.suite.layout import BENCH_FAILED, DENSE_DIR, DONE, FINAL_CKPT, INFERENCE, read_json
 from apt_lightning.tools.suite.lock import training_on
 from apt_lightning.tools.suite.spec import RunSpec, Suite
@@ -56,20 +57,10 @@ def load_generation_benchmark() -> Callable[..., dict] | None:
     return generation_benchmark
 
 
-_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
-
-
 def bench_settings(options: dict) -> tuple[str, str]:
     """(dtype, device) for apt-bench's `benchmark`: `auto` is bf16 on CUDA, fp32 on the CPU."""
-    import torch
-
-    device = str(options["device"])
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = str(options["dtype"])
-    if dtype == "auto":
-        dtype = "bf16" if device.startswith("cuda") else "fp32"
-    return _DTYPE_ALIASES.get(dtype, dtype), device
+    device, dtype = device_and_dtype(options)
+    return dtype, device
 
 
 def _measure(bench: Callable[..., dict], model: Any, options: dict, causal_lm: bool = False) -> dict:
