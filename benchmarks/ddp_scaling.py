@@ -251,9 +251,21 @@ def _checks(rows: list[dict]) -> dict:
     if one and many:
         accs = [r["best_metric"] for r in one]
         lo, hi = min(accs), max(accs)
+        mean = statistics.mean(accs)
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        by_devices: dict[int, list[float]] = {}
+        for r in many:
+            by_devices.setdefault(r["devices"], []).append(r["best_metric"])
         out["recipe"] = {
             "one_gpu_best_metric": accs,
+            "one_gpu_mean": mean,
+            "one_gpu_std": std,
             "one_gpu_sparsity": [r["sparsity"] for r in one],
+            # the seed spread read two ways: the one-GPU range, and its mean +- 2 sample deviations
+            "multi_gpu_mean": {
+                n: {"mean": statistics.mean(v), "within_one_gpu_range": lo <= statistics.mean(v) <= hi}
+                for n, v in sorted(by_devices.items())
+            },
             "multi_gpu": [
                 {
                     "devices": r["devices"],
@@ -262,7 +274,8 @@ def _checks(rows: list[dict]) -> dict:
                     "sparsity": r["sparsity"],
                     "sparsity_equal": all(abs(r["sparsity"] - o["sparsity"]) < 1e-9 for o in one),
                     "metric_within_one_gpu_range": lo <= r["best_metric"] <= hi,
-                    "metric_minus_one_gpu_mean": r["best_metric"] - statistics.mean(accs),
+                    "metric_within_two_std": abs(r["best_metric"] - mean) <= 2 * std,
+                    "metric_minus_one_gpu_mean": r["best_metric"] - mean,
                 }
                 for r in many
             ],
