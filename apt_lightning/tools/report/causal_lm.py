@@ -183,6 +183,11 @@ def definitions(bench: dict | None, evaluation: dict | None, reference: str | No
     shape = (
         f"batch {bench.get('batch_size')}, a random prompt of {bench.get('prompt_len')} tokens, then "
         f"{bench.get('new_tokens')} greedy decode steps through a {bench.get('kv_cache')} KV cache"
+        + (
+            ", the prefill pass and one decode step each replayed as a CUDA graph"
+            if bench.get("cuda_graphs")
+            else ""
+        )
         if bench
         else "the suite's generation settings"
     )
