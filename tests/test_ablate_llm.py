@@ -16,7 +16,7 @@ from test_ablate import _suite, _write_run, needs_glue
 from test_llama import hard_masks, tiny_decoder, with_adapters
 
 from apt_lightning.callbacks.efficiency import time_to_accuracy
-from apt_lightning.tools.report import collect_runs, effects, write_report
+from apt_lightning.tools.report import causal_lm, collect_runs, effects, write_report
 from apt_lightning.tools.report.summary import add_tta, summarize
 from apt_lightning.tools.suite import cli, compose, evaluation, inference, layout, train
 from apt_lightning.tools.suite.compose import plan
@@ -224,6 +224,15 @@ def test_report_of_a_causal_lm_suite(tmp_path):
     ):
         assert needle in md, needle
     assert "samples/s" not in md  # no classifier inference table, nor its definition
+    assert "CUDA graph" not in md  # this suite's benchmark did not replay graphs
+
+
+def test_generation_definition_says_when_cuda_graphs_replayed():
+    bench = {"batch_size": 32, "prompt_len": 256, "new_tokens": 64, "kv_cache": "static"}
+    plain = "\n".join(causal_lm.definitions(bench, None, None))
+    graphs = "\n".join(causal_lm.definitions({**bench, "cuda_graphs": True}, None, None))
+    assert "64 greedy decode steps through a static KV cache" in plain and "CUDA graph" not in plain
+    assert "each replayed as a CUDA graph" in graphs
 
 
 def test_classifier_report_has_no_causal_lm_parts(tmp_path):
