@@ -409,6 +409,7 @@ P = ["--preset", "minilm-l6", "--sparsity", "0.5"]
         (["--model-dir", "/nonexistent/folder"], "folder not found"),
         (["--checkpoint", "/nonexistent.ckpt"], "file not found"),
         (["--model-dir", ".", "--sparsity", "0.5"], "already pruned"),
+        (["--model-dir", ".", "--even-kv-groups"], "--even-kv-groups / --random-weights apply to"),
         ([*P, "--random-weights"], "--random-weights goes with --backbone"),
         ([*P, "--scorer", "salience"], "invalid choice: 'salience'"),
         ([*P, "--out", "x.md"], "give the JSON path"),

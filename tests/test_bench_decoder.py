@@ -161,6 +161,10 @@ def test_cli_prunes_a_causal_lm_config_here(tmp_path):
     assert report["env"]["kv_cache"] == "dynamic" and report["env"]["model_kind"] == "causal-lm"
     assert report["models"]["pruned 0.5"]["sparsity"] >= 0.5
     assert all(r["decoded_tokens"] == 2 for r in report["results"])
+    even = run_cli([*argv, "--batch-sizes", "1", "--scorer", "uniform", "--even-kv-groups", *FAST])
+    record = even["models"]["pruned 0.5 (even KV groups)"]["pruning"]
+    assert record["even_kv_groups"] and record["achieved_sparsity"] >= 0.5
+    assert even["source"]["even_kv_groups"] is True
 
 
 @pytest.mark.parametrize(

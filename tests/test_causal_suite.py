@@ -38,9 +38,9 @@ def test_plan_is_the_issues_runs(runs):
     seeds = {}
     for r in runs:
         seeds.setdefault(r.variant.name, set()).add(r.seed)
-    assert len(runs) == 17 and runs[0].variant.name == "ft"
+    assert len(runs) == 18 and runs[0].variant.name == "ft"
     assert seeds.pop("apt") == seeds.pop("lora") == {0, 1, 2}
-    extra = {"ft", "uniform_prune_lora", "distill_logits_only"}
+    extra = {"ft", "uniform_prune_lora", "distill_logits_only", "even_kv_groups"}
     assert seeds == {v: {0} for v in {*extra, *ABLATIONS, *SPARSITIES}}
 
 
@@ -71,6 +71,8 @@ def test_variants_change_what_they_say(runs):
     assert group(uniform, "pruning")["target_sparsity"] == 0.3
     assert uniform.get("tuning") is None and uniform.get("distillation") is None
     assert uniform["model"]["init_args"]["adapters"] == apt["model"]["init_args"]["adapters"]
+    even = group(configs["even_kv_groups"], "pruning")
+    assert even["even_kv_groups"] is True and group(apt, "pruning").get("even_kv_groups") in (None, False)
     logits_only = group(configs["distill_logits_only"], "distillation")
     assert (
         logits_only["layer_weight"] == 0.0

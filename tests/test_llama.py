@@ -271,6 +271,68 @@ def test_aligned_search_stays_within_budget_with_kv_heads():
     assert 0.9 * budget < kept_param_count(keep, shapes) <= budget
 
 
+def kept_per_group(keep: BlockTensors, shapes: ModelShapes) -> list[list[int]]:
+    """Query heads kept in each key/value group that keeps any, per layer."""
+    out = []
+    for layer, mask in enumerate(keep.heads):
+        groups = torch.tensor(shapes.head_groups(layer))[mask.bool()]
+        out.append(sorted(torch.bincount(groups)[groups.unique()].tolist()))
+    return out
+
+
+def test_even_kv_groups_drop_the_odd_heads_and_spend_the_budget_on_neurons():
+    # one layer, two groups of 3 heads; by density: hidden dims, heads 0-2 (group 0), head 3 (group 1), the
+    # neurons, heads 4-5. The budget fits exactly the dims and heads 0-3: groups keep 3 and 1 heads.
+    shapes = gqa_shapes([[3, 3]], [4], 4)
+    scores = BlockTensors(
+        [torch.tensor([100.0, 100.0, 100.0, 50.0, 1.0, 1.0])], [torch.full((4,), 0.5)], torch.full((4,), 1e6)
+    )
+    budget = 4 * (4 * 8 + 2 * 8)  # D x (4 query heads + 2 key/value heads, 8 each)
+    plain = select_blocks(scores, shapes, budget)
+    assert plain.heads[0].tolist() == [1, 1, 1, 1, 0, 0] and plain.neurons[0].sum() == 0
+    even = select_blocks(scores, shapes, budget, even_kv_groups=True)
+    # (groups, heads each) keeping the most: 1 x 3 beats 2 x 1 and 1 x 2; the freed 64 buys 4 neurons of 12
+    assert even.heads[0].tolist() == [1, 1, 1, 0, 0, 0] and even.neurons[0].tolist() == [1, 1, 1, 1]
+    assert kept_param_count(even, shapes) == 4 * (3 * 8 + 8 + 4 * 3) <= budget
+
+
+@pytest.mark.parametrize("multiple_of", [1, 16])
+def test_even_kv_groups_hold_in_every_layer_within_budget(multiple_of):
+    shapes = gqa_shapes(
+        [[3, 3], [2, 2, 2], [4, 4], [3, 3]], [32] * 4, 32, dh=8
+    )  # even head counts: x16 pairs
+    uneven_seen = 0
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        scores = BlockTensors.full(shapes).map(lambda t, g=g: torch.rand(t.shape, generator=g))
+        budget = int((0.3 + 0.5 * float(torch.rand((), generator=g))) * shapes.counted_params())
+        plain = select_blocks(scores, shapes, budget, multiple_of)
+        even = select_blocks(scores, shapes, budget, multiple_of, even_kv_groups=True)
+        uneven_seen += any(len(set(c)) > 1 for c in kept_per_group(plain, shapes))
+        assert all(len(set(c)) <= 1 for c in kept_per_group(even, shapes))
+        assert kept_param_count(even, shapes) <= budget
+        for p, e in zip(plain.heads, even.heads, strict=True):
+            assert bool((e <= p).all())  # heads are only dropped
+        if multiple_of > 1:
+            heads, neurons, hidden = even.counts()
+            assert hidden % 16 == 0 and all(n % 16 == 0 for n in neurons) and all(h % 2 == 0 for h in heads)
+    assert uneven_seen  # the plain search does leave uneven layers here, so the check above can fail
+
+
+def test_even_kv_groups_export_plain_grouped_attention():
+    from apt_lightning.pruning import prune_to_sparsity
+
+    gathered = {}
+    for even in (False, True):
+        model = tiny_decoder()
+        prune_to_sparsity(model, 0.4, "uniform", even_kv_groups=even)
+        attention = [layer.self_attn for layer in model.model.layers]
+        gathered[even] = sum(hasattr(a, "apt_kv_index") for a in attention)
+        out = model(**{k: v for k, v in batch().items() if k != "labels"}).logits
+        assert torch.isfinite(out).all()
+    assert gathered[False] > 0 and gathered[True] == 0
+
+
 # ---------------------------------------------------------------- real weights
 @pytest.mark.slow
 def test_smollm2_masked_equals_compacted_generates_and_reloads(tmp_path):

@@ -62,6 +62,10 @@ class AdaptivePruning(Callback):
         scorer: a `Scorer` or a registered name (salience, random, uniform, magnitude).
         multiple_of: round kept hidden size and per-layer FFN and attention widths to a multiple (hardware
             alignment; attention widths move in whole heads, so x128 with d_h 64 keeps heads in pairs).
+        even_kv_groups: with grouped-query attention, keep the same number of query heads in every
+            key/value group a layer keeps (the export then runs plain GQA instead of gathering keys and
+            values per query head, which slows decoding); the freed budget goes to FFN neurons. No effect
+            on models without GQA.
         compact_at: when pruned blocks are removed physically: "event" compacts the blocks masked by one
             event at the start of the next (before listeners such as the teacher snapshot act) and after
             the last event's window; "end" only after the last window; "never" keeps masks only. Compacting
@@ -81,6 +85,7 @@ class AdaptivePruning(Callback):
         decay_alpha: float | None = None,
         scorer: Scorer | str = "salience",
         multiple_of: int = 1,
+        even_kv_groups: bool = False,
         compact_at: str = "event",
         plot: bool = True,
         mask_decay: str = "after",
@@ -102,6 +107,7 @@ class AdaptivePruning(Callback):
         self.mask_decay = mask_decay
         self.scorer = build_scorer(scorer)
         self.multiple_of = multiple_of
+        self.even_kv_groups = even_kv_groups
         self.compact_at = compact_at
         self.plot = plot
         self.schedule: CubicSchedule | None = None
@@ -219,7 +225,9 @@ class AdaptivePruning(Callback):
         scores = self.compute_scores(trainer, pl_module)
         t1 = time.perf_counter()
         budget = int((1.0 - sparsity) * self.full_count)
-        keep = select_blocks(scores, pl_module.structure.shapes(), budget, self.multiple_of)
+        keep = select_blocks(
+            scores, pl_module.structure.shapes(), budget, self.multiple_of, self.even_kv_groups
+        )
         event = self.history[-1]["event"]
         keep = distributed.from_rank_zero(keep, f"the blocks kept at pruning event {event}")
         t2 = time.perf_counter()

@@ -21,11 +21,16 @@ DATA_FREE_SCORERS = ("magnitude", "uniform", "random")  # salience needs trainin
 
 
 def prune_to_sparsity(
-    model: nn.Module, sparsity: float, scorer: Scorer | str = "magnitude", multiple_of: int = 1
+    model: nn.Module,
+    sparsity: float,
+    scorer: Scorer | str = "magnitude",
+    multiple_of: int = 1,
+    even_kv_groups: bool = False,
 ) -> dict[str, Any]:
     """Prune `model` in place to `sparsity` of its APT parameter count by the project's block search and
     remove the pruned blocks physically (no masks are left). Scorers must be data-free (magnitude, uniform,
-    random, or a custom `Scorer` that does not observe batches). Returns the kept widths, the achieved
+    random, or a custom `Scorer` that does not observe batches); `multiple_of` and `even_kv_groups` as in
+    `select_blocks`. Returns the kept widths, the achieved
     sparsity and the seconds spent scoring, searching and compacting."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -44,7 +49,7 @@ def prune_to_sparsity(
         scorer.attach(structure)
         scores = scorer.scores(structure)
         t1 = time.perf_counter()
-        keep = select_blocks(scores, shapes, budget, multiple_of)
+        keep = select_blocks(scores, shapes, budget, multiple_of, even_kv_groups)
         t2 = time.perf_counter()
         with torch.no_grad():
             keep.to_masks(masks)
@@ -65,6 +70,7 @@ def prune_to_sparsity(
         "hidden": hidden,
         "scorer": scorer.name,
         "multiple_of": multiple_of,
+        "even_kv_groups": even_kv_groups,
         "score_s": t1 - t0,
         "search_s": t2 - t1,
         "compact_s": t3 - t2,

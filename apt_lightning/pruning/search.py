@@ -80,7 +80,11 @@ def _to_blocks(shapes: ModelShapes, kinds, layers, pos, chosen: torch.Tensor) ->
 
 
 def select_blocks(
-    scores: BlockTensors, shapes: ModelShapes, budget: int, multiple_of: int = 1
+    scores: BlockTensors,
+    shapes: ModelShapes,
+    budget: int,
+    multiple_of: int = 1,
+    even_kv_groups: bool = False,
 ) -> BlockTensors:
     """0/1 keep decisions whose APT count is at most `budget` and maximal: the next block in density
     order would exceed it. With `multiple_of` > 1 the hidden size is rounded to the nearest multiple
@@ -88,7 +92,9 @@ def select_blocks(
     search then refills the budget around the fixed hidden size, so the count still never exceeds
     `budget`, and spends what rounding down freed on whole aligned groups (`_refill`). So without
     alignment the result is a strict density prefix; with it, a prefix plus a greedy fill that may skip a
-    unit that no longer fits for a cheaper, less dense one."""
+    unit that no longer fits for a cheaper, less dense one. With `even_kv_groups` (grouped-query
+    attention) each layer then keeps as many query heads in every key/value group it keeps
+    (`_even_groups`) and the freed budget goes to FFN neurons; without GQA it changes nothing."""
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
     density, kinds, layers, pos, groups = _flatten(shapes, scores)
@@ -96,12 +102,19 @@ def select_blocks(
     counts = _prefix_counts(kinds[order], groups[order], shapes)
     k = int(torch.searchsorted(counts, torch.tensor(float(budget), dtype=torch.float64), right=True))
     chosen = order[:k]
+    even = even_kv_groups and bool(shapes.kv_groups)
     if multiple_of == 1:
-        return _to_blocks(shapes, kinds, layers, pos, chosen)
-    return _aligned(shapes, density, kinds, layers, pos, groups, order, chosen, budget, multiple_of)
+        keep = _to_blocks(shapes, kinds, layers, pos, chosen)
+        if even:
+            _even_groups(keep, shapes, density, 1)
+            _refill(keep, shapes, density, budget, (1, 1), heads=False)
+        return keep
+    return _aligned(shapes, density, kinds, layers, pos, groups, order, chosen, budget, multiple_of, even)
 
 
-def _aligned(shapes, density, kinds, layers, pos, groups, order, chosen, budget, multiple_of) -> BlockTensors:
+def _aligned(
+    shapes, density, kinds, layers, pos, groups, order, chosen, budget, multiple_of, even
+) -> BlockTensors:
     n_hidden = int((kinds[chosen] == _HIDDEN).sum())
     n_hidden = min(shapes.hidden, max(multiple_of, multiple_of * round(n_hidden / multiple_of)))
     hidden_order = order[kinds[order] == _HIDDEN][:n_hidden]
@@ -116,7 +129,9 @@ def _aligned(shapes, density, kinds, layers, pos, groups, order, chosen, budget,
         if excess:
             kept = torch.nonzero(mask).flatten()
             mask[kept[torch.argsort(layer_density[kept], stable=True)[:excess]]] = 0.0
-    _refill(keep, shapes, density, budget, sizes)
+    if even:
+        _even_groups(keep, shapes, density, sizes[0])
+    _refill(keep, shapes, density, budget, sizes, heads=not even)
     return keep
 
 
@@ -147,13 +162,52 @@ def _head_group(shapes: ModelShapes, multiple_of: int) -> int:
     return group
 
 
-def _refill(keep: BlockTensors, shapes: ModelShapes, density, budget: int, sizes: tuple[int, int]) -> None:
+def _even_groups(keep: BlockTensors, shapes: ModelShapes, density: torch.Tensor, head_unit: int) -> None:
+    """In place, per layer: keep m query heads in each of k key/value groups, so the export runs plain
+    grouped-query attention (a layer whose groups keep unequal counts gathers keys and values per query
+    head at every step, which costs decode speed: docs/method.md). Only kept heads are dropped, never
+    added, so the count cannot grow: of the (k, m) with k x m a multiple of `head_unit` that keep the most
+    heads, the densest (each group's m densest kept heads, the k groups whose m add up densest)."""
+    for layer, (kind, mask, layer_density, _) in enumerate(_layer_masks(keep, density, (1, 1))):
+        if kind != _HEAD:
+            break
+        kept = torch.nonzero(mask).flatten()
+        group_of = torch.tensor(shapes.head_groups(layer), dtype=torch.long)
+        members = [kept[group_of[kept] == g] for g in group_of[kept].unique().tolist()]
+        if len({len(m) for m in members}) <= 1:
+            continue
+        members = [m[torch.argsort(layer_density[m], descending=True, stable=True)] for m in members]
+        best: tuple[int, float, list[torch.Tensor]] = (0, 0.0, [])
+        for m in range(1, max(len(g) for g in members) + 1):
+            top = sorted(
+                (g[:m] for g in members if len(g) >= m), key=lambda t: -float(layer_density[t].sum())
+            )
+            k = max((k for k in range(1, len(top) + 1) if (k * m) % head_unit == 0), default=0)
+            value = float(sum(layer_density[t].sum() for t in top[:k]))
+            if (k * m, value) > best[:2]:
+                best = (k * m, value, top[:k])
+        mask.zero_()
+        for heads in best[2]:
+            mask[heads] = 1.0
+
+
+def _refill(
+    keep: BlockTensors,
+    shapes: ModelShapes,
+    density,
+    budget: int,
+    sizes: tuple[int, int],
+    heads: bool = True,
+) -> None:
     """Add aligned units to `keep` in place, densest first, while the count stays within `budget`: the
-    `sizes[0]` densest pruned heads of a layer, or its `sizes[1]` densest pruned neurons (then the next
-    group). Without this, rounding each layer down leaves up to one group per layer of the budget unspent.
-    Each unit is checked with the exact count (a unit that revives a key/value head pays for it)."""
+    `sizes[0]` densest pruned heads of a layer (not with `heads` False), or its `sizes[1]` densest pruned
+    neurons (then the next group). Without this, rounding each layer down leaves up to one group per layer
+    of the budget unspent. Each unit is checked with the exact count (a unit that revives a key/value head
+    pays for it)."""
     units: list[tuple[float, torch.Tensor, list[int]]] = []  # density, mask, indices
-    for _, mask, layer_density, size in _layer_masks(keep, density, sizes):
+    for kind, mask, layer_density, size in _layer_masks(keep, density, sizes):
+        if kind == _HEAD and not heads:
+            continue
         free = torch.nonzero(mask == 0).flatten()
         free = free[torch.argsort(layer_density[free], descending=True, stable=True)]
         for g in range(len(free) // size):

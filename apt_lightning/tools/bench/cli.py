@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--scorer", choices=SCORERS, default="magnitude", help="data-free block scorer")
     prune.add_argument("--multiple-of", type=positive_int, default=1, help="round kept widths to a multiple")
     prune.add_argument(
+        "--even-kv-groups",
+        action="store_true",
+        help="grouped-query attention: keep as many query heads in every key/value group a layer keeps",
+    )
+    prune.add_argument(
         "--random-weights", action="store_true", help="--backbone: its architecture with random weights"
     )
     prune.add_argument(
@@ -195,10 +200,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
     prunes_here = args.backbone or args.preset or args.config_json
     if prunes_here and not args.sparsity:
         parser.error("--sparsity is required with --backbone, --preset or --config-json (e.g. 0.6)")
-    if not prunes_here and (args.sparsity or args.random_weights or args.multiple_of != 1):
+    if not prunes_here and (
+        args.sparsity or args.random_weights or args.multiple_of != 1 or args.even_kv_groups
+    ):
         parser.error(
-            "--sparsity / --multiple-of / --random-weights apply to --backbone, --preset or "
-            "--config-json; a --model-dir or --checkpoint model is already pruned"
+            "--sparsity / --multiple-of / --even-kv-groups / --random-weights apply to --backbone, "
+            "--preset or --config-json; a --model-dir or --checkpoint model is already pruned"
         )
     if args.random_weights and not args.backbone:
         parser.error("--random-weights goes with --backbone (--preset and --config-json are random already)")
@@ -353,8 +360,9 @@ def _load_models(
     models = {"dense": dense}
     for s in args.sparsity:
         model = copy.deepcopy(dense)
-        record = prune_to_sparsity(model, s, args.scorer, args.multiple_of)
+        record = prune_to_sparsity(model, s, args.scorer, args.multiple_of, args.even_kv_groups)
         name = f"pruned {s:g}" + (f" (x{args.multiple_of})" if args.multiple_of > 1 else "")
+        name += " (even KV groups)" if args.even_kv_groups else ""
         models[name], records[name] = model.eval(), record
     return models, records
 
@@ -476,6 +484,7 @@ def _main(
                 "config_json",
                 "scorer",
                 "multiple_of",
+                "even_kv_groups",
                 "random_weights",
                 "seed",
             )
