@@ -393,9 +393,21 @@ def tiny_llama_backbone(tmp_path_factory, minilm_tokenizer):
 
 
 @pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "glue").exists(), reason="shared GLUE data absent")
-def test_apt_fit_prunes_grows_and_exports_a_decoder(tiny_llama_backbone, tmp_path):
+@pytest.mark.parametrize("even_kv_groups", [False, True])
+def test_apt_fit_prunes_grows_and_exports_a_decoder(
+    tiny_llama_backbone, tmp_path, even_kv_groups, monkeypatch
+):
+    import apt_lightning.callbacks.pruning as pruning_callback
     from apt_lightning.cli import run_cli
     from apt_lightning.export import main as export_main
+
+    searches = []  # the even_kv_groups argument of every search the callback ran
+
+    def spy(*args, **kwargs):
+        searches.append(args[4] if len(args) > 4 else kwargs.get("even_kv_groups", False))
+        return select_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(pruning_callback, "select_blocks", spy)
 
     glue = REPO.parent / "shared" / "data" / "glue" / "sst2"
     cli = run_cli(
@@ -411,12 +423,17 @@ def test_apt_fit_prunes_grows_and_exports_a_decoder(tiny_llama_backbone, tmp_pat
             f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.enable_progress_bar=false",
+            f"--pruning.even_kv_groups={str(even_kv_groups).lower()}",
         ]
     )
     pruning = json.loads(open(f"{cli.trainer.log_dir}/pruning.json").read())
     last = pruning["events"][-1]
     assert last["achieved_sparsity"] == pytest.approx(0.3, abs=0.05)
     assert [sum(g) for g in last["kv_groups_per_layer"]] == last["heads_per_layer"]
+    assert searches and set(searches) == {even_kv_groups}  # the option reaches every search
+    if even_kv_groups:  # every event kept as many query heads in each key/value group a layer kept
+        for event in pruning["events"]:
+            assert all(len({n for n in layer if n}) <= 1 for layer in event["kv_groups_per_layer"])
     assert max(a.rank for a in cli.model.adapters().values()) > 4  # adaptive tuning grew ranks
     assert cli.model.student.score.weight.requires_grad  # the family's task head is trained
     ckpt = next(tmp_path.rglob("*.ckpt"))
