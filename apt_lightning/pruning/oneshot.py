@@ -30,8 +30,8 @@ def prune_to_sparsity(
     """Prune `model` in place to `sparsity` of its APT parameter count by the project's block search and
     remove the pruned blocks physically (no masks are left). Scorers must be data-free (magnitude, uniform,
     random, or a custom `Scorer` that does not observe batches); `multiple_of` and `even_kv_groups` as in
-    `select_blocks`. Returns the kept widths, the achieved
-    sparsity and the seconds spent scoring, searching and compacting."""
+    `select_blocks`. Returns the kept widths, the achieved sparsity and the seconds spent scoring,
+    searching and compacting."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if multiple_of < 1:

@@ -174,15 +174,15 @@ def _even_groups(keep: BlockTensors, shapes: ModelShapes, density: torch.Tensor,
         kept = torch.nonzero(mask).flatten()
         group_of = torch.tensor(shapes.head_groups(layer), dtype=torch.long)
         members = [kept[group_of[kept] == g] for g in group_of[kept].unique().tolist()]
-        if len({len(m) for m in members}) <= 1:
+        if len({len(g) for g in members}) <= 1:
             continue
-        members = [m[torch.argsort(layer_density[m], descending=True, stable=True)] for m in members]
+        members = [g[torch.argsort(layer_density[g], descending=True, stable=True)] for g in members]
         best: tuple[int, float, list[torch.Tensor]] = (0, 0.0, [])
         for m in range(1, max(len(g) for g in members) + 1):
             top = sorted(
                 (g[:m] for g in members if len(g) >= m), key=lambda t: -float(layer_density[t].sum())
             )
-            k = max((k for k in range(1, len(top) + 1) if (k * m) % head_unit == 0), default=0)
+            k = max((n for n in range(1, len(top) + 1) if (n * m) % head_unit == 0), default=0)
             value = float(sum(layer_density[t].sum() for t in top[:k]))
             if (k * m, value) > best[:2]:
                 best = (k * m, value, top[:k])
