@@ -102,12 +102,11 @@ def select_blocks(
     counts = _prefix_counts(kinds[order], groups[order], shapes)
     k = int(torch.searchsorted(counts, torch.tensor(float(budget), dtype=torch.float64), right=True))
     chosen = order[:k]
-    even = even_kv_groups and bool(shapes.kv_groups)
+    even = even_kv_groups and any(n > 1 for layer in shapes.kv_groups for n in layer)
     if multiple_of == 1:
         keep = _to_blocks(shapes, kinds, layers, pos, chosen)
-        if even:
-            _even_groups(keep, shapes, density, 1)
-            _refill(keep, shapes, density, budget, (1, 1), heads=False)
+        if even and _even_groups(keep, shapes, density, 1):
+            _refill(keep, shapes, density, budget, (1, 1), even=True)
         return keep
     return _aligned(shapes, density, kinds, layers, pos, groups, order, chosen, budget, multiple_of, even)
 
@@ -131,7 +130,7 @@ def _aligned(
             mask[kept[torch.argsort(layer_density[kept], stable=True)[:excess]]] = 0.0
     if even:
         _even_groups(keep, shapes, density, sizes[0])
-    _refill(keep, shapes, density, budget, sizes, heads=not even)
+    _refill(keep, shapes, density, budget, sizes, even=even)
     return keep
 
 
@@ -162,33 +161,51 @@ def _head_group(shapes: ModelShapes, multiple_of: int) -> int:
     return group
 
 
-def _even_groups(keep: BlockTensors, shapes: ModelShapes, density: torch.Tensor, head_unit: int) -> None:
+def _groups_even(mask: torch.Tensor, group_of: torch.Tensor) -> bool:
+    """Whether every key/value group with a kept query head keeps as many as the others."""
+    counts = torch.bincount(group_of[mask > 0])
+    return len(set(counts[counts > 0].tolist())) <= 1
+
+
+def _even_groups(keep: BlockTensors, shapes: ModelShapes, density: torch.Tensor, head_unit: int) -> bool:
     """In place, per layer: keep m query heads in each of k key/value groups, so the export runs plain
     grouped-query attention (a layer whose groups keep unequal counts gathers keys and values per query
-    head at every step, which costs decode speed: docs/method.md). Only kept heads are dropped, never
-    added, so the count cannot grow: of the (k, m) with k x m a multiple of `head_unit` that keep the most
-    heads, the densest (each group's m densest kept heads, the k groups whose m add up densest)."""
+    head at every step, which costs decode speed: docs/method.md). A layer's count never grows: among the
+    (k, m) with k x m a multiple of `head_unit` whose query and key/value heads cost at most what the layer
+    kept, the choice whose heads add up to the most density (each group's m densest heads among those kept
+    or still scored, the k groups whose m add up densest), then the fewest groups. A head scored 0 (pruned
+    before) never comes back; a layer where no (k, m) fits stays as it was. Returns whether a layer
+    changed."""
+    c, changed = shapes.costs, False
     for layer, (kind, mask, layer_density, _) in enumerate(_layer_masks(keep, density, (1, 1))):
         if kind != _HEAD:
             break
-        kept = torch.nonzero(mask).flatten()
         group_of = torch.tensor(shapes.head_groups(layer), dtype=torch.long)
-        members = [kept[group_of[kept] == g] for g in group_of[kept].unique().tolist()]
-        if len({len(g) for g in members}) <= 1:
+        if _groups_even(mask, group_of):
             continue
+        cost = int(mask.sum()) * c.head + len(group_of[mask > 0].unique()) * c.kv_head
+        usable = (mask > 0) | (layer_density > 0)
+        members = [torch.nonzero((group_of == g) & usable).flatten() for g in group_of.unique().tolist()]
         members = [g[torch.argsort(layer_density[g], descending=True, stable=True)] for g in members]
-        best: tuple[int, float, list[torch.Tensor]] = (0, 0.0, [])
+        best: tuple[tuple[float, int], list[torch.Tensor]] | None = None
         for m in range(1, max(len(g) for g in members) + 1):
             top = sorted(
                 (g[:m] for g in members if len(g) >= m), key=lambda t: -float(layer_density[t].sum())
             )
-            k = max((n for n in range(1, len(top) + 1) if (n * m) % head_unit == 0), default=0)
-            value = float(sum(layer_density[t].sum() for t in top[:k]))
-            if (k * m, value) > best[:2]:
-                best = (k * m, value, top[:k])
+            fits = [n for n in range(1, len(top) + 1) if (n * m) % head_unit == 0]
+            fits = [n for n in fits if n * (m * c.head + c.kv_head) <= cost]
+            if fits:
+                k = max(fits)
+                key = (float(sum(layer_density[t].sum() for t in top[:k])), -k)
+                if best is None or key > best[0]:
+                    best = (key, top[:k])
+        if best is None:
+            continue
         mask.zero_()
-        for heads in best[2]:
+        for heads in best[1]:
             mask[heads] = 1.0
+        changed = True
+    return changed
 
 
 def _refill(
@@ -197,23 +214,36 @@ def _refill(
     density,
     budget: int,
     sizes: tuple[int, int],
-    heads: bool = True,
+    even: bool = False,
 ) -> None:
     """Add aligned units to `keep` in place, densest first, while the count stays within `budget`: the
-    `sizes[0]` densest pruned heads of a layer (not with `heads` False), or its `sizes[1]` densest pruned
-    neurons (then the next group). Without this, rounding each layer down leaves up to one group per layer
-    of the budget unspent. Each unit is checked with the exact count (a unit that revives a key/value head
-    pays for it)."""
-    units: list[tuple[float, torch.Tensor, list[int]]] = []  # density, mask, indices
-    for kind, mask, layer_density, size in _layer_masks(keep, density, sizes):
-        if kind == _HEAD and not heads:
-            continue
+    `sizes[0]` densest pruned heads of a layer, or its `sizes[1]` densest pruned neurons (then the next
+    group); with `even`, a head unit only where the layer's key/value groups stay even. Without this,
+    rounding each layer down leaves up to one group per layer of the budget unspent. A neuron unit costs
+    exactly D' x its neurons' cost; a head unit is checked with the exact count (reviving a key/value
+    head pays for it)."""
+    units: list[tuple[float, int, int, torch.Tensor, list[int]]] = []  # density, kind, index, mask, blocks
+    # a head mask's index is its layer: `_layer_masks` yields every layer's heads first
+    for index, (kind, mask, layer_density, size) in enumerate(_layer_masks(keep, density, sizes)):
         free = torch.nonzero(mask == 0).flatten()
         free = free[torch.argsort(layer_density[free], descending=True, stable=True)]
         for g in range(len(free) // size):
             group = free[g * size : (g + 1) * size]
-            units.append((float(layer_density[group].mean()), mask, group.tolist()))
-    for _, mask, group in sorted(units, key=lambda u: -u[0]):
+            units.append((float(layer_density[group].mean()), kind, index, mask, group.tolist()))
+    d = int(keep.hidden.sum())
+    count = kept_param_count(keep, shapes)
+    for _, kind, index, mask, group in sorted(units, key=lambda u: -u[0]):
+        if kind != _HEAD:
+            step = d * shapes.costs.neuron * len(group)
+            if count + step <= budget:
+                mask[group] = 1.0
+                count += step
+            continue
+        if count + d * shapes.costs.head * len(group) > budget:
+            continue
         mask[group] = 1.0
-        if kept_param_count(keep, shapes) > budget:
+        new = kept_param_count(keep, shapes)
+        if new > budget or (even and not _groups_even(mask, torch.tensor(shapes.head_groups(index)))):
             mask[group] = 0.0
+        else:
+            count = new
