@@ -319,6 +319,18 @@ def test_even_kv_groups_hold_in_every_layer_within_budget(multiple_of):
     assert uneven_seen  # the plain search does leave uneven layers here, so the check above can fail
 
 
+@pytest.mark.parametrize("multiple_of", [1, 8])
+def test_even_kv_groups_change_nothing_without_shared_key_value_heads(multiple_of):
+    shapes = gqa_shapes([[1] * 6] * 3, [24] * 3, 16, dh=8)  # a LLaMA layout where every head has its own k/v
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        scores = BlockTensors.full(shapes).map(lambda t, g=g: torch.rand(t.shape, generator=g))
+        budget = int(0.5 * shapes.counted_params())
+        plain = select_blocks(scores, shapes, budget, multiple_of)
+        even = select_blocks(scores, shapes, budget, multiple_of, even_kv_groups=True)
+        assert torch.equal(plain.flat(), even.flat())
+
+
 def test_even_groups_may_take_a_scored_head_to_keep_a_group_whole():
     from apt_lightning.pruning.search import _even_groups
 
