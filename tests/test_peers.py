@@ -89,6 +89,23 @@ def test_final_counts_meet_the_counted_target():
     assert keep_top([torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])], 2)[1].tolist() == [1.0, 0.0]
 
 
+def test_keep_top_round_to_keeps_whole_units_per_layer():
+    scores = [torch.tensor([9.0, 8, 7, 1, 1, 1, 1, 1]), torch.tensor([6.0, 5, 4, 3, 2, 2, 2, 2])]
+    # global top 6: 9 8 7 | 6 5 4; rounded down to pairs: 9 8 | 6 5; then the best pair left: (7, 1) of
+    # layer 0 (mean 4) before (4, 3) of layer 1 (3.5)
+    got = keep_top(scores, 6, round_to=2)
+    assert [k.tolist() for k in got] == [[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
+    g = torch.Generator().manual_seed(0)
+    for keep in (0, 5, 37, 95, 96):
+        scores = [torch.rand(n, generator=g) for n in (48, 16, 32)]
+        got = keep_top(scores, keep, round_to=8)
+        total = sum(int(k.sum()) for k in got)
+        assert all(int(k.sum()) % 8 == 0 for k in got) and keep - 8 < total <= keep
+        assert [k.tolist() for k in keep_top(scores, keep, round_to=1)] == [
+            k.tolist() for k in keep_top(scores, keep)
+        ]
+
+
 def _fit(module, peer, steps: int, batches: int = 10):
     trainer = quiet_trainer(max_steps=steps, callbacks=[peer])
     trainer.fit(module, train_dataloaders=repeated_batch_loader(batches))
@@ -130,6 +147,17 @@ def test_peer_ft_reaches_the_target_and_exports(backbone, tmp_path):
     torch.testing.assert_close(logits(reloaded, batch), reference, rtol=0, atol=1e-5)
     folder = export_pruned(module.student, tmp_path / "export")
     torch.testing.assert_close(logits(load_pruned(folder), batch), reference, rtol=0, atol=1e-5)
+
+
+def test_peer_round_to_aligns_every_layers_neurons(backbone):
+    module = make_module(backbone, adapters=None)
+    full = module.structure.shapes().counted_params()
+    _fit(module, TorchPruningPeer(0.6, start_step=2, end_step=6, num_steps=2, round_to=8), steps=8)
+    shapes = module.structure.shapes()
+    assert all(n % 8 == 0 for n in shapes.neurons) and any(n < 48 for n in shapes.neurons)
+    neuron = 2 * 32  # a BERT neuron's count per kept hidden dim (FFN in and out) x the hidden size
+    sparsity = 1 - shapes.counted_params() / full  # the target within a neuron, then under 8 more removed
+    assert 0.6 - neuron / full < sparsity < 0.6 + 9 * neuron / full
 
 
 def test_peer_decision_masked_equals_compacted_and_exported(tmp_path):
@@ -177,6 +205,8 @@ def test_peer_refuses_bad_settings_and_apt_pruning(backbone):
         TorchPruningPeer(num_steps=0)
     with pytest.raises(ValueError, match="normalizer must be one of"):
         TorchPruningPeer(normalizer="median")
+    with pytest.raises(ValueError, match="round_to must be >= 1, got 0"):
+        TorchPruningPeer(round_to=0)
     trainer = quiet_trainer(max_steps=4, callbacks=[TorchPruningPeer(start_step=1, end_step=3, num_steps=3)])
     with pytest.raises(ValueError, match="3 pruning steps after start_step 1 up to end_step 3 need"):
         trainer.fit(make_module(backbone, adapters=None), train_dataloaders=repeated_batch_loader(4))

@@ -141,15 +141,35 @@ def _inputs(batch: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- selection and targets
-def keep_top(scores: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
+def keep_top(scores: list[torch.Tensor], keep: int, round_to: int = 1) -> list[torch.Tensor]:
     """0/1 per block: the `keep` highest scores over all layers together (a global ranking; ties go to the
-    earlier block)."""
+    earlier block). With `round_to` > 1 every layer keeps a multiple of it (Torch-Pruning's `round_to`):
+    each layer's share rounded down, then whole units of a layer's next best `round_to` blocks, best mean
+    score first, while the total stays within `keep` (so it falls short by less than `round_to`)."""
     flat = torch.cat(scores) if scores else torch.zeros(0)
     if not 0 <= keep <= flat.numel():
         raise ValueError(f"cannot keep {keep} of {flat.numel()} blocks")
     chosen = torch.zeros(flat.numel())
     chosen[torch.argsort(flat, descending=True, stable=True)[:keep]] = 1.0
-    return list(chosen.split([s.numel() for s in scores]))
+    layers = list(chosen.split([s.numel() for s in scores]))
+    if round_to == 1:
+        return layers
+    units: list[tuple[float, int, torch.Tensor]] = []  # mean score, layer, blocks
+    for i, (score, mask) in enumerate(zip(scores, layers, strict=True)):
+        kept = torch.nonzero(mask).flatten()
+        mask[kept[torch.argsort(score[kept], stable=True)[: len(kept) % round_to]]] = 0.0
+        free = torch.nonzero(mask == 0).flatten()
+        free = free[torch.argsort(score[free], descending=True, stable=True)]
+        for start in range(0, len(free) - round_to + 1, round_to):
+            unit = free[start : start + round_to]
+            units.append((float(score[unit].mean()), i, unit))
+    total = sum(int(mask.sum()) for mask in layers)
+    for _, i, unit in sorted(units, key=lambda u: -u[0]):
+        if total + round_to > keep:
+            break
+        layers[i][unit] = 1.0
+        total += round_to
+    return layers
 
 
 def final_counts(shapes: ModelShapes, target_sparsity: float, head_sparsity: float | None) -> tuple[int, int]:
@@ -191,6 +211,9 @@ class TorchPruningPeer(Callback):
             gradients the importance sums.
         normalizer: `GroupTaylorImportance`'s per-group normalisation (Torch-Pruning's default "mean";
             None ranks the raw scores).
+        round_to: keep a multiple of this many FFN neurons in every layer (Torch-Pruning's `round_to`;
+            1: any width). Unaligned widths make the pruned model slower on a GPU than its parameter
+            count says (docs/bench.md); APT's recipes align theirs with `multiple_of: 8`.
     """
 
     def __init__(
@@ -202,6 +225,7 @@ class TorchPruningPeer(Callback):
         num_steps: int = 5,
         importance_batches: int = 4,
         normalizer: str | None = "mean",
+        round_to: int = 1,
     ) -> None:
         for name, value in (("target_sparsity", target_sparsity), ("head_sparsity", head_sparsity)):
             if value is not None and not 0.0 <= value < 1.0:
@@ -212,10 +236,13 @@ class TorchPruningPeer(Callback):
             raise ValueError(f"importance_batches must be >= 1, got {importance_batches}")
         if normalizer not in _NORMALIZERS:
             raise ValueError(f"normalizer must be one of {list(_NORMALIZERS)}, got {normalizer!r}")
+        if round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {round_to}")
         require_torch_pruning()  # fail at configuration, not at the first pruning step
         self.target_sparsity, self.head_sparsity = target_sparsity, head_sparsity
         self.start_step, self.end_step, self.num_steps = start_step, end_step, num_steps
         self.importance_batches, self.normalizer = importance_batches, normalizer
+        self.round_to = round_to
         self.steps: list[int] = []
         self.next_step = 0
         self.full_count = 0
@@ -300,7 +327,7 @@ class TorchPruningPeer(Callback):
         t1 = time.perf_counter()
         keep = BlockTensors(
             keep_top(head_scores, heads_kept),
-            keep_top(neuron_scores, neurons_kept),
+            keep_top(neuron_scores, neurons_kept, self.round_to),
             torch.ones(shapes.hidden),
         )
         keep = trainer.strategy.broadcast(keep, src=0)  # every process removes the same blocks
