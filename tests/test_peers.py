@@ -95,6 +95,7 @@ def test_keep_top_round_to_keeps_whole_units_per_layer():
     # layer 0 (mean 4) before (4, 3) of layer 1 (3.5)
     got = keep_top(scores, 6, round_to=2)
     assert [k.tolist() for k in got] == [[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
+    assert keep_top([torch.ones(3)], 3, round_to=2)[0].tolist() == [1, 1, 0]  # ties: earlier blocks stay
     g = torch.Generator().manual_seed(0)
     for keep in (0, 5, 37, 95, 96):
         scores = [torch.rand(n, generator=g) for n in (48, 16, 32)]
@@ -158,6 +159,16 @@ def test_peer_round_to_aligns_every_layers_neurons(backbone):
     neuron = 2 * 32  # a BERT neuron's count per kept hidden dim (FFN in and out) x the hidden size
     sparsity = 1 - shapes.counted_params() / full  # the target within a neuron, then under 8 more removed
     assert 0.6 - neuron / full < sparsity < 0.6 + 9 * neuron / full
+
+
+def test_peer_round_to_below_a_later_steps_share_keeps_going(backbone):
+    # 8 steps to 0.2 remove 4-5 of the 144 neurons each; rounding to 16 cuts step 1 to 128, below step 2's
+    # share (135): the step keeps what is left rather than asking for more blocks than exist
+    module = make_module(backbone, adapters=None)
+    peer = TorchPruningPeer(0.2, start_step=1, end_step=9, num_steps=8, round_to=16)
+    _fit(module, peer, steps=10)
+    assert peer.pruning_done and all(n % 16 == 0 for n in module.structure.shapes().neurons)
+    assert [sum(e["neurons_per_layer"]) for e in peer.history][:2] == [128, 128]
 
 
 def test_peer_decision_masked_equals_compacted_and_exported(tmp_path):

@@ -145,7 +145,8 @@ def keep_top(scores: list[torch.Tensor], keep: int, round_to: int = 1) -> list[t
     """0/1 per block: the `keep` highest scores over all layers together (a global ranking; ties go to the
     earlier block). With `round_to` > 1 every layer keeps a multiple of it (Torch-Pruning's `round_to`):
     each layer's share rounded down, then whole units of a layer's next best `round_to` blocks, best mean
-    score first, while the total stays within `keep` (so it falls short by less than `round_to`)."""
+    score first, while the total stays within `keep` (short of it by less than `round_to` where every
+    layer's width is a multiple of `round_to`; a layer narrower than `round_to` keeps nothing)."""
     flat = torch.cat(scores) if scores else torch.zeros(0)
     if not 0 <= keep <= flat.numel():
         raise ValueError(f"cannot keep {keep} of {flat.numel()} blocks")
@@ -157,7 +158,8 @@ def keep_top(scores: list[torch.Tensor], keep: int, round_to: int = 1) -> list[t
     units: list[tuple[float, int, torch.Tensor]] = []  # mean score, layer, blocks
     for i, (score, mask) in enumerate(zip(scores, layers, strict=True)):
         kept = torch.nonzero(mask).flatten()
-        mask[kept[torch.argsort(score[kept], stable=True)[: len(kept) % round_to]]] = 0.0
+        kept = kept[torch.argsort(score[kept], descending=True, stable=True)]  # ties: earlier blocks first
+        mask[kept[len(kept) - len(kept) % round_to :]] = 0.0
         free = torch.nonzero(mask == 0).flatten()
         free = free[torch.argsort(score[free], descending=True, stable=True)]
         for start in range(0, len(free) - round_to + 1, round_to):
@@ -316,6 +318,8 @@ class TorchPruningPeer(Callback):
         structure = pl_module.structure
         shapes = structure.shapes()
         heads_kept, neurons_kept = self.step_targets(self.next_step)
+        # `round_to` may have cut the model below this step's share: keep what is left
+        neurons_kept = min(neurons_kept, sum(shapes.neurons))
         t0 = time.perf_counter()
         head_scores, neuron_scores = taylor_scores(
             pl_module.student,

@@ -200,6 +200,11 @@ def _even_groups(keep: BlockTensors, shapes: ModelShapes, density: torch.Tensor,
                 if best is None or key > best[0]:
                     best = (key, top[:k])
         if best is None:
+            warnings.warn(
+                f"even_kv_groups: layer {layer} keeps its uneven key/value groups: no even choice of heads "
+                f"costs at most what it kept (head unit {head_unit})",
+                stacklevel=4,
+            )
             continue
         mask.zero_()
         for heads in best[1]:
