@@ -425,7 +425,7 @@ def test_cli_errors(argv, needle, capsys, no_cuda, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(cli, "_load_models", fail)
+    monkeypatch.setattr(cli, "load_models", fail)
     with pytest.raises(SystemExit) as exc:
         run_cli(argv)
     assert exc.value.code == 2

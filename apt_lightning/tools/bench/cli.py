@@ -12,13 +12,12 @@ is timed generating instead: prefill of `--prompt-len` tokens and `--new-tokens`
 through a KV cache (`decoder`).
 
 How it measures: `apt_lightning.tools.bench.protocol` (encoders), `decoder` (causal LMs); the table:
-`reporting`; the models: `models`.
+`reporting`; the models: `models`, and where they come from: `sources`.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import shlex
@@ -26,25 +25,17 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from apt_lightning.argtypes import positive_int
 from apt_lightning.files import write_text_atomic
 from apt_lightning.fusion import FUSIONS, fuse_for_inference
 from apt_lightning.pruning import DATA_FREE_SCORERS as SCORERS
-from apt_lightning.pruning import prune_to_sparsity
-from apt_lightning.structure import max_positions, preset_config
+from apt_lightning.structure import max_positions
 from apt_lightning.tools.bench.decoder import KV_CACHES, measure_decoders
-from apt_lightning.tools.bench.models import (
-    PRESETS,
-    config_from_json,
-    dense_like,
-    describe,
-    is_causal_lm,
-    model_from_config,
-)
+from apt_lightning.tools.bench.models import PRESETS, describe, is_causal_lm
 from apt_lightning.tools.bench.protocol import _MIN_BLOCK, DTYPES, measure_all
 from apt_lightning.tools.bench.reporting import markdown_table
+from apt_lightning.tools.bench.sources import load_models, source_config
 
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_KINDS = ("auto", "classifier", "causal-lm")
@@ -261,26 +252,8 @@ def _declared_kind(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             return None  # load_pruned names what is wrong with the folder
         return "causal-lm" if str(model_class).endswith("ForCausalLM") else "classifier"
     if args.backbone or args.config_json:
-        return "causal-lm" if is_causal_lm(_source_config(parser, args)) else "classifier"
+        return "causal-lm" if is_causal_lm(source_config(parser, args)) else "classifier"
     return None if args.checkpoint else "classifier"
-
-
-def _source_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """The transformers config of --backbone / --preset / --config-json."""
-    if args.preset:
-        return preset_config(args.preset)
-    if args.config_json:
-        return config_from_json(args.config_json)
-    from transformers import AutoConfig
-
-    from apt_lightning.backbone import BackboneNotFoundError, resolve_backbone
-
-    try:
-        path = resolve_backbone(args.backbone)
-    except BackboneNotFoundError as err:
-        hint = f"; for its shapes offline use --preset {args.backbone}" if args.backbone in PRESETS else ""
-        parser.error(f"{err}{hint}")
-    return AutoConfig.from_pretrained(path, num_labels=2)
 
 
 def _check_kind(parser: argparse.ArgumentParser, args: argparse.Namespace, kind: str) -> None:
@@ -320,53 +293,6 @@ def _check_kind(parser: argparse.ArgumentParser, args: argparse.Namespace, kind:
             setattr(args, key, value)
 
 
-def _load_models(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, kind: str | None
-) -> tuple[dict[str, nn.Module], dict[str, dict]]:
-    """The dense reference first, then the pruned model(s); plus pruning records per pruned model. `kind`
-    None: a checkpoint's, whatever it holds."""
-    records: dict[str, dict] = {}
-    torch.manual_seed(args.seed)  # random weights (presets, --random-weights), hence the pruned structure
-    if args.model_dir or args.checkpoint:
-        if args.model_dir:
-            from apt_lightning.export import load_pruned
-
-            pruned, name = load_pruned(args.model_dir), Path(args.model_dir).name
-        else:
-            from apt_lightning.export import compact_for_inference, module_from_checkpoint
-
-            pruned, name = (
-                compact_for_inference(module_from_checkpoint(args.checkpoint).student),
-                Path(args.checkpoint).stem,
-            )
-        if kind is not None and (kind == "causal-lm") != is_causal_lm(pruned):
-            parser.error(f"--model-kind {kind}: {name} holds a {type(pruned).__name__}")
-        pruned.set_attn_implementation(args.attn)
-        return {"dense": dense_like(pruned, args.attn), name: pruned.eval()}, records
-    causal = kind == "causal-lm"
-    config = _source_config(parser, args)
-    if args.backbone and not args.random_weights:
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        from apt_lightning.backbone import resolve_backbone
-
-        auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-        kw = {} if causal else {"num_labels": 2}
-        dense = auto.from_pretrained(
-            resolve_backbone(args.backbone), attn_implementation=args.attn, dtype=torch.float32, **kw
-        ).eval()
-    else:
-        dense = model_from_config(config, args.attn, causal_lm=causal)
-    models = {"dense": dense}
-    for s in args.sparsity:
-        model = copy.deepcopy(dense)
-        record = prune_to_sparsity(model, s, args.scorer, args.multiple_of, args.even_kv_groups)
-        name = f"pruned {s:g}" + (f" (x{args.multiple_of})" if args.multiple_of > 1 else "")
-        name += " (even KV groups)" if args.even_kv_groups else ""
-        models[name], records[name] = model.eval(), record
-    return models, records
-
-
 def run_cli(argv: list[str] | None = None) -> dict:
     """`apt-bench` as a function: parse `argv`, measure, print, write; returns the report (the JSON)."""
     parser = build_parser()
@@ -390,7 +316,7 @@ def _main(
     kind = _declared_kind(parser, args)
     if kind is not None:
         _check_kind(parser, args, kind)  # before any model is built
-    models, records = _load_models(parser, args, kind)
+    models, records = load_models(parser, args, kind)
     if kind is None:
         kind = "causal-lm" if is_causal_lm(list(models.values())[-1]) else "classifier"
         _check_kind(parser, args, kind)
