@@ -36,6 +36,7 @@ from apt_lightning import distributed
 from apt_lightning.files import write_json_atomic
 from apt_lightning.pruning import BlockTensors, kept_param_count
 from apt_lightning.pruning.schedule import resolve_step
+from apt_lightning.pruning.search import free_units
 from apt_lightning.structure import ModelShapes, get_structure
 
 _NORMALIZERS = ("mean", "max", "sum", "standarization", "gaussian", None)
@@ -160,11 +161,7 @@ def keep_top(scores: list[torch.Tensor], keep: int, round_to: int = 1) -> list[t
         kept = torch.nonzero(mask).flatten()
         kept = kept[torch.argsort(score[kept], descending=True, stable=True)]  # ties: earlier blocks first
         mask[kept[len(kept) - len(kept) % round_to :]] = 0.0
-        free = torch.nonzero(mask == 0).flatten()
-        free = free[torch.argsort(score[free], descending=True, stable=True)]
-        for start in range(0, len(free) - round_to + 1, round_to):
-            unit = free[start : start + round_to]
-            units.append((float(score[unit].mean()), i, unit))
+        units += [(float(score[unit].mean()), i, unit) for unit in free_units(mask, score, round_to)]
     total = sum(int(mask.sum()) for mask in layers)
     for _, i, unit in sorted(units, key=lambda u: -u[0]):
         if total + round_to > keep:

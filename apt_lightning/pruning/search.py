@@ -161,6 +161,14 @@ def _head_group(shapes: ModelShapes, multiple_of: int) -> int:
     return group
 
 
+def free_units(mask: torch.Tensor, score: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """One layer's pruned blocks (mask 0), best score first (ties: the earlier block), in whole units of
+    `size`; a remainder smaller than a unit is left out. What an aligned refill may add back."""
+    free = torch.nonzero(mask == 0).flatten()
+    free = free[torch.argsort(score[free], descending=True, stable=True)]
+    return [free[start : start + size] for start in range(0, len(free) - size + 1, size)]
+
+
 def _groups_even(mask: torch.Tensor, group_of: torch.Tensor) -> bool:
     """Whether every key/value group with a kept query head keeps as many as the others."""
     counts = torch.bincount(group_of[mask > 0])
@@ -230,10 +238,7 @@ def _refill(
     units: list[tuple[float, int, int, torch.Tensor, list[int]]] = []  # density, kind, index, mask, blocks
     # a head mask's index is its layer: `_layer_masks` yields every layer's heads first
     for index, (kind, mask, layer_density, size) in enumerate(_layer_masks(keep, density, sizes)):
-        free = torch.nonzero(mask == 0).flatten()
-        free = free[torch.argsort(layer_density[free], descending=True, stable=True)]
-        for g in range(len(free) // size):
-            group = free[g * size : (g + 1) * size]
+        for group in free_units(mask, layer_density, size):
             units.append((float(layer_density[group].mean()), kind, index, mask, group.tolist()))
     d = int(keep.hidden.sum())
     count = kept_param_count(keep, shapes)
