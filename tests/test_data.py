@@ -8,7 +8,7 @@ import torch
 
 from apt_lightning.backbone import MINILM_ALIAS, BackboneNotFoundError, load_tokenizer, resolve_backbone
 from apt_lightning.data import GLUEDataModule, build_metrics, get_task
-from apt_lightning.data.glue import carve_validation
+from apt_lightning.data.carving import carve_validation
 
 GLUE = Path(__file__).resolve().parents[2] / "shared/data/glue"
 

@@ -14,8 +14,9 @@ provide), and ``apt-fit predict`` reads ``predict.*``, else ``test.*`` (labels o
 test files work), else the dev split: with a data folder that has neither, or the hub, predictions are
 made for the dev examples, whose labels let them be checked.
 
-Honest model selection (``val_from_train``): a fixed-seed random part of the training set becomes the
-validation split (checkpoint selection, monitoring) and is removed from training; the dataset's own dev
+Honest model selection (``val_from_train``): a fixed-seed random part of the training set (rows, or
+whole sentences with their phrases: ``carve_by``, ``carving.py``) becomes the validation split (checkpoint
+selection, monitoring) and is removed from training; the dataset's own dev
 set then becomes the ``test`` split, read only by ``apt-fit test`` / ``trainer.test`` (docs/method.md,
 "Honest model selection").
 """
@@ -26,17 +27,17 @@ import os
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 from datasets import Dataset, Value, load_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from apt_lightning.backbone import load_tokenizer, resolve_backbone
+from apt_lightning.data.carving import CARVE_BY, carve_sentences, carve_size, carve_validation
 from apt_lightning.data.readers import EXTENSIONS, has_label, label_names_in, parse_file, read_split
 from apt_lightning.data.tasks import GLUE_HUB_PATH, TaskSpec, get_task
 from apt_lightning.data.validation import LabelError, MissingColumnError, check_max_length
 
-__all__ = ["GLUE_HUB_PATH", "GLUEDataModule", "STAGE_SPLITS", "carve_validation"]
+__all__ = ["GLUE_HUB_PATH", "GLUEDataModule", "STAGE_SPLITS"]
 # The splits each trainer stage reads; "predict" falls back to the dev split (see the module docstring).
 STAGE_SPLITS = {
     "fit": ("train", "validation"),
@@ -46,37 +47,6 @@ STAGE_SPLITS = {
 }
 # With a validation split carved from training: the source each split is read from (test: the dev file).
 CARVED_SOURCES = {"train": "train", "validation": "train", "test": "validation", "predict": "predict"}
-
-
-def _carve_size(size) -> int | float:
-    """`size` checked: a row count (an int, or a whole float > 1: some jsonargparse versions parse an
-    `int | float` option as a float) or a fraction in (0, 1)."""
-    if isinstance(size, bool) or not isinstance(size, int | float):
-        raise ValueError(f"val_from_train must be a row count or a fraction in (0, 1), got {size!r}")
-    if isinstance(size, float) and size > 1.0:
-        if not size.is_integer():
-            raise ValueError(f"val_from_train must be a whole row count or a fraction in (0, 1), got {size}")
-        size = int(size)
-    if isinstance(size, float) and not 0.0 < size < 1.0:
-        raise ValueError(f"val_from_train as a fraction must be in (0, 1), got {size}")
-    if isinstance(size, int) and size < 1:
-        raise ValueError(f"val_from_train as a row count must be 1 or more, got {size}")
-    return size
-
-
-def carve_validation(size: int | float, total: int, seed: int) -> tuple[list[int], list[int]]:
-    """(training rows, validation rows) of a training set of `total` rows with `size` rows (an int) or
-    that fraction of them (a float in (0, 1)) drawn at random for validation: the same split for the
-    same seed and total, each list in row order."""
-    size = _carve_size(size)
-    count = round(size * total) if isinstance(size, float) else size
-    if not 0 < count < total:
-        raise ValueError(
-            f"val_from_train={size!r} takes {count} of the {total} training rows for validation; "
-            "it must leave at least one row on each side"
-        )
-    order = np.random.default_rng(seed).permutation(total)
-    return sorted(order[count:].tolist()), sorted(order[:count].tolist())
 
 
 class GLUEDataModule(L.LightningDataModule):
@@ -102,6 +72,10 @@ class GLUEDataModule(L.LightningDataModule):
             this fraction (a float in (0, 1)), drawn with `split_seed` and removed from training; the
             dev file (hub: the validation split) becomes the ``test`` split. None: validate on the dev set.
         split_seed: the seed of that draw (the same rows for every run and variant).
+        carve_by: ``row`` draws training rows; ``sentence`` (single-text tasks whose training rows include
+            the phrases of their sentences, like SST-2) draws `val_from_train` sentences (or that fraction
+            of them), takes every row of each one's group out of training and validates on the sentences
+            alone (``carving.sentence_groups``).
     """
 
     def __init__(
@@ -117,6 +91,7 @@ class GLUEDataModule(L.LightningDataModule):
         eval_limit: int | None = None,
         val_from_train: int | float | None = None,
         split_seed: int = 0,
+        carve_by: str = "row",
     ) -> None:
         super().__init__()
         self._task = get_task(task)
@@ -139,7 +114,20 @@ class GLUEDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}")
         if val_from_train is not None:
-            val_from_train = _carve_size(val_from_train)
+            val_from_train = carve_size(val_from_train)
+        if carve_by not in CARVE_BY:
+            raise ValueError(f"carve_by must be one of {list(CARVE_BY)}, got {carve_by!r}")
+        if carve_by == "sentence":
+            if val_from_train is None:
+                raise ValueError(
+                    "carve_by='sentence' chooses how the validation split is carved from training; "
+                    "set val_from_train (how many sentences, or a fraction) or leave carve_by='row'"
+                )
+            if len(self._task.text_columns) != 1:
+                raise ValueError(
+                    f"carve_by='sentence' groups the phrases of single-text rows; task {self._task.name!r} "
+                    f"has text columns {list(self._task.text_columns)}: use carve_by='row'"
+                )
         resolve_backbone(tokenizer)  # fail now, not after the data is read, on a tokenizer we can't load
         self.save_hyperparameters()
         self._data_dir = None if data_dir is None else Path(os.path.expandvars(data_dir)).expanduser()
@@ -231,9 +219,11 @@ class GLUEDataModule(L.LightningDataModule):
             out["test"] = raw["validation"]
         if "train" in raw:
             train = raw["train"]
-            keep, held_out = carve_validation(
-                self.hparams.val_from_train, len(train), self.hparams.split_seed
-            )
+            size, seed = self.hparams.val_from_train, self.hparams.split_seed
+            if self.hparams.carve_by == "sentence":
+                keep, held_out = carve_sentences(size, train[self._task.text_columns[0]], seed)
+            else:
+                keep, held_out = carve_validation(size, len(train), seed)
             out["train"], out["validation"] = train.select(keep), train.select(held_out)
         return out
 
