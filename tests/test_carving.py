@@ -25,14 +25,14 @@ def _word(n: int) -> str:
 
 def _phrase_dataset(seed: int, sentences: int = 40) -> list[str]:
     """SST-2-like rows: sentences of distinct words, each with a random set of its runs as phrase rows
-    (some twice), shuffled."""
+    and a few of those twice, shuffled."""
     rng = random.Random(seed)
     rows = []
     for s in range(sentences):
         words = [_word(10 * s + i) for i in range(rng.randint(1, 9))]
-        rows.append(" ".join(words))
         runs = sorted(_runs(" ".join(words)))
-        rows += rng.sample(runs, rng.randint(0, len(runs)))
+        phrases = rng.sample(runs, rng.randint(0, len(runs)))
+        rows += [" ".join(words), *phrases, *phrases[:2]]
     rng.shuffle(rows)
     return rows
 
@@ -45,6 +45,23 @@ def test_sentence_groups_by_the_longest_holder():
     assert groups == [0, 0, 0, 3, 0, 5, 5, 7]
     assert sentence_groups(["a b", "b a"]) == [0, 1]  # a run is contiguous and ordered
     assert sentence_groups(["ab", "a"]) == [0, 1]  # and made of whole tokens
+    assert sentence_groups(["a", "", "a b", " "]) == [2, 1, 2, 1]  # empty texts: one group of their own
+
+
+def test_a_shared_phrase_goes_with_the_longer_sentence():
+    """The phrase "b c" is in both sentences: it leaves training with the longer one and stays in
+    training when only the shorter one validates."""
+    texts = ["x b c y z", "b c", "b c w", "p", "q"]
+    assert sentence_groups(texts) == [0, 0, 2, 3, 4]
+    for seed in range(40):
+        train, val = carve_sentences(1, texts, seed=seed)
+        if val == [0]:
+            assert train == [2, 3, 4]
+        elif val == [2]:
+            assert train == [0, 1, 3, 4]
+        else:
+            assert sorted(train + val) == list(range(5))
+    assert {tuple(carve_sentences(1, texts, seed=seed)[1]) for seed in range(40)} == {(0,), (2,), (3,), (4,)}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -68,6 +85,8 @@ def test_carved_sentences_take_their_phrases_out_of_training(seed):
 def test_carving_every_sentence_is_refused():
     with pytest.raises(ValueError, match="takes 3 of the 3 training sentences"):
         carve_sentences(3, ["a b", "a", "c", "d e"], seed=0)
+    with pytest.raises(ValueError, match="as a sentence count must be 1 or more, got 0"):
+        GLUEDataModule(val_from_train=0, carve_by="sentence")
 
 
 def _write(folder: Path, name: str, text: str) -> None:
@@ -95,6 +114,18 @@ def test_data_module_carves_by_sentence(tmp_path):
     assert val == [texts[row] for row in expected_val] and len(val) == 4
     assert train == [texts[row] for row in expected_train]
     assert all(not (_runs(sentence) & set(train)) for sentence in val)
+    limited = GLUEDataModule(
+        tokenizer=MINILM_ALIAS,
+        task="sst2",
+        data_dir=str(tmp_path),
+        val_from_train=0.25,
+        carve_by="sentence",
+        train_limit=5,
+    )
+    limited.setup("fit")
+    quarter_train, quarter_val = carve_sentences(0.25, texts, seed=0)
+    assert _texts(limited, "validation") == [texts[row] for row in quarter_val] and len(quarter_val) == 3
+    assert _texts(limited, "train") == [texts[row] for row in quarter_train[:5]]  # the limit after carving
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
 """Every shipped suite's pruning schedules fit the runs they are in: for each run with an AdaptivePruning
 group, the events (with their decay windows and warm-up) end within the optimizer steps the run will have,
-counted from the local data the suite reads (rows, the carved validation split, train_limit, batch size,
-epochs / max_steps). A suite that composes but fails at the trainer's set-up wastes a device call (one did,
-2026-11-30)."""
+counted from the local data the suite reads (rows, the carved validation split by row or by sentence,
+train_limit, batch size, epochs / max_steps). A suite that composes but fails at the trainer's set-up
+wastes a device call (one did, 2026-11-30)."""
 
+import functools
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import yaml
 from conftest import REPO
 
 from apt_lightning.callbacks import AdaptivePruning
+from apt_lightning.data.carving import carve_sentences
 from apt_lightning.tools.suite.compose import plan
 from apt_lightning.tools.suite.load import load_suite
 
@@ -28,10 +30,20 @@ def training_rows(data_dir: Path) -> int | None:
     return None
 
 
+@functools.cache
+def rows_left_by_sentences(train_tsv: Path, size: int | float, seed: int) -> int:
+    """Training rows a sentence carve leaves (every phrase of a drawn sentence leaves with it)."""
+    lines = train_tsv.read_text(encoding="utf-8").splitlines()[1:]
+    return len(carve_sentences(size, [line.rsplit("\t", 1)[0] for line in lines if line.strip()], seed)[0])
+
+
 def optimizer_steps(config: dict, rows: int) -> int:
     data, trainer = config["data"]["init_args"], config["trainer"]
     carve = data.get("val_from_train") or 0
-    rows -= carve if isinstance(carve, int) else int(carve * rows)
+    if carve and data.get("carve_by") == "sentence":
+        rows = rows_left_by_sentences(Path(data["data_dir"]) / "train.tsv", carve, data.get("split_seed", 0))
+    else:
+        rows -= carve if isinstance(carve, int) else int(carve * rows)
     if data.get("train_limit"):
         rows = min(rows, data["train_limit"])
     batches = math.ceil(rows / data["batch_size"]) // trainer.get("accumulate_grad_batches", 1)

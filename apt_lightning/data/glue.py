@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 from datasets import Dataset, Value, load_dataset
@@ -91,7 +92,7 @@ class GLUEDataModule(L.LightningDataModule):
         eval_limit: int | None = None,
         val_from_train: int | float | None = None,
         split_seed: int = 0,
-        carve_by: str = "row",
+        carve_by: Literal["row", "sentence"] = "row",
     ) -> None:
         super().__init__()
         self._task = get_task(task)
@@ -113,10 +114,10 @@ class GLUEDataModule(L.LightningDataModule):
                 raise ValueError(f"{arg} must be a positive integer or None (all rows), got {value}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be 0 (load in the main process) or more, got {num_workers}")
-        if val_from_train is not None:
-            val_from_train = carve_size(val_from_train)
         if carve_by not in CARVE_BY:
             raise ValueError(f"carve_by must be one of {list(CARVE_BY)}, got {carve_by!r}")
+        if val_from_train is not None:
+            val_from_train = carve_size(val_from_train, carve_by)
         if carve_by == "sentence":
             if val_from_train is None:
                 raise ValueError(
