@@ -474,3 +474,17 @@ def test_presets_match_published_shapes():
     assert (m.hidden_size, m.num_hidden_layers, m.intermediate_size) == (384, 6, 1536)
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("t5")
+
+
+def test_alignment_warning_names_the_unaligned_widths():
+    from apt_lightning.tools.bench.models import alignment_warning, describe
+
+    assert alignment_warning("x8", {"neurons_per_layer": [1376, 1384, 0], "hidden": 576}) is None
+    message = alignment_warning("x1", {"neurons_per_layer": [1379, 1379, 1378], "hidden": 576})
+    assert message.startswith("x1: widths 1378, 1379 are not multiples of 8") and "--multiple-of 8" in message
+    assert alignment_warning("odd hidden", {"neurons_per_layer": [64], "hidden": 460}).startswith(
+        "odd hidden: widths 460 "
+    )
+    assert alignment_warning("no structure", {"params": 10}) is None
+    assert "widths 37 are not multiples" in alignment_warning("t", describe(tiny_model(intermediate_size=37)))
+    assert alignment_warning("t", describe(tiny_model(intermediate_size=32))) is None

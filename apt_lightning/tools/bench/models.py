@@ -73,6 +73,21 @@ def describe(model: nn.Module) -> dict[str, Any]:
     return info
 
 
+def alignment_warning(name: str, info: dict[str, Any], multiple: int = 8) -> str | None:
+    """A warning for a model (as :func:`describe` gives it) whose FFN widths or hidden size are not
+    multiples of `multiple`: tensor-core matrix products run far slower on such shapes (docs/bench.md,
+    "Alignment matters"). None when every width is aligned or the widths are unknown."""
+    widths = [*info.get("neurons_per_layer", ()), *([info["hidden"]] if "hidden" in info else [])]
+    odd = sorted({w for w in widths if w % multiple})
+    if not odd:
+        return None
+    return (
+        f"{name}: widths {', '.join(map(str, odd[:6]))}{' ...' if len(odd) > 6 else ''} are not multiples of "
+        f'{multiple}, where GPU matrix products run slower (docs/bench.md, "Alignment matters"); prune with '
+        f"--multiple-of {multiple} (training: pruning.multiple_of)"
+    )
+
+
 def unpadded_attention(model: nn.Module) -> str:
     """Switch `model` to an unpadded variant of its attention implementation (the same attention function,
     a mask function that returns None) and return the variant's name. Only for inputs without padding."""
