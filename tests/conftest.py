@@ -135,3 +135,16 @@ def bert_exact_count(heads, neurons, hidden, head_dim):
         if f:
             total += f + hidden + 2 * hidden
     return total
+
+
+def write_file(folder: Path, name: str, text: str) -> Path:
+    """Write `text` to `folder/name` (folders made as needed) and return the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+def split_texts(dm, split: str) -> list[str]:
+    """The texts of a set-up data module's split, decoded back from its token ids."""
+    data = getattr(dm, f"{'val' if split == 'validation' else split}_dataloader")().dataset
+    return [dm.tokenizer.decode(ids, skip_special_tokens=True) for ids in data["input_ids"]]

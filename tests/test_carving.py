@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import split_texts, write_file
 
 from apt_lightning.backbone import MINILM_ALIAS
 from apt_lightning.data import GLUEDataModule
@@ -89,27 +90,17 @@ def test_carving_every_sentence_is_refused():
         GLUEDataModule(val_from_train=0, carve_by="sentence")
 
 
-def _write(folder: Path, name: str, text: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(text, encoding="utf-8")
-
-
-def _texts(dm: GLUEDataModule, split: str) -> list[str]:
-    data = getattr(dm, f"{'val' if split == 'validation' else split}_dataloader")().dataset
-    return [dm.tokenizer.decode(ids, skip_special_tokens=True) for ids in data["input_ids"]]
-
-
 def test_data_module_carves_by_sentence(tmp_path):
     texts = _phrase_dataset(3, sentences=12)
-    _write(
+    write_file(
         tmp_path, "train.tsv", "sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(texts))
     )
-    _write(tmp_path, "dev.tsv", "sentence\tlabel\nthe dev one\t1\n")
+    write_file(tmp_path, "dev.tsv", "sentence\tlabel\nthe dev one\t1\n")
     dm = GLUEDataModule(
         tokenizer=MINILM_ALIAS, task="sst2", data_dir=str(tmp_path), val_from_train=4, carve_by="sentence"
     )
     dm.setup("fit")
-    train, val = _texts(dm, "train"), _texts(dm, "validation")
+    train, val = split_texts(dm, "train"), split_texts(dm, "validation")
     expected_train, expected_val = carve_sentences(4, texts, seed=0)
     assert val == [texts[row] for row in expected_val] and len(val) == 4
     assert train == [texts[row] for row in expected_train]
@@ -124,8 +115,8 @@ def test_data_module_carves_by_sentence(tmp_path):
     )
     limited.setup("fit")
     quarter_train, quarter_val = carve_sentences(0.25, texts, seed=0)
-    assert _texts(limited, "validation") == [texts[row] for row in quarter_val] and len(quarter_val) == 3
-    assert _texts(limited, "train") == [texts[row] for row in quarter_train[:5]]  # the limit after carving
+    assert split_texts(limited, "validation") == [texts[row] for row in quarter_val] and len(quarter_val) == 3
+    assert split_texts(limited, "train") == [texts[row] for row in quarter_train[:5]]  # limited after carving
 
 
 @pytest.mark.parametrize(

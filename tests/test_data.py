@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import split_texts, write_file
 
 from apt_lightning.backbone import MINILM_ALIAS, BackboneNotFoundError, load_tokenizer, resolve_backbone
 from apt_lightning.data import GLUEDataModule, build_metrics, get_task
@@ -31,12 +32,6 @@ def _check_batch(batch: dict[str, torch.Tensor], num_labels: int) -> None:
 
 def _train_labels(dm: GLUEDataModule) -> list:
     return list(dm.train_dataloader().dataset["labels"])
-
-
-def _write(folder: Path, name: str, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(text, encoding="utf-8")
-    return folder
 
 
 @pytest.mark.skipif(not (GLUE / "sst2").is_dir(), reason="shared GLUE data not present")
@@ -71,9 +66,9 @@ def test_mnli_glue_tsv_with_string_labels(tmp_path):
         "1\t8\tIt rains.\tIt is dry.\tneutral\tcontradiction\n",
         "2\t9\tNA\tMaybe.\tneutral\tneutral\n",
     ]
-    _write(tmp_path, "train.tsv", header + "".join(rows))
-    _write(tmp_path, "dev_matched.tsv", header + rows[0])
-    _write(tmp_path, "dev_mismatched.tsv", header + rows[1])
+    write_file(tmp_path, "train.tsv", header + "".join(rows))
+    write_file(tmp_path, "dev_matched.tsv", header + rows[0])
+    write_file(tmp_path, "dev_mismatched.tsv", header + rows[1])
     dm = _setup(task="mnli", data_dir=str(tmp_path))
     batch = next(iter(dm.train_dataloader().dataset.iter(batch_size=3)))
     assert batch["labels"] == [0, 2, 1]  # quotes kept literally, "NA" stays text
@@ -82,8 +77,8 @@ def test_mnli_glue_tsv_with_string_labels(tmp_path):
 
 def test_cola_headerless_tsv(tmp_path):
     rows = "gj04\t1\t\tThe cat sat.\ngj04\t0\t*\tCat the sat.\n"
-    _write(tmp_path, "train.tsv", rows)
-    _write(tmp_path, "dev.tsv", rows)
+    write_file(tmp_path, "train.tsv", rows)
+    write_file(tmp_path, "dev.tsv", rows)
     assert _train_labels(_setup(task="cola", data_dir=str(tmp_path))) == [1, 0]
 
 
@@ -114,41 +109,36 @@ def test_carved_validation_rows():
         carve_validation(200, 200, seed=0)
 
 
-def _texts(dm: GLUEDataModule, split: str) -> list[str]:
-    data = getattr(dm, f"{'val' if split == 'validation' else split}_dataloader")().dataset
-    return [dm.tokenizer.decode(ids, skip_special_tokens=True) for ids in data["input_ids"]]
-
-
 def test_validation_carved_from_training_and_dev_as_test(tmp_path):
     rows = "".join(f"film number {i}\t{i % 2}\n" for i in range(40))
-    _write(tmp_path, "train.tsv", "sentence\tlabel\n" + rows)
-    _write(tmp_path, "dev.tsv", "sentence\tlabel\nthe dev one\t1\nthe dev two\t0\n")
+    write_file(tmp_path, "train.tsv", "sentence\tlabel\n" + rows)
+    write_file(tmp_path, "dev.tsv", "sentence\tlabel\nthe dev one\t1\nthe dev two\t0\n")
     dm = _setup(task="sst2", data_dir=str(tmp_path), val_from_train=10, split_seed=3)
-    train, val = _texts(dm, "train"), _texts(dm, "validation")
+    train, val = split_texts(dm, "train"), split_texts(dm, "validation")
     assert len(train) == 30 and len(val) == 10 and not set(train) & set(val)
     assert sorted(train + val) == sorted(f"film number {i}" for i in range(40))
     dm.setup("test")
-    assert _texts(dm, "test") == ["the dev one", "the dev two"]  # the official dev set is the test split
+    assert split_texts(dm, "test") == ["the dev one", "the dev two"]  # the official dev set is the test split
     again = GLUEDataModule(
         tokenizer=MINILM_ALIAS, task="sst2", data_dir=str(tmp_path), val_from_train=10, split_seed=3
     )
     again.setup("validate")
-    assert _texts(again, "validation") == val  # the same rows in every stage and every run
+    assert split_texts(again, "validation") == val  # the same rows in every stage and every run
     other = _setup(task="sst2", data_dir=str(tmp_path), val_from_train=0.25, split_seed=4, train_limit=5)
-    assert len(_texts(other, "validation")) == 10 and _texts(other, "validation") != val
-    assert len(_texts(other, "train")) == 5  # the limit applies to what carving left
+    assert len(split_texts(other, "validation")) == 10 and split_texts(other, "validation") != val
+    assert len(split_texts(other, "train")) == 5  # the limit applies to what carving left
 
 
 def test_whole_float_carve_size_is_a_row_count(tmp_path):
     """jsonargparse 4.53 (the GPU image's) parses `val_from_train: 2000` of an `int | float` option as
     2000.0: a whole float >= 1 means that many rows, the same split as the int."""
     rows = "".join(f"film number {i}\t{i % 2}\n" for i in range(40))
-    _write(tmp_path, "train.tsv", "sentence\tlabel\n" + rows)
-    _write(tmp_path, "dev.tsv", "sentence\tlabel\nthe dev one\t1\n")
+    write_file(tmp_path, "train.tsv", "sentence\tlabel\n" + rows)
+    write_file(tmp_path, "dev.tsv", "sentence\tlabel\nthe dev one\t1\n")
     as_float = _setup(task="sst2", data_dir=str(tmp_path), val_from_train=10.0, split_seed=3)
     as_int = _setup(task="sst2", data_dir=str(tmp_path), val_from_train=10, split_seed=3)
     assert as_float.hparams.val_from_train == 10 and isinstance(as_float.hparams.val_from_train, int)
-    assert _texts(as_float, "validation") == _texts(as_int, "validation")
+    assert split_texts(as_float, "validation") == split_texts(as_int, "validation")
     with pytest.raises(ValueError, match=r"must be a whole row count or a fraction in \(0, 1\), got 10.5"):
         GLUEDataModule(val_from_train=10.5)
     with pytest.raises(ValueError, match=r"as a fraction must be in \(0, 1\), got 1.0"):
@@ -177,23 +167,23 @@ def test_bad_arguments(kwargs, match):
 def test_missing_and_empty_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         GLUEDataModule(data_dir=str(tmp_path / "nope")).prepare_data()
-    _write(tmp_path, "notes.txt", "")
+    write_file(tmp_path, "notes.txt", "")
     expected = r"no train file; expected one of train\.tsv.*found: \['notes\.txt'\]"
     with pytest.raises(FileNotFoundError, match=expected):
         GLUEDataModule(data_dir=str(tmp_path)).prepare_data()
 
 
 def test_missing_column(tmp_path):
-    _write(tmp_path, "train.jsonl", '{"text": "good", "label": 1}\n')
-    _write(tmp_path, "dev.jsonl", '{"text": "bad", "label": 0}\n')
+    write_file(tmp_path, "train.jsonl", '{"text": "good", "label": 1}\n')
+    write_file(tmp_path, "dev.jsonl", '{"text": "bad", "label": 0}\n')
     expected = r"missing column\(s\) \['sentence'\].*found columns \['text', 'label'\]"
     with pytest.raises(ValueError, match=expected):
         _setup(task="sst2", data_dir=str(tmp_path))
 
 
 def test_label_out_of_range(tmp_path):
-    _write(tmp_path, "train.tsv", "sentence\tlabel\ngood\t1\nodd\t5\nodder\t5\n")
-    _write(tmp_path, "dev.tsv", "sentence\tlabel\nbad\t0\n")
+    write_file(tmp_path, "train.tsv", "sentence\tlabel\ngood\t1\nodd\t5\nodder\t5\n")
+    write_file(tmp_path, "dev.tsv", "sentence\tlabel\nbad\t0\n")
     with pytest.raises(ValueError, match=r"train file .*label '5' is not valid .*\(2 of 3 rows\).*\[0, 2\)"):
         _setup(task="sst2", data_dir=str(tmp_path))
 
