@@ -1,5 +1,6 @@
 """apt-bench: pruning to a sparsity, the measurement function, the command line and its input errors."""
 
+import io
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from apt_lightning.pruning import prune_to_sparsity
 from apt_lightning.structure import get_structure, max_positions, preset_config
 from apt_lightning.tools import bench
 from apt_lightning.tools.bench import benchmark, cli, protocol, run_cli
+from apt_lightning.tools.bench.models import alignment_warning, describe, warn_unaligned
 
 FAST = [
     "--batch-sizes",
@@ -288,6 +290,10 @@ def test_cli_model_dir(tmp_path, capsys):
     seq = run_cli(["--model-dir", str(folder), *FAST, "--order", "sequential", "--out", str(out)])
     _check_report(seq, out)
     assert all(r["repeats"] == 2 and r["warmup"] == 1 for r in seq["results"])
+    named_dense = export_pruned(model, tmp_path / "dense")  # a folder named like the reference
+    both = run_cli(["--model-dir", str(named_dense), *FAST])
+    assert list(both["models"]) == ["dense", "dense (model-dir)"]
+    assert both["models"]["dense (model-dir)"]["sparsity"] == pytest.approx(0.5, abs=0.1)
 
 
 def test_cli_config_json_several_sparsities(tmp_path):
@@ -477,14 +483,24 @@ def test_presets_match_published_shapes():
 
 
 def test_alignment_warning_names_the_unaligned_widths():
-    from apt_lightning.tools.bench.models import alignment_warning, describe
-
     assert alignment_warning("x8", {"neurons_per_layer": [1376, 1384, 0], "hidden": 576}) is None
     message = alignment_warning("x1", {"neurons_per_layer": [1379, 1379, 1378], "hidden": 576})
     assert message.startswith("x1: widths 1378, 1379 are not multiples of 8") and "--multiple-of 8" in message
     assert alignment_warning("odd hidden", {"neurons_per_layer": [64], "hidden": 460}).startswith(
-        "odd hidden: widths 460 "
+        "odd hidden: width 460 is not a multiple of 8"
     )
     assert alignment_warning("no structure", {"params": 10}) is None
-    assert "widths 37 are not multiples" in alignment_warning("t", describe(tiny_model(intermediate_size=37)))
+    assert "width 37 is not a multiple" in alignment_warning("t", describe(tiny_model(intermediate_size=37)))
     assert alignment_warning("t", describe(tiny_model(intermediate_size=32))) is None
+
+
+def test_unaligned_models_are_warned_about_but_not_the_dense_reference():
+    infos = {
+        "dense": {"neurons_per_layer": [37], "hidden": 32},
+        "pruned 0.3": {"neurons_per_layer": [1379], "hidden": 576},
+        "pruned 0.5 (x8)": {"neurons_per_layer": [1376], "hidden": 576},
+    }
+    stream = io.StringIO()
+    assert len(warn_unaligned(infos, stream)) == 1
+    assert stream.getvalue().startswith("apt-bench: warning: pruned 0.3: width 1379 is not a multiple of 8")
+    assert "dense" not in stream.getvalue()

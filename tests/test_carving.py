@@ -49,6 +49,36 @@ def test_sentence_groups_by_the_longest_holder():
     assert sentence_groups(["a", "", "a b", " "]) == [2, 1, 2, 1]  # empty texts: one group of their own
 
 
+def _longest_holder(texts: list[str]) -> list[int]:
+    """The definition, by brute force: each text's group is the longest text holding it as a run of
+    whole tokens, the earliest among equally long ones; empty texts are one group, the first."""
+    tokens = [t.split() for t in texts]
+
+    def holds(big: list[str], small: list[str]) -> bool:
+        return any(big[i : i + len(small)] == small for i in range(len(big) - len(small) + 1))
+
+    groups = []
+    for words in tokens:
+        holders = [j for j, other in enumerate(tokens) if holds(other, words) and bool(other) == bool(words)]
+        longest = max(len(tokens[j]) for j in holders)
+        groups.append(min(j for j in holders if len(tokens[j]) == longest))
+    return groups
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sentence_groups_match_the_definition(seed):
+    """Random texts over 2-4 words (runs repeat and overlap across rows) with spare whitespace."""
+    rng = random.Random(seed)
+    for _ in range(500):
+        vocab = "abcd"[: rng.randint(2, 4)]
+        texts = [
+            rng.choice(["", " "]).join(rng.choice(vocab) for _ in range(rng.randint(0, 7)))
+            + rng.choice(["", "  "])
+            for _ in range(rng.randint(1, 12))
+        ]
+        assert sentence_groups(texts) == _longest_holder(texts), texts
+
+
 def test_a_shared_phrase_goes_with_the_longer_sentence():
     """The phrase "b c" is in both sentences: it leaves training with the longer one and stays in
     training when only the shorter one validates."""
@@ -137,8 +167,8 @@ def test_bad_carve_arguments(kwargs, match):
 
 @pytest.mark.skipif(not (GLUE / "sst2").is_dir(), reason="shared GLUE data not present")
 def test_sst2_sentences():
-    """GLUE SST-2's training rows are the parse-tree nodes of about 6,900 sentences (SST's 6,920 training
-    sentences, a few of them inside longer ones)."""
+    """GLUE SST-2's training rows are about 6,900 sentences (SST's 6,920 training sentences, a few of them
+    inside longer ones) and their distinct non-neutral parse-tree phrases."""
     lines = (GLUE / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
     texts = [line.rsplit("\t", 1)[0] for line in lines]
     groups = sentence_groups(texts)

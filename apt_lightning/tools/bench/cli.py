@@ -32,7 +32,7 @@ from apt_lightning.fusion import FUSIONS, fuse_for_inference
 from apt_lightning.pruning import DATA_FREE_SCORERS as SCORERS
 from apt_lightning.structure import max_positions
 from apt_lightning.tools.bench.decoder import KV_CACHES, measure_decoders
-from apt_lightning.tools.bench.models import PRESETS, alignment_warning, describe, is_causal_lm
+from apt_lightning.tools.bench.models import PRESETS, describe, is_causal_lm, warn_unaligned
 from apt_lightning.tools.bench.protocol import _MIN_BLOCK, DTYPES, measure_all
 from apt_lightning.tools.bench.reporting import markdown_table
 from apt_lightning.tools.bench.sources import load_models, source_config
@@ -334,10 +334,7 @@ def _main(
         parser.error(f"--seq-len {args.seq_len} exceeds the model's {limit} position embeddings")
     infos = {name: {**describe(model), "pruning": records.get(name)} for name, model in models.items()}
     if device == "cuda":
-        for name, info in infos.items():
-            warning = alignment_warning(name, info)
-            if warning and name != "dense":
-                print(f"apt-bench: warning: {warning}", file=sys.stderr)
+        warn_unaligned(infos, sys.stderr)
     if args.fuse:  # after describe: the fused modules no longer have the layout the structure reads
         try:
             for model in models.values():

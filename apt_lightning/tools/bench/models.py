@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from torch import nn
 
@@ -81,11 +81,22 @@ def alignment_warning(name: str, info: dict[str, Any], multiple: int = 8) -> str
     odd = sorted({w for w in widths if w % multiple})
     if not odd:
         return None
+    listed = ", ".join(map(str, odd[:6])) + (" ..." if len(odd) > 6 else "")
+    what = f"width {listed} is not a multiple" if len(odd) == 1 else f"widths {listed} are not multiples"
     return (
-        f"{name}: widths {', '.join(map(str, odd[:6]))}{' ...' if len(odd) > 6 else ''} are not multiples of "
-        f'{multiple}, where GPU matrix products run slower (docs/bench.md, "Alignment matters"); prune with '
-        f"--multiple-of {multiple} (training: pruning.multiple_of)"
+        f'{name}: {what} of {multiple}, where GPU matrix products run slower (docs/bench.md, "Alignment '
+        f'matters"); prune with --multiple-of {multiple} (training: pruning.multiple_of; Torch-Pruning '
+        "peers: round_to)"
     )
+
+
+def warn_unaligned(infos: dict[str, dict[str, Any]], stream: TextIO) -> list[str]:
+    """Write :func:`alignment_warning` for every timed model but the first (the dense reference, whose
+    widths are the architecture's) to `stream`; returns the warnings."""
+    warnings = [w for name, info in list(infos.items())[1:] if (w := alignment_warning(name, info))]
+    for warning in warnings:
+        print(f"apt-bench: warning: {warning}", file=stream)
+    return warnings
 
 
 def unpadded_attention(model: nn.Module) -> str:

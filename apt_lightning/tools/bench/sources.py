@@ -59,6 +59,8 @@ def load_models(
                 compact_for_inference(module_from_checkpoint(args.checkpoint).student),
                 Path(args.checkpoint).stem,
             )
+        if name == "dense":  # the reference's name
+            name = f"dense ({'model-dir' if args.model_dir else 'checkpoint'})"
         if kind is not None and (kind == "causal-lm") != is_causal_lm(pruned):
             parser.error(f"--model-kind {kind}: {name} holds a {type(pruned).__name__}")
         pruned.set_attn_implementation(args.attn)
