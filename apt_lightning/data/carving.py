@@ -12,12 +12,14 @@ Grouping enumerates the token runs of each sentence, so it suits short texts (ph
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 
-__all__ = ["CARVE_BY", "carve_sentences", "carve_size", "carve_validation", "sentence_groups"]
+__all__ = ["CARVE_BY", "CarveBy", "carve_sentences", "carve_size", "carve_validation", "sentence_groups"]
 
-CARVE_BY = ("row", "sentence")
+CarveBy = Literal["row", "sentence"]
+CARVE_BY: tuple[str, ...] = get_args(CarveBy)
 
 
 def carve_size(size, unit: str = "row") -> int | float:

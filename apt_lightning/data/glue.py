@@ -15,9 +15,9 @@ test files work), else the dev split: with a data folder that has neither, or th
 made for the dev examples, whose labels let them be checked.
 
 Honest model selection (``val_from_train``): a fixed-seed random part of the training set (rows, or
-whole sentences with their phrases: ``carve_by``, ``carving.py``) becomes the validation split (checkpoint
-selection, monitoring) and is removed from training; the dataset's own dev
-set then becomes the ``test`` split, read only by ``apt-fit test`` / ``trainer.test`` (docs/method.md,
+whole sentences with their phrases: ``carve_by``, ``carving.py``) becomes the validation split
+(checkpoint selection, monitoring) and is removed from training; the dataset's own dev set then becomes
+the ``test`` split, read only by ``apt-fit test`` / ``trainer.test`` (docs/method.md,
 "Honest model selection").
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 from datasets import Dataset, Value, load_dataset
@@ -33,7 +32,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from apt_lightning.backbone import load_tokenizer, resolve_backbone
-from apt_lightning.data.carving import CARVE_BY, carve_sentences, carve_size, carve_validation
+from apt_lightning.data.carving import CARVE_BY, CarveBy, carve_sentences, carve_size, carve_validation
 from apt_lightning.data.readers import EXTENSIONS, has_label, label_names_in, parse_file, read_split
 from apt_lightning.data.tasks import GLUE_HUB_PATH, TaskSpec, get_task
 from apt_lightning.data.validation import LabelError, MissingColumnError, check_max_length
@@ -92,7 +91,7 @@ class GLUEDataModule(L.LightningDataModule):
         eval_limit: int | None = None,
         val_from_train: int | float | None = None,
         split_seed: int = 0,
-        carve_by: Literal["row", "sentence"] = "row",
+        carve_by: CarveBy = "row",
     ) -> None:
         super().__init__()
         self._task = get_task(task)
