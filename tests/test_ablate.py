@@ -908,8 +908,13 @@ def test_report_gives_the_test_numbers_of_selected_checkpoints(tmp_path):
     assert res["lora"]["test_mean"] == "" and res["lora"]["test_n"] == "0"
     runs = _read_csv(root / "runs.csv")
     assert float(runs[("apt", "1")]["test_metric"]) == 0.86 and runs[("apt", "1")]["selected_step"] == "20"
-    assert "| variant | test accuracy, mean ± std | % of FT |" in md
-    assert "| apt | 87.00 ± 1.41 (n=2) | 95.6 |" in md and "| lora | 85.00" not in md.split("Test:")[1][:400]
+    assert "| variant | test accuracy, mean ± std | % of FT | val - test |" in md
+    assert (
+        "| apt | 87.00 ± 1.41 (n=2) | 95.6 | 1.00 |" in md
+        and "| lora | 85.00" not in md.split("Test:")[1][:600]
+    )
+    assert float(res["ft"]["val_minus_test"]) == pytest.approx(0.01)
+    assert "Selection against test:" not in md  # two tested variants: too few to rank
     assert "| apt/sst2/seed1 | done | 0.8700 | all 2 | 0.8700 | 0.8600 | 0.600 |" in md
 
 
@@ -1215,3 +1220,29 @@ def test_relabel_compares_a_run_config_written_before_the_callback_groups():
     assert differences(stored, new, Path("a"), Path("b")) == []
     new["pruning"]["init_args"]["target_sparsity"] = 0.5
     assert differences(stored, new, Path("a"), Path("b"))  # a real difference still shows
+
+
+def test_rank_correlation_matches_its_definition():
+    """Spearman's rho: 1 for the same order, -1 for the reverse, ties at their mean rank, undefined (None)
+    below three pairs or for a constant side; mismatched lengths are an error."""
+    from apt_lightning.tools.report.summary import rank_correlation
+
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 25, 90]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (1.5, 1.5, 3, 4) against (1, 2, 4, 3): Pearson of the ranks
+    assert rank_correlation([5, 5, 6, 7], [1, 2, 4, 3]) == pytest.approx(0.7378647873726218)
+    assert rank_correlation([1, 2], [2, 1]) is None
+    assert rank_correlation([1, 1, 1], [1, 2, 3]) is None
+    with pytest.raises(ValueError, match="3 x values against 2 y values"):
+        rank_correlation([1, 2, 3], [1, 2])
+
+
+def test_report_says_how_well_validation_ranks_the_variants(tmp_path):
+    """With three or more tested variants the report gives the rank correlation of their validation means
+    with their test means: here validation orders them exactly against test."""
+    root = tmp_path / "suite"
+    for variant, val, test in (("ft", 0.95, 0.80), ("apt", 0.93, 0.82), ("lora", 0.91, 0.84)):
+        _write_run(root, variant, 0, val, test=test)
+    md = write_report(root).read_text()
+    assert "rank these 3 variants with a rank correlation (Spearman) of -1.00" in md
+    assert "| ft | 80.00 (n=1) | 100.0 | 15.00 |" in md

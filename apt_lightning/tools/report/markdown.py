@@ -9,7 +9,13 @@ import time
 from pathlib import Path
 
 from apt_lightning.tools.report import causal_lm
-from apt_lightning.tools.report.summary import FULL_METHOD, TTA_FRACTION, effects, paper_scores
+from apt_lightning.tools.report.summary import (
+    FULL_METHOD,
+    TTA_FRACTION,
+    effects,
+    paper_scores,
+    selection_agreement,
+)
 from apt_lightning.tools.suite.layout import CONFIG, TRAIN_LOG
 
 
@@ -137,19 +143,30 @@ def _test_table(rows: list[dict]) -> list[str]:
     if not tested:
         return []
     metric = tested[0]["monitor"].removeprefix("val/")
+    scale = 100.0 if metric in ("accuracy", "f1") else 1.0
+    digits = ".4f" if tested[0].get("mode") == "min" else ".2f"
     lines = [
         "",
         "Test: the official dev set, scoring the checkpoint each run selected on the validation split carved "
-        "from its training data (only points at the final structure count):",
+        "from its training data (only points at the final structure count); val - test: the mean best "
+        "validation value of the same runs minus their mean test value:",
         "",
-        f"| variant | test {metric}, mean ± std | % of FT |",
-        "|---|---:|---:|",
+        f"| variant | test {metric}, mean ± std | % of FT | val - test |",
+        "|---|---:|---:|---:|",
     ]
     for s in tested:
         cell = _metric_cell(
             {**s, "metric_mean": s["test_mean"], "metric_std": s["test_std"], "n": s["test_n"]}
         )
-        lines.append(f"| {s['variant']} | {cell} | {_f(s['test_pct_of_ft'], '.1f')} |")
+        gap = None if s["val_minus_test"] is None else s["val_minus_test"] * scale
+        lines.append(f"| {s['variant']} | {cell} | {_f(s['test_pct_of_ft'], '.1f')} | {_f(gap, digits)} |")
+    rho, n = selection_agreement(tested)
+    if rho is not None:
+        lines += [
+            "",
+            f"Selection against test: the validation means rank these {n} variants with a rank correlation "
+            f"(Spearman) of {rho:.2f} to the test means (1: the same order).",
+        ]
     return lines
 
 
@@ -247,7 +264,10 @@ def _definitions(
         "- **% of FT**: mean metric / mean metric of the FT reference on the same task.",
         "- **test** (runs whose validation split is carved from the training data): the official dev set's "
         "metric of the checkpoint with the best validation value among those at the final structure; then "
-        "*best dev* above is the best value on the carved split.",
+        "*best dev* above is the best value on the carved split. **val - test**: how much easier the carved "
+        "split is than the dev set for that variant; **selection against test**: Spearman's rank correlation "
+        "of the variants' validation means with their test means (does the carved split order the variants "
+        "as the dev set does?).",
         "- **sparsity**: fraction of the counted encoder parameters (heads, FFN neurons, hidden dims; "
         "embeddings and classifier not counted) removed in the final model.",
         f"- **TTA**: training wall seconds until the dev metric first reached {TTA_FRACTION:.0%} of the FT "

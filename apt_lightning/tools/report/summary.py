@@ -38,6 +38,7 @@ RESULT_FIELDS = [
     "test_mean",
     "test_std",
     "test_pct_of_ft",
+    "val_minus_test",
     "sparsity",
     "tta_s",
     "tta_reached",
@@ -177,6 +178,11 @@ def summarize(
                 "test_n": len(tests),
                 "test_mean": _mean(tests),
                 "test_std": _std(tests),
+                "val_minus_test": (
+                    _mean(r["best_metric"] for r in done if r.get("test_metric") is not None) - _mean(tests)
+                    if tests
+                    else None
+                ),
                 "sparsity": _mean(r["sparsity"] for r in done),
                 "tta_s": _mean(ttas),
                 "tta_reached": f"{len(ttas)}/{len([r for r in done if r['_history']])}",
@@ -225,6 +231,38 @@ def summarize(
         s["memory_vs_ft"] = ratio(s["peak_memory_mb"], ref.get("peak_memory_mb"))
         s["step_vs_ft"] = ratio(s["median_step_ms"], ref.get("median_step_ms"))
     return out
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i : j + 1]:
+            ranks[k] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def rank_correlation(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation of paired values; None for fewer than 3 pairs or a constant side."""
+    if len(xs) != len(ys):
+        raise ValueError(f"rank_correlation: {len(xs)} x values against {len(ys)} y values")
+    if len(xs) < 3 or len(set(xs)) == 1 or len(set(ys)) == 1:
+        return None
+    return statistics.correlation(_ranks(xs), _ranks(ys))
+
+
+def selection_agreement(rows: list[dict]) -> tuple[float | None, int]:
+    """How well a task's selection metric ranks its variants as the test set does: the rank correlation of
+    the variants' mean best validation value with their mean test value, and how many variants it spans."""
+    tested = [s for s in rows if s.get("test_n") and s["metric_mean"] is not None]
+    rho = rank_correlation([s["metric_mean"] for s in tested], [s["test_mean"] for s in tested])
+    return rho, len(tested)
 
 
 def paper_scores(meta: dict) -> tuple[dict[str, dict[str, float]], str]:
