@@ -33,11 +33,20 @@ def _f(value: float | None, spec: str = ".3f", suffix: str = "") -> str:
     return "–" if value is None else f"{format(value, spec)}{suffix}"
 
 
+def _scale(monitor: str) -> float:
+    """Accuracy and F1 are reported in %, other metrics in their own units."""
+    return 100.0 if monitor.endswith(("accuracy", "f1")) else 1.0
+
+
+def _digits(s: dict) -> int:
+    """Decimals of a metric cell: a loss or an unscaled metric differs in the third decimal."""
+    return 4 if s.get("mode") == "min" or _scale(s["monitor"]) == 1.0 else 2
+
+
 def _metric_cell(s: dict) -> str:
     if s["metric_mean"] is None:
         return "–"
-    scale = 100.0 if s["monitor"].endswith(("accuracy", "f1")) else 1.0
-    digits = 4 if s.get("mode") == "min" else 2  # a loss: differences in the third decimal matter
+    scale, digits = _scale(s["monitor"]), _digits(s)
     spread = f" ± {s['metric_std'] * scale:.{digits}f}" if s["metric_std"] is not None else ""
     return f"{s['metric_mean'] * scale:.{digits}f}{spread} (n={s['n']})"
 
@@ -53,7 +62,7 @@ def _tables(summary: list[dict], tasks: list[str]) -> list[str]:
         if not rows:
             continue
         metric = rows[0]["monitor"].removeprefix("val/")
-        unit = " (%)" if metric in ("accuracy", "f1") else ""
+        unit = " (%)" if _scale(metric) == 100.0 else ""
         lower = rows[0].get("mode") == "min"
         if lower:
             unit = " (lower is better)"
@@ -143,13 +152,12 @@ def _test_table(rows: list[dict]) -> list[str]:
     if not tested:
         return []
     metric = tested[0]["monitor"].removeprefix("val/")
-    scale = 100.0 if metric in ("accuracy", "f1") else 1.0
-    digits = ".4f" if tested[0].get("mode") == "min" else ".2f"
+    scale, digits = _scale(metric), f".{_digits(tested[0])}f"
     lines = [
         "",
         "Test: the official dev set, scoring the checkpoint each run selected on the validation split carved "
-        "from its training data (only points at the final structure count); val - test: the mean best "
-        "validation value of the same runs minus their mean test value:",
+        "from its training data (only points at the final structure count); val - test: the runs' best "
+        "validation value minus their test value, averaged over the runs with both:",
         "",
         f"| variant | test {metric}, mean ± std | % of FT | val - test |",
         "|---|---:|---:|---:|",
@@ -264,10 +272,12 @@ def _definitions(
         "- **% of FT**: mean metric / mean metric of the FT reference on the same task.",
         "- **test** (runs whose validation split is carved from the training data): the official dev set's "
         "metric of the checkpoint with the best validation value among those at the final structure; then "
-        "*best dev* above is the best value on the carved split. **val - test**: how much easier the carved "
-        "split is than the dev set for that variant; **selection against test**: Spearman's rank correlation "
-        "of the variants' validation means with their test means (does the carved split order the variants "
-        "as the dev set does?).",
+        "*best dev* above is the best value on the carved split. **val - test**: a run's best validation "
+        "value minus its test value, averaged over the variant's runs with both (positive: the metric reads "
+        "higher on the carved split; it includes the optimism of picking the best of several validations); "
+        "**selection against test**: Spearman's rank correlation of the variants' mean validation values "
+        "with their mean test values over the same runs (does the carved split order the variants as the dev "
+        "set does?).",
         "- **sparsity**: fraction of the counted encoder parameters (heads, FFN neurons, hidden dims; "
         "embeddings and classifier not counted) removed in the final model.",
         f"- **TTA**: training wall seconds until the dev metric first reached {TTA_FRACTION:.0%} of the FT "

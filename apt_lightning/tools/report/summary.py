@@ -149,6 +149,13 @@ def summarize(
         done = [r for r in runs if r["status"] == "done"]
         metrics = [r["best_metric"] for r in done if r["best_metric"] is not None]
         tests = [r["test_metric"] for r in done if r.get("test_metric") is not None]
+        # (best validation, test) of the runs that have both: a run without a validation at the final
+        # structure tests its final model, which its validation did not choose
+        selection = [
+            (r["best_metric"], r["test_metric"])
+            for r in done
+            if r["best_metric"] is not None and r.get("test_metric") is not None
+        ]
         ttas = [r["tta_s"] for r in done if r["tta_s"] is not None]
         steps = [r["median_step_s"] for r in done if r["median_step_s"] is not None]
         overhead = [
@@ -178,11 +185,8 @@ def summarize(
                 "test_n": len(tests),
                 "test_mean": _mean(tests),
                 "test_std": _std(tests),
-                "val_minus_test": (
-                    _mean(r["best_metric"] for r in done if r.get("test_metric") is not None) - _mean(tests)
-                    if tests
-                    else None
-                ),
+                "val_minus_test": _mean(val - test for val, test in selection),
+                "selection_pairs": selection,
                 "sparsity": _mean(r["sparsity"] for r in done),
                 "tta_s": _mean(ttas),
                 "tta_reached": f"{len(ttas)}/{len([r for r in done if r['_history']])}",
@@ -259,10 +263,12 @@ def rank_correlation(xs: list[float], ys: list[float]) -> float | None:
 
 def selection_agreement(rows: list[dict]) -> tuple[float | None, int]:
     """How well a task's selection metric ranks its variants as the test set does: the rank correlation of
-    the variants' mean best validation value with their mean test value, and how many variants it spans."""
-    tested = [s for s in rows if s.get("test_n") and s["metric_mean"] is not None]
-    rho = rank_correlation([s["metric_mean"] for s in tested], [s["test_mean"] for s in tested])
-    return rho, len(tested)
+    the variants' mean best validation value with their mean test value (over the runs with both), and how
+    many variants it spans."""
+    pairs = [s["selection_pairs"] for s in rows if s.get("selection_pairs")]
+    vals = [statistics.fmean(v for v, _ in p) for p in pairs]
+    tests = [statistics.fmean(t for _, t in p) for p in pairs]
+    return rank_correlation(vals, tests), len(pairs)
 
 
 def paper_scores(meta: dict) -> tuple[dict[str, dict[str, float]], str]:
