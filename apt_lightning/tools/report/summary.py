@@ -239,17 +239,10 @@ def summarize(
 
 def _ranks(values: list[float]) -> list[float]:
     """1-based ranks, ties sharing the mean of the ranks they span."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in order[i : j + 1]:
-            ranks[k] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    spans: dict[float, list[int]] = {}
+    for rank, value in enumerate(sorted(values), start=1):
+        spans.setdefault(value, []).append(rank)
+    return [statistics.fmean(spans[value]) for value in values]
 
 
 def rank_correlation(xs: list[float], ys: list[float]) -> float | None:
