@@ -4,6 +4,8 @@ import copy
 import csv
 import json
 import os
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ import yaml
 from conftest import GLUE_DIR, REPO
 
 from apt_lightning.tools.report import collect_runs, effects, paper_scores, write_report
+from apt_lightning.tools.report.summary import ratio_se
 from apt_lightning.tools.suite import cli, compose, inference, layout, train
 from apt_lightning.tools.suite.compose import plan
 from apt_lightning.tools.suite.load import load_suite, parse_sets
@@ -838,10 +841,20 @@ def test_report_from_synthetic_runs(tmp_path, capsys):
                     for n, score in (("apt", 86.4), ("no_distillation", 85.3), ("lora", None), ("ft", None))
                 ],
                 "tasks": {"sst2": {"task": "sst2", "label": "SST-2 test"}},
+                # lora's record predates recorded variant settings: the report reads them from the suite text
+                "suite_text": "variants:\n  - {name: lora, set: {model.init_args.adapters.rank: 4}}\n",
             }
         )
     )
+    meta = json.loads((root / "suite.json").read_text())
+    meta["variants"][0]["set"] = {}
+    meta["variants"][1]["set"] = {"distillation.tau": 2.0}
+    (root / "suite.json").write_text(json.dumps(meta))
     md = write_report(root).read_text()
+    sections = {s.split("\n", 1)[0]: s for s in md.split("\n### ")}
+    assert "The suite's settings" not in sections["apt"]
+    assert "```yaml\ndistillation.tau: 2.0\n```" in sections["no_distillation"]
+    assert "```yaml\nmodel.init_args.adapters.rank: 4\n```" in sections["lora"]
 
     res = {k[0]: v for k, v in _read_csv(root / "results.csv").items()}
     assert list(res) == ["apt", "no_distillation", "lora", "ft"]  # the suite's order
@@ -870,7 +883,10 @@ def test_report_from_synthetic_runs(tmp_path, capsys):
         "# Ablation results: synthetic",
         "A made-up suite.",
         "### SST-2 test",
-        "| apt | 87.00 ± 1.41 (n=2) | 95.6 | 0.60 | 15 | 0.50x | 1/2 | 1000 | 0.50x | 20.0 | 1.50 | 5.0% |",
+        "| apt | 87.00 ± 1.41 (n=2) | 95.6 ± 1.5 | 0.60 | 15 | 0.50x | 1/2 | 1000 | 0.50x | 20.0 | 1.50 "
+        "| 5.0% |",
+        "| ft | 91.00 ± 1.41 (n=2) | 100.0 | 0.00 |",  # the reference's own ratio has no spread
+        "| no_distillation | 80.00 (n=1) | 87.9 | 0.60 |",  # one seed: no standard error
         "| apt | 0.50 | 2250 | 2.25x |",
         "| 0.600 | 2 0 1 | 8 4 6 | 32 |",  # heads, FFN neurons and hidden dims kept, per run
         "## Effects against full APT\n",  # the paper has no SST-2 numbers here: not named
@@ -908,9 +924,13 @@ def test_report_gives_the_test_numbers_of_selected_checkpoints(tmp_path):
     assert res["lora"]["test_mean"] == "" and res["lora"]["test_n"] == "0"
     runs = _read_csv(root / "runs.csv")
     assert float(runs[("apt", "1")]["test_metric"]) == 0.86 and runs[("apt", "1")]["selected_step"] == "20"
-    assert "| variant | test accuracy, mean ± std | % of FT | val - test |" in md
+    assert "| variant | test accuracy, mean ± std | % of FT ± s.e. | val - test |" in md
+    assert float(res["apt"]["test_pct_of_ft_se"]) == pytest.approx(
+        100 * ratio_se(0.87, 0.02**0.5 / 10, 2, 0.91, 0.02**0.5 / 10, 2)
+    )
+    assert res["ft"]["test_pct_of_ft_se"] == ""
     assert (
-        "| apt | 87.00 ± 1.41 (n=2) | 95.6 | 1.00 |" in md
+        "| apt | 87.00 ± 1.41 (n=2) | 95.6 ± 1.5 | 1.00 |" in md
         and "| lora | 85.00" not in md.split("Test:")[1].split("Inference")[0]
     )
     assert float(res["ft"]["val_minus_test"]) == pytest.approx(0.01)
@@ -1123,9 +1143,10 @@ def test_relabel_after_a_recipe_change(tmp_path, capsys):
         assert done["log_dir"] == str(run.run_dir / "logs")
         stored = yaml.safe_load((run.run_dir / "config.yaml").read_text())
         assert _args(stored, "SelfDistillation")["mu_max"] == {"apt": 0.5, "paper_mu": 1.0}[run.variant.name]
-    assert [v["name"] for v in json.loads((out / "suite.json").read_text())["variants"]] == [
-        "apt",
-        "paper_mu",
+    recorded = json.loads((out / "suite.json").read_text())["variants"]
+    assert [(v["name"], v["set"]) for v in recorded] == [
+        ("apt", {}),
+        ("paper_mu", {"distillation.mu_max": 1.0}),  # each variant's own settings, for the report
     ]
     assert cli.main(["run", str(new_suite), "--no-bench", "--no-report"]) == 0  # nothing to train
     assert "0 done, 4 skipped" in capsys.readouterr().out
@@ -1246,6 +1267,25 @@ def test_report_says_how_well_validation_ranks_the_variants(tmp_path):
     md = write_report(root).read_text()
     assert "rank these 3 variants with a rank correlation (Spearman) of -1.00" in md
     assert "| ft | 80.00 (n=1) | 100.0 | 15.00 |" in md
+
+
+def test_ratio_se_matches_the_spread_of_simulated_ratios():
+    """The standard error of a "% of FT" is the spread of the ratio of two seed means: simulated seeds
+    (normal, fixed generator) give ratios whose standard deviation the formula predicts within sampling
+    error; fewer than two seeds on a side, or a zero mean, give none."""
+    rng = random.Random(0)
+    mean, std, n, ref_mean, ref_std, ref_n = 0.87, 0.008, 3, 0.89, 0.012, 4
+    ratios = [
+        statistics.fmean(rng.gauss(mean, std) for _ in range(n))
+        / statistics.fmean(rng.gauss(ref_mean, ref_std) for _ in range(ref_n))
+        for _ in range(20000)
+    ]
+    predicted = ratio_se(mean, std, n, ref_mean, ref_std, ref_n)
+    assert statistics.stdev(ratios) == pytest.approx(predicted, rel=0.03)
+    assert ratio_se(mean, std, 3, ref_mean, ref_std, 3) > ratio_se(mean, std, 12, ref_mean, ref_std, 12)
+    assert ratio_se(mean, std, 1, ref_mean, ref_std, 3) is None
+    assert ratio_se(mean, None, 3, ref_mean, ref_std, 3) is None
+    assert ratio_se(mean, std, 3, 0.0, ref_std, 3) is None
 
 
 def test_val_minus_test_pairs_each_run_with_its_own_test(tmp_path):

@@ -208,7 +208,7 @@ def test_report_of_a_causal_lm_suite(tmp_path):
 
     lora_avg = 100 * (base + 0.05)
     for needle in (
-        "best dev loss (lower is better), mean ± std | as % of FT |",
+        "best dev loss (lower is better), mean ± std | as % of FT ± s.e. |",
         "## Zero-shot accuracy",
         f"| apt | {100 * (base + 0.01):.2f} ± 1.00 (n=3) | {100 * (base + 0.01) / (base + 0.05):.1f} |",
         f"| lora | {lora_avg:.2f} ± 1.00 (n=3) | 100.0 |",

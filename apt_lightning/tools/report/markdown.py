@@ -8,6 +8,8 @@ import io
 import time
 from pathlib import Path
 
+import yaml
+
 from apt_lightning.tools.report import causal_lm
 from apt_lightning.tools.report.summary import (
     FULL_METHOD,
@@ -51,6 +53,10 @@ def _metric_cell(s: dict) -> str:
     return f"{s['metric_mean'] * scale:.{digits}f}{spread} (n={s['n']})"
 
 
+def _pct_of_ft_cell(pct: float | None, se: float | None) -> str:
+    return _f(pct, ".1f") + ("" if pct is None or se is None else f" ± {se:.1f}")
+
+
 def _pct(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
 
@@ -71,7 +77,8 @@ def _tables(summary: list[dict], tasks: list[str]) -> list[str]:
             "",
             "Task metric and training efficiency:",
             "",
-            f"| variant | best dev {metric}{unit}, mean ± std | {'as % of FT' if lower else '% of FT'} | "
+            f"| variant | best dev {metric}{unit}, mean ± std | {'as % of FT' if lower else '% of FT'} "
+            "± s.e. | "
             "sparsity | TTA (s) | TTA / FT | "
             "reached | peak train mem (MB) | mem / FT | median step (ms) | score+search (s) | of step time |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -80,7 +87,7 @@ def _tables(summary: list[dict], tasks: list[str]) -> list[str]:
             cells = [
                 s["variant"],
                 _metric_cell(s),
-                _f(s["pct_of_ft"], ".1f"),
+                _pct_of_ft_cell(s["pct_of_ft"], s["pct_of_ft_se"]),
                 _f(s["sparsity"], ".2f"),
                 _f(s["tta_s"], ".0f"),
                 _f(s["tta_vs_ft"], ".2f", "x"),
@@ -159,7 +166,7 @@ def _test_table(rows: list[dict]) -> list[str]:
         "from its training data (only points at the final structure count); val - test: the runs' best "
         "validation value minus their test value, averaged over the runs with both:",
         "",
-        f"| variant | test {metric}, mean ± std | % of FT | val - test |",
+        f"| variant | test {metric}, mean ± std | % of FT ± s.e. | val - test |",
         "|---|---:|---:|---:|",
     ]
     for s in tested:
@@ -167,7 +174,8 @@ def _test_table(rows: list[dict]) -> list[str]:
             {**s, "metric_mean": s["test_mean"], "metric_std": s["test_std"], "n": s["test_n"]}
         )
         gap = None if s["val_minus_test"] is None else s["val_minus_test"] * scale
-        lines.append(f"| {s['variant']} | {cell} | {_f(s['test_pct_of_ft'], '.1f')} | {_f(gap, digits)} |")
+        pct = _pct_of_ft_cell(s["test_pct_of_ft"], s["test_pct_of_ft_se"])
+        lines.append(f"| {s['variant']} | {cell} | {pct} | {_f(gap, digits)} |")
     rho, n = selection_agreement(tested)
     if rho is not None:
         lines += [
@@ -226,8 +234,20 @@ def _effects_section(summary: list[dict], meta: dict, tasks: list[str]) -> list[
     return lines
 
 
+def _variant_settings(meta: dict) -> dict[str, dict]:
+    """Each variant's own `set` in the suite: recorded in suite.json, or (records written before it was)
+    read from the suite text suite.json keeps."""
+    settings = {v["name"]: v["set"] for v in meta.get("variants", []) if "set" in v}
+    suite = yaml.safe_load(meta.get("suite_text") or "") or {}
+    for v in suite.get("variants") or []:
+        if isinstance(v, dict) and v.get("name") not in settings:
+            settings[v.get("name")] = v.get("set") or {}
+    return settings
+
+
 def _variant_sections(meta: dict, rows: list[dict], order: list[str]) -> list[str]:
     variants = {v["name"]: v for v in meta.get("variants", [])}
+    settings = _variant_settings(meta)
     suite_file = meta.get("suite_file", "SUITE.yaml")
     lines = ["## Variants", ""]
     for name in order:
@@ -241,6 +261,15 @@ def _variant_sections(meta: dict, rows: list[dict], order: list[str]) -> list[st
                 "",
                 "```yaml",
                 (v.get("overlay_text") or "").strip() or "# (empty)",
+                "```",
+                "",
+            ]
+        if settings.get(name):
+            lines += [
+                "The suite's settings for this variant (applied over the overlay):",
+                "",
+                "```yaml",
+                yaml.safe_dump(settings[name], sort_keys=False).strip(),
                 "```",
                 "",
             ]
@@ -269,7 +298,10 @@ def _definitions(
         "without pruning: docs/method.md section 9), so a wider model seen mid-pruning never counts; the "
         "Runs table says which checks counted (**best over**); mean ± sample standard deviation over "
         "seeds (n = finished seeds). Accuracy and F1 in %.",
-        "- **% of FT**: mean metric / mean metric of the FT reference on the same task.",
+        "- **% of FT**: mean metric / mean metric of the FT reference on the same task; **± s.e.**: its "
+        "standard error from both sides' seed spreads (first-order delta method, independent seeds; blank "
+        "below two seeds on either side), so a bar within about one s.e. of the value is not told apart by "
+        "these seeds.",
         "- **test** (runs whose validation split is carved from the training data): the official dev set's "
         "metric of the checkpoint with the best validation value among those at the final structure; then "
         "*best dev* above is the best value on the carved split. **val - test**: a run's best validation "

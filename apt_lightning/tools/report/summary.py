@@ -10,6 +10,7 @@ computes, for a higher-is-better metric (accuracy: `mode` max) and a lower-is-be
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,10 +35,12 @@ RESULT_FIELDS = [
     "metric_min",
     "metric_max",
     "pct_of_ft",
+    "pct_of_ft_se",
     "test_n",
     "test_mean",
     "test_std",
     "test_pct_of_ft",
+    "test_pct_of_ft_se",
     "val_minus_test",
     "sparsity",
     "tta_s",
@@ -77,6 +80,17 @@ RESULT_FIELDS = [
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def ratio_se(
+    mean: float | None, std: float | None, n: int, ref_mean: float | None, ref_std: float | None, ref_n: int
+) -> float | None:
+    """Standard error of mean / ref_mean, two means over independent seeds (first-order delta method):
+    how far a "% of FT" can move with the seeds of either side. None below two seeds on either side."""
+    if None in (mean, std, ref_mean, ref_std) or n < 2 or ref_n < 2 or not mean or not ref_mean:
+        return None
+    r = mean / ref_mean
+    return abs(r) * math.sqrt((std / mean) ** 2 / n + (ref_std / ref_mean) ** 2 / ref_n)
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -178,6 +192,7 @@ def summarize(
                 "n": len(metrics),
                 "n_failed": sum(r["status"] == "failed" for r in runs),
                 "seeds": " ".join(str(r["seed"]) for r in done),
+                "metric_n": len(metrics),
                 "metric_mean": _mean(metrics),
                 "metric_std": _std(metrics),
                 "metric_min": min(metrics) if metrics else None,
@@ -227,10 +242,16 @@ def summarize(
             value = ratio(s[key], zs_ref.get(key))
             s[pct] = None if value is None else 100 * value
         ref = ft.get(s["task_key"], {})
-        s["pct_of_ft"] = ratio(s["metric_mean"], ref.get("metric_mean"))
-        s["pct_of_ft"] = None if s["pct_of_ft"] is None else 100 * s["pct_of_ft"]
-        s["test_pct_of_ft"] = ratio(s["test_mean"], ref.get("test_mean"))
-        s["test_pct_of_ft"] = None if s["test_pct_of_ft"] is None else 100 * s["test_pct_of_ft"]
+        for key, mean, std, n in (
+            ("pct_of_ft", "metric_mean", "metric_std", "metric_n"),
+            ("test_pct_of_ft", "test_mean", "test_std", "test_n"),
+        ):
+            pct = ratio(s[mean], ref.get(mean))
+            s[key] = None if pct is None else 100 * pct
+            # the reference's own ratio is 1 by definition: no spread
+            se = ratio_se(s[mean], s[std], s[n], ref.get(mean), ref.get(std), ref.get(n, 0))
+            se = None if s is ref else se
+            s[f"{key}_se"] = None if se is None else 100 * se
         s["tta_vs_ft"] = ratio(s["tta_s"], ref.get("tta_s"))
         s["memory_vs_ft"] = ratio(s["peak_memory_mb"], ref.get("peak_memory_mb"))
         s["step_vs_ft"] = ratio(s["median_step_ms"], ref.get("median_step_ms"))

@@ -32,6 +32,7 @@ def write_suite_meta(suite: Suite, runs: list[RunSpec], argv: list[str] | None) 
                 "base": str(v.base_path),
                 "seeds": v.seeds,
                 "tasks": v.tasks,
+                "set": v.set,
             }
             for v in suite.variants
         ],
