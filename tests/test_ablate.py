@@ -837,24 +837,30 @@ def test_report_from_synthetic_runs(tmp_path, capsys):
                         "overlay": f"/x/{n}.yaml" if score else "",
                         "overlay_text": f"paper: {{source: T4, mnli: {score}}}" if score else "",
                         "base": "",
+                        **recorded,
                     }
-                    for n, score in (("apt", 86.4), ("no_distillation", 85.3), ("lora", None), ("ft", None))
+                    for n, score, recorded in (
+                        ("apt", 86.4, {"set": {}}),
+                        ("no_distillation", 85.3, {"set": {"distillation.tau": 2.0}}),
+                        ("lora", None, {}),  # records written before variant settings were
+                        ("ft", None, {}),
+                    )
                 ],
                 "tasks": {"sst2": {"task": "sst2", "label": "SST-2 test"}},
-                # lora's record predates recorded variant settings: the report reads them from the suite text
-                "suite_text": "variants:\n  - {name: lora, set: {model.init_args.adapters.rank: 4}}\n",
+                # the suite text of the last invocation (apt, no_distillation, lora); ft ran in an earlier one
+                "suite_text": "variants:\n  - apt\n"
+                "  - {name: no_distillation, set: {distillation.tau: 9.0}}\n"
+                "  - {name: lora, set: {model.init_args.adapters.rank: 4}}\n"
+                "  - {name: ft, set: {trainer.max_epochs: 2}}\n",
+                "runs": ["apt/sst2/seed0", "no_distillation/sst2/seed0", "lora/sst2/seed0"],
             }
         )
     )
-    meta = json.loads((root / "suite.json").read_text())
-    meta["variants"][0]["set"] = {}
-    meta["variants"][1]["set"] = {"distillation.tau": 2.0}
-    (root / "suite.json").write_text(json.dumps(meta))
     md = write_report(root).read_text()
     sections = {s.split("\n", 1)[0]: s for s in md.split("\n### ")}
-    assert "The suite's settings" not in sections["apt"]
-    assert "```yaml\ndistillation.tau: 2.0\n```" in sections["no_distillation"]
-    assert "```yaml\nmodel.init_args.adapters.rank: 4\n```" in sections["lora"]
+    assert "```yaml\ndistillation.tau: 2.0\n```" in sections["no_distillation"]  # the record wins
+    assert "```yaml\nmodel.init_args.adapters.rank: 4\n```" in sections["lora"]  # from the suite text
+    assert all("This variant's `set`" not in sections[n] for n in ("apt", "ft"))  # none; not of ft's runs
 
     res = {k[0]: v for k, v in _read_csv(root / "results.csv").items()}
     assert list(res) == ["apt", "no_distillation", "lora", "ft"]  # the suite's order
@@ -1286,6 +1292,17 @@ def test_ratio_se_matches_the_spread_of_simulated_ratios():
     assert ratio_se(mean, std, 1, ref_mean, ref_std, 3) is None
     assert ratio_se(mean, None, 3, ref_mean, ref_std, 3) is None
     assert ratio_se(mean, std, 3, 0.0, ref_std, 3) is None
+    # a zero or negative mean (a Matthews correlation) keeps its spread
+    assert ratio_se(0.0, std, 4, ref_mean, ref_std, 3) == pytest.approx(std / 2 / ref_mean)
+    assert ratio_se(-mean, std, n, ref_mean, ref_std, ref_n) == pytest.approx(predicted)
+
+
+def test_pct_of_ft_cells_never_read_as_no_spread():
+    from apt_lightning.tools.report.markdown import _pct_of_ft_cell
+
+    assert _pct_of_ft_cell(98.94, 0.63) == "98.9 ± 0.6"
+    assert _pct_of_ft_cell(99.5, 0.01) == "99.5 ± <0.1"
+    assert _pct_of_ft_cell(100.0, None) == "100.0" and _pct_of_ft_cell(None, None) == "–"
 
 
 def test_val_minus_test_pairs_each_run_with_its_own_test(tmp_path):

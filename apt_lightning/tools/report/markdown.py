@@ -54,7 +54,9 @@ def _metric_cell(s: dict) -> str:
 
 
 def _pct_of_ft_cell(pct: float | None, se: float | None) -> str:
-    return _f(pct, ".1f") + ("" if pct is None or se is None else f" ± {se:.1f}")
+    if pct is None or se is None:
+        return _f(pct, ".1f")
+    return f"{pct:.1f} ± " + (f"{se:.1f}" if se >= 0.05 else "<0.1")  # not "± 0.0": that reads as no spread
 
 
 def _pct(value: float | None) -> float | None:
@@ -236,12 +238,15 @@ def _effects_section(summary: list[dict], meta: dict, tasks: list[str]) -> list[
 
 def _variant_settings(meta: dict) -> dict[str, dict]:
     """Each variant's own `set` in the suite: recorded in suite.json, or (records written before it was)
-    read from the suite text suite.json keeps."""
+    read from the suite text suite.json keeps, for the variants of the invocation that wrote that text
+    only (a variant kept from an earlier one may have run with other settings)."""
     settings = {v["name"]: v["set"] for v in meta.get("variants", []) if "set" in v}
+    latest = {run.split("/")[0] for run in meta.get("runs", [])}
     suite = yaml.safe_load(meta.get("suite_text") or "") or {}
     for v in suite.get("variants") or []:
-        if isinstance(v, dict) and v.get("name") not in settings:
-            settings[v.get("name")] = v.get("set") or {}
+        name = str(v.get("name")) if isinstance(v, dict) else None
+        if name in latest and name not in settings:
+            settings[name] = v.get("set") or {}
     return settings
 
 
@@ -266,7 +271,8 @@ def _variant_sections(meta: dict, rows: list[dict], order: list[str]) -> list[st
             ]
         if settings.get(name):
             lines += [
-                "The suite's settings for this variant (applied over the overlay):",
+                "This variant's `set` in the suite (applied over the overlay; a command-line `--set` "
+                "overrides it; each run's config.yaml below is what it ran):",
                 "",
                 "```yaml",
                 yaml.safe_dump(settings[name], sort_keys=False).strip(),
@@ -299,9 +305,10 @@ def _definitions(
         "Runs table says which checks counted (**best over**); mean ± sample standard deviation over "
         "seeds (n = finished seeds). Accuracy and F1 in %.",
         "- **% of FT**: mean metric / mean metric of the FT reference on the same task; **± s.e.**: its "
-        "standard error from both sides' seed spreads (first-order delta method, independent seeds; blank "
-        "below two seeds on either side), so a bar within about one s.e. of the value is not told apart by "
-        "these seeds.",
+        "standard error from both sides' seed spreads (first-order delta method, treating the two sides' "
+        "seeds as independent; blank for the reference itself and below two seeds on either side). With 2-3 "
+        "seeds it is a rough guide: a target within about two s.e. of the value is not resolved by these "
+        "seeds.",
         "- **test** (runs whose validation split is carved from the training data): the official dev set's "
         "metric of the checkpoint with the best validation value among those at the final structure; then "
         "*best dev* above is the best value on the carved split. **val - test**: a run's best validation "

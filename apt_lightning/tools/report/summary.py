@@ -86,11 +86,12 @@ def ratio_se(
     mean: float | None, std: float | None, n: int, ref_mean: float | None, ref_std: float | None, ref_n: int
 ) -> float | None:
     """Standard error of mean / ref_mean, two means over independent seeds (first-order delta method):
-    how far a "% of FT" can move with the seeds of either side. None below two seeds on either side."""
-    if None in (mean, std, ref_mean, ref_std) or n < 2 or ref_n < 2 or not mean or not ref_mean:
+    how far a "% of FT" can move with the seeds of either side. None below two seeds on either side or
+    for a zero reference."""
+    if None in (mean, std, ref_mean, ref_std) or n < 2 or ref_n < 2 or not ref_mean:
         return None
     r = mean / ref_mean
-    return abs(r) * math.sqrt((std / mean) ** 2 / n + (ref_std / ref_mean) ** 2 / ref_n)
+    return math.sqrt(std**2 / n + r**2 * ref_std**2 / ref_n) / abs(ref_mean)
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -192,7 +193,6 @@ def summarize(
                 "n": len(metrics),
                 "n_failed": sum(r["status"] == "failed" for r in runs),
                 "seeds": " ".join(str(r["seed"]) for r in done),
-                "metric_n": len(metrics),
                 "metric_mean": _mean(metrics),
                 "metric_std": _std(metrics),
                 "metric_min": min(metrics) if metrics else None,
@@ -243,7 +243,7 @@ def summarize(
             s[pct] = None if value is None else 100 * value
         ref = ft.get(s["task_key"], {})
         for key, mean, std, n in (
-            ("pct_of_ft", "metric_mean", "metric_std", "metric_n"),
+            ("pct_of_ft", "metric_mean", "metric_std", "n"),
             ("test_pct_of_ft", "test_mean", "test_std", "test_n"),
         ):
             pct = ratio(s[mean], ref.get(mean))
