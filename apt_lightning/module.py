@@ -37,6 +37,13 @@ _DEFAULT_ADAPTERS = AdapterConfig()
 torch.serialization.add_safe_globals([AdapterConfig])
 
 
+def norm_modules(model: nn.Module) -> list[nn.Module]:
+    """The normalisation layers of a model with their own parameters: LayerNorm and RMSNorm classes by name,
+    as families define their own (``LlamaRMSNorm``, ``T5LayerNorm``) and masking replaces them."""
+    norms = [m for m in model.modules() if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))]
+    return [m for m in norms if list(m.parameters(recurse=False))]
+
+
 def _default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.1)
 
@@ -86,6 +93,9 @@ class APTModule(LightningModule):
         head_modules: module names trained in full next to the adapters (the new task head). Default: the
             family's classification head; none for a causal LM (its ``lm_head`` is usually tied to the
             input embedding, which training it would unfreeze).
+        train_norms: also train every normalisation layer's weight and bias (LayerNorm, RMSNorm) next to the
+            adapters: a few thousand parameters that let the norms re-scale what a pruned sublayer still
+            adds to the residual stream (docs/method.md, Decisions). Full fine-tuning trains them anyway.
         pretrained: False builds the backbone's architecture with random weights (shape studies).
         attn_implementation: passed to transformers ("sdpa", "eager").
     """
@@ -98,6 +108,7 @@ class APTModule(LightningModule):
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable = _default_scheduler,
         head_modules: list[str] | None = None,
+        train_norms: bool = False,
         pretrained: bool = True,
         attn_implementation: str = "sdpa",
     ) -> None:
@@ -140,6 +151,9 @@ class APTModule(LightningModule):
                     raise ValueError(f"head module {name!r} not found in {type(self.student).__name__}")
                 if head is not None:
                     head.requires_grad_(True)
+            if train_norms:
+                for norm in norm_modules(self.student):
+                    norm.requires_grad_(True)
         self._name_labels(self.task.label_names)
         self.student.train()  # from_pretrained returns eval mode; Lightning keeps module modes as given
         metrics = build_causal_lm_metrics if self.causal_lm else functools.partial(build_metrics, self.task)

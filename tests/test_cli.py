@@ -79,6 +79,27 @@ def test_lora_trains_adapters_and_head_only(tiny_backbone_dir):
     assert any("lora_A" in n for n in trainable) and any(n.startswith("classifier") for n in trainable)
 
 
+def test_train_norms_adds_every_layernorm_to_adapters_and_head_and_steps_them(tiny_backbone_dir):
+    import torch
+
+    torch.manual_seed(0)
+    module = APTModule(backbone=str(tiny_backbone_dir), train_norms=True)
+    trainable = {n for n, p in module.student.named_parameters() if p.requires_grad}
+    norms = {n for n in trainable if ".LayerNorm." in n}
+    layers = module.student.config.num_hidden_layers
+    assert len(norms) == 2 * (1 + 2 * layers)  # weight and bias: the embeddings' and two per layer
+    plain = APTModule(backbone=str(tiny_backbone_dir)).student.named_parameters()
+    assert trainable - norms == {n for n, p in plain if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in module.student.named_parameters()}
+    optimizer = module.configure_optimizers()["optimizer"]
+    ids = torch.randint(1000, 3000, (4, 8), generator=torch.Generator().manual_seed(0))
+    logits = module.student(input_ids=ids).logits
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1])).backward()
+    optimizer.step()
+    moved = {n for n, p in module.student.named_parameters() if not torch.equal(p, before[n])}
+    assert norms <= moved <= trainable
+
+
 def test_scheduler_factory_must_take_apt_arguments(tiny_backbone_dir):
     import functools
 

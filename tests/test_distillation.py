@@ -222,8 +222,9 @@ def test_layer_mapping_skips_pruned_layers(backbone):
 
 
 # ---------------------------------------------------------------------------------------------- compaction
-def test_compaction_keeps_teacher_and_student_consistent(backbone):
-    model = make_module(backbone).eval()
+@pytest.mark.parametrize("train_norms", [False, True])
+def test_compaction_keeps_teacher_and_student_consistent(backbone, train_norms):
+    model = make_module(backbone, train_norms=train_norms).eval()
     perturb_trainable(model)
     masks = model.structure.install_masks()
     model.teacher, model.distiller = TeacherView(), Distiller(32)
@@ -243,6 +244,7 @@ def test_compaction_keeps_teacher_and_student_consistent(backbone):
     assert model.structure.shapes().hidden == 29 and model.structure.shapes().heads == [3, 0, 4]
     assert set(model.teacher.tensors) == {n for n, p in params.items() if p.requires_grad}
     assert not any(".layer.1.attention." in n for n in model.teacher.tensors)  # removed with the module
+    assert any(".LayerNorm." in n for n in model.teacher.tensors) == train_norms  # trained norms are sliced
     for name, t in model.teacher.tensors.items():  # sliced exactly like the student
         assert t.shape == params[name].shape, name
         torch.testing.assert_close(t, params[name].detach(), msg=name)
