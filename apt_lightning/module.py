@@ -39,7 +39,7 @@ torch.serialization.add_safe_globals([AdapterConfig])
 
 def norm_modules(model: nn.Module) -> list[nn.Module]:
     """The normalisation layers of a model with their own parameters: LayerNorm and RMSNorm classes by name,
-    as families define their own (``LlamaRMSNorm``, ``T5LayerNorm``) and masking replaces them."""
+    as families define their own (``LlamaRMSNorm``) and masking replaces them (``MaskedLayerNorm``)."""
     norms = [m for m in model.modules() if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))]
     return [m for m in norms if list(m.parameters(recurse=False))]
 
@@ -94,8 +94,9 @@ class APTModule(LightningModule):
             family's classification head; none for a causal LM (its ``lm_head`` is usually tied to the
             input embedding, which training it would unfreeze).
         train_norms: also train every normalisation layer's weight and bias (LayerNorm, RMSNorm) next to the
-            adapters: a few thousand parameters that let the norms re-scale what a pruned sublayer still
-            adds to the residual stream (docs/method.md, Decisions). Full fine-tuning trains them anyway.
+            adapters (9,984 parameters on MiniLM-L6), so the norms can re-scale what a pruned sublayer still
+            adds to the residual stream (docs/method.md, Decisions). The optimizer's weight decay applies to
+            them as to every trainable tensor. Full fine-tuning trains them anyway.
         pretrained: False builds the backbone's architecture with random weights (shape studies).
         attn_implementation: passed to transformers ("sdpa", "eager").
     """
@@ -337,6 +338,19 @@ class APTModule(LightningModule):
             state["label_names"] = list(self.task.label_names)
         checkpoint["apt"] = state
 
+    _TRAINABLE_SET = {"train_norms": False, "head_modules": None}  # what checkpoints without them ran
+
+    def _check_trainable_set(self, saved: dict) -> None:
+        """Resuming a fit needs the tensors the checkpoint trained: its optimizer state holds one entry per
+        trainable tensor, and another set fails deep in torch's loader without saying why."""
+        for key, default in self._TRAINABLE_SET.items():
+            then, now = saved.get(key, default), self.hparams.get(key, default)
+            if then != now:
+                raise ValueError(
+                    f"the checkpoint trained with {key}: {then!r}, this run configures {now!r}; its "
+                    f"optimizer state is for that set of trainable tensors: resume with {key}: {then!r}"
+                )
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Cut the fresh student to the saved widths and grow its adapters to the saved ranks, so the saved
         state dict (and later the optimizer state) fits; runs before Lightning loads the weights.
@@ -344,6 +358,8 @@ class APTModule(LightningModule):
         Training-only state is restored only where training set it up: the distiller (created by
         `SelfDistillation` when fitting) and the teacher snapshot. Without them (validate, test, predict,
         or a run without `SelfDistillation`), their saved tensors are left out of the state dict."""
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._check_trainable_set(checkpoint.get("hyper_parameters", {}))
         state = checkpoint.get("apt", {})
         weights = checkpoint.get("state_dict", {})
         if any(k.startswith("student.apt_masks.") for k in weights):

@@ -272,6 +272,14 @@ def test_module_trains_adapters_on_q_and_v_and_no_head(backbone):
     # the tied head can be trained on request: it unfreezes the input embedding with it
     headed = APTModule(backbone=str(backbone), task="instruction", head_modules=["lm_head"])
     assert headed.student.model.embed_tokens.weight.requires_grad
+    # trained norms: every RMSNorm (two per layer and the final one) joins the adapters; the tied embedding
+    # stays frozen
+    normed = APTModule(backbone=str(backbone), task="instruction", train_norms=True)
+    norms = {n for n, p in normed.student.named_parameters() if p.requires_grad} - trainable
+    layers = normed.student.config.num_hidden_layers
+    assert len(norms) == 2 * layers + 1 and all(n.endswith("norm.weight") for n in norms)
+    assert not normed.student.model.embed_tokens.weight.requires_grad
+    assert normed.student.lm_head.weight is normed.student.model.embed_tokens.weight
 
 
 def test_validation_logs_loss_and_perplexity(backbone, tmp_path):

@@ -95,6 +95,8 @@ def test_train_norms_adds_every_layernorm_to_adapters_and_head_and_steps_them(ti
     ids = torch.randint(1000, 3000, (4, 8), generator=torch.Generator().manual_seed(0))
     logits = module.student(input_ids=ids).logits
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1])).backward()
+    grads = {n: p.grad for n, p in module.student.named_parameters() if n in norms}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())  # learned, not only decayed
     optimizer.step()
     moved = {n for n, p in module.student.named_parameters() if not torch.equal(p, before[n])}
     assert norms <= moved <= trainable

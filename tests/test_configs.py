@@ -25,6 +25,19 @@ def causal_backbone(tmp_path_factory):
     return save_tiny_causal_backbone(tmp_path_factory.mktemp("causal_backbone"))
 
 
+def _partial(spec: dict) -> bool:
+    """A partial config (logger/, schedules/) names no model class: it is added to a full recipe."""
+    return "class_path" not in spec.get("model", {})
+
+
+def _scalar_leaves(spec: dict, path: tuple = ()):
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            yield from _scalar_leaves(value, (*path, key))
+        elif isinstance(value, int | float | str | bool):
+            yield (*path, key), value
+
+
 def _local_overrides(config: Path, backbone: Path) -> list[str]:
     """Point hub-only configs at local stand-ins so they instantiate offline; the YAML itself is unchanged."""
     spec = yaml.safe_load(config.read_text())
@@ -49,7 +62,7 @@ def test_config_instantiates(config, tiny_backbone_dir, causal_backbone, monkeyp
     if instruction and not ALPACA_DIR.exists():
         pytest.skip("shared Alpaca data not present")
     backbone = causal_backbone if instruction else tiny_backbone_dir
-    if "model" not in spec:  # a partial config (e.g. logger/wandb.yaml) combines with a full one
+    if _partial(spec):
         base = REPO / "configs" / "quickstart_cpu.yaml"
         args = ["--config", str(base), "--config", str(config)] + _local_overrides(base, backbone)
     else:
@@ -64,7 +77,7 @@ def test_config_instantiates(config, tiny_backbone_dir, causal_backbone, monkeyp
     present = [type(c).__name__ for c in cli.trainer.callbacks]
     assert all(name in present for name in declared)
     # apt-fit's callback groups: on exactly where the recipe configures them, with the recipe's arguments
-    if "model" not in spec:
+    if _partial(spec):
         spec = {**yaml.safe_load((REPO / "configs" / "quickstart_cpu.yaml").read_text()), **spec}
     for key, cls in CALLBACK_GROUPS.items():
         built = [c for c in cli.trainer.callbacks if isinstance(c, cls)]
@@ -79,7 +92,7 @@ def test_config_instantiates(config, tiny_backbone_dir, causal_backbone, monkeyp
 def test_print_config(config, capsys):
     spec = yaml.safe_load(config.read_text())
     args = ["fit", "--config", str(config), "--print_config"]
-    if "model" not in spec:
+    if _partial(spec):
         args = [
             "fit",
             "--config",
@@ -93,4 +106,9 @@ def test_print_config(config, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] == "apt_lightning.APTModule"
+    for path, value in _scalar_leaves(spec) if _partial(spec) else ():  # a partial overrides its base
+        node = printed
+        for key in path:
+            node = node[key]
+        assert node == value, path
     assert "task" not in printed["data"]["init_args"]  # derived from model.init_args.task by the link

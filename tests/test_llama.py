@@ -180,6 +180,18 @@ def test_export_round_trip_in_a_fresh_process(tmp_path):
     torch.testing.assert_close(logits(load_pruned(folder), x), expected, rtol=0, atol=ATOL)
 
 
+def test_norm_modules_are_the_rmsnorms_masked_or_not():
+    from apt_lightning.module import norm_modules
+
+    model = with_adapters(tiny_decoder())
+    plain = norm_modules(model)
+    assert len(plain) == 2 * LAYERS + 1 and {type(m).__name__ for m in plain} == {"LlamaRMSNorm"}
+    hard_masks(model)  # the hidden mask replaces every norm by a MaskedRMSNorm sharing its weight
+    masked = norm_modules(model)
+    assert {type(m).__name__ for m in masked} == {"MaskedRMSNorm"}
+    assert [m.weight for m in masked] == [m.weight for m in plain]
+
+
 def test_defaults_adapters_on_q_and_v_and_the_score_head():
     from apt_lightning.structure import family_of
 

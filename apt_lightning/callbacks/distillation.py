@@ -115,7 +115,7 @@ class SelfDistillation(Callback):
         `distill_epochs`. With neither, the schedule's default.
     final_lr_scale: the final phase trains on the task loss alone at this factor of the scheduled LR, in
         (0, 1] (the optimizer is rebuilt; the LR schedule continues over the remaining steps).
-    final_from: "best" restores the adapters and head of the best validation at the final structure
+    final_from: "best" restores the trainable tensors of the best validation at the final structure
         (`monitor`) before the final phase (the authors reload their best checkpoint); "current" goes on
         from where distillation ended. None: the schedule's default.
     monitor / mode: the validation metric "best" means, for `final_from` and "on_improvement", and its
@@ -302,7 +302,7 @@ class SelfDistillation(Callback):
             self._snapshot(trainer, pl_module, f"event {event.index}")
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Keep the best adapters and head at the final structure (for `final_from="best"`)."""
+        """Keep the best trainable tensors at the final structure (for `final_from="best"`)."""
         if trainer.sanity_checking or self.finished or self.final_from != "best":
             return
         value = trainer.callback_metrics.get(self.monitor)

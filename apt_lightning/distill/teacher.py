@@ -1,7 +1,8 @@
 """The teacher view: the student's frozen backbone plus a frozen snapshot of its trainable tensors.
 
 No second model exists: the teacher forward is `torch.func.functional_call` on the student with the
-snapshot tensors substituted for the adapters and head, so every frozen weight is the same storage.
+snapshot tensors substituted for the trainable ones (adapters, head, trained norms), so every frozen weight is
+the same storage.
 It runs without gradients, in eval mode, with pruning masks off (full width at the current physical
 shape, docs/method.md section 7). Compaction slice logs keep the snapshot's shapes in step. The teacher is
 as wide as the student's frozen weights: keeping it wider than the pruned student (the authors' schedule)
@@ -28,7 +29,7 @@ class TeacherView:
 
     @torch.no_grad()
     def snapshot(self, student: nn.Module) -> None:
-        """Copy the trainable tensors (adapters, head); frozen ones stay shared."""
+        """Copy the trainable tensors (adapters, head, trained norms); frozen ones stay shared."""
         self.tensors = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
         self.snapshots += 1
 
