@@ -342,7 +342,10 @@ class APTModule(LightningModule):
 
     def _check_trainable_set(self, saved: dict) -> None:
         """Resuming a fit needs the tensors the checkpoint trained: its optimizer state holds one entry per
-        trainable tensor, and another set fails deep in torch's loader without saying why."""
+        trainable tensor, and another set fails deep in torch's loader without saying why. Full fine-tuning
+        trains every tensor whatever these say."""
+        if self.adapters_config is None:
+            return
         for key, default in self._TRAINABLE_SET.items():
             then, now = saved.get(key, default), self.hparams.get(key, default)
             if then != now:

@@ -332,20 +332,30 @@ def fit_pruning(backbone, tmp_path, ckpt_path=None, save_steps=(), max_steps=16,
     return pruning, saver
 
 
-def test_resuming_with_other_trained_norms_is_refused_with_both_values(backbone, tmp_path):
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"train_norms": True}, r"trained with train_norms: False, this run configures True"),
+        (
+            {"head_modules": ["classifier"]},
+            r"trained with head_modules: None, this run configures \['classifier'\]",
+        ),
+    ],
+)
+def test_resuming_with_another_trained_set_is_refused_with_both_values(backbone, tmp_path, change, match):
     saver = SaveAt(tmp_path, [2])
     quiet_trainer(max_steps=3, callbacks=[saver], default_root_dir=tmp_path).fit(
         make_module(backbone), train_dataloaders=repeated_batch_loader(3)
     )
     trainer = quiet_trainer(max_steps=4, default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"trained with train_norms: False, this run configures True"):
+    with pytest.raises(ValueError, match=match):
         trainer.fit(
-            make_module(backbone, train_norms=True),
+            make_module(backbone, **change),
             train_dataloaders=repeated_batch_loader(4),
             ckpt_path=saver.paths[2],
             weights_only=False,
         )
-    validated = make_module(backbone, train_norms=True)  # evaluating the weights needs no optimizer state
+    validated = make_module(backbone, **change)  # evaluating the weights needs no optimizer state
     quiet_trainer(default_root_dir=tmp_path).validate(
         validated, dataloaders=repeated_batch_loader(1), ckpt_path=saver.paths[2], weights_only=False
     )
